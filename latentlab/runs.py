@@ -1,0 +1,92 @@
+"""Run folders: every command writes ``manifest.json`` beside its results.
+
+Why: a plot in a paper draft must be traceable to the exact command, weights, adapter, data, seed
+and package versions that produced it, months later.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentlab.io import ensure_writable_dir, write_json
+
+TRACKED_PACKAGES = (
+    "latentlab", "torch", "transformers", "transformer-lens", "sae-lens", "peft", "scikit-learn",
+    "numpy", "safetensors", "plotly", "kaleido",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """An output folder and its manifest; call :meth:`finish` when the results are written."""
+
+    out: Path
+    command: str
+    config: dict[str, Any]
+    seed: int | None = None
+    models: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def start(cls, out: str | Path, command: str, config: dict[str, Any], seed: int | None = None) -> Run:
+        run = cls(ensure_writable_dir(out), command, config, seed)
+        if seed is not None:
+            seed_everything(seed)
+        run._write(status="running")
+        return run
+
+    def add_model(self, role: str, info: Any) -> None:
+        """Record a model's facts (name, fingerprints, adapter) under ``role`` (base, finetuned, ...)."""
+        self.models[role] = info.to_dict() if hasattr(info, "to_dict") else dict(info)
+        self._write(status="running")
+
+    def finish(self, **extra: Any) -> Path:
+        return self._write(status="complete", **extra)
+
+    def _write(self, status: str, **extra: Any) -> Path:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        manifest = {
+            "command": self.command,
+            "argv": sys.argv,
+            "status": status,
+            "config": self.config,
+            "seed": self.seed,
+            "models": self.models,
+            "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            "started": datetime.fromtimestamp(self.started, tz=timezone.utc).isoformat(),
+            "wall_seconds": round(time.time() - self.started, 2),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "packages": package_versions(),
+            **extra,
+        }
+        return write_json(self.out / "manifest.json", manifest)
