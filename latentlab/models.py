@@ -366,7 +366,9 @@ def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str,
 
 def _load_hf(source: Path | str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # latentlab shows its own progress; a bar per load is noise
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         # Eager attention: the bridge's attention-pattern hooks need it, and on CPU with short
