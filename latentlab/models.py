@@ -292,6 +292,8 @@ class LoadedModel:
                     f"pass layers between 0 and {n - 1}, or 'all'",
                 )
             out.append(li)
+        if not out:
+            raise LatentlabError("no layers were selected", f"pass layers between 0 and {n - 1}, or 'all'")
         return sorted(set(out))
 
     def __repr__(self) -> str:
@@ -311,6 +313,8 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                if int(b) < int(a):  # '10-4' would silently select nothing
+                    raise ValueError
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))

@@ -22,8 +22,17 @@ import torch
 from latentlab.io import ensure_writable_dir, write_json
 
 TRACKED_PACKAGES = (
-    "latentlab", "torch", "transformers", "transformer-lens", "sae-lens", "peft", "scikit-learn",
-    "numpy", "safetensors", "plotly", "kaleido",
+    "latentlab",
+    "torch",
+    "transformers",
+    "transformer-lens",
+    "sae-lens",
+    "peft",
+    "scikit-learn",
+    "numpy",
+    "safetensors",
+    "plotly",
+    "kaleido",
 )
 
 

@@ -1,0 +1,229 @@
+"""Directions in the residual stream: difference of means (or PCA of paired differences) per layer.
+
+A :class:`Direction` keeps the raw per-layer vectors *and* the typical residual norm at each layer,
+because steering must be scaled by that norm (Gemma's residual norms are in the thousands: a raw
+unit vector does nothing, a raw difference vector is arbitrary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentlab.activations import ActivationSet, collect
+from latentlab.data import Pair, dataset_hash, load_pairs, pair_examples
+from latentlab.errors import LatentlabError
+from latentlab.io import load_tensors, save_tensors
+from latentlab.models import LoadedModel
+
+Method = Literal["mean_diff", "pca"]
+
+
+@dataclass
+class Direction:
+    """Per-layer direction vectors (positive pole minus negative pole)."""
+
+    vectors: Float[Tensor, "n_layers d_model"]
+    layers: list[int]
+    resid_norms: Float[Tensor, " n_layers"]
+    name: str = "direction"
+    position: str = "last"
+    method: str = "mean_diff"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def _col(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise LatentlabError(
+                f"the {self.name} direction has no layer {layer} (has {self.layers[0]}-{self.layers[-1]})",
+                "refit the direction at that layer",
+            )
+        return self.layers.index(layer)
+
+    def vector(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self.vectors[self._col(layer)]
+
+    def unit(self, layer: int) -> Float[Tensor, " d_model"]:
+        v = self.vector(layer)
+        return v / v.norm().clamp_min(1e-12)
+
+    def resid_norm(self, layer: int) -> float:
+        """Mean L2 norm of the residual stream at this layer (at the direction's position)."""
+        return float(self.resid_norms[self._col(layer)])
+
+    def units(self) -> Float[Tensor, "n_layers d_model"]:
+        return self.vectors / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            **self.meta,
+            "name": self.name,
+            "layers": self.layers,
+            "position": self.position,
+            "method": self.method,
+            "norms": self.vectors.norm(dim=-1).tolist(),
+            "resid_norms": self.resid_norms.tolist(),
+        }
+        return save_tensors(path, {"vectors": self.vectors, "resid_norms": self.resid_norms}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Direction:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "direction.safetensors"
+        t, meta = load_tensors(p)
+        for k in ("name", "layers", "position", "method"):
+            if k not in meta:
+                raise LatentlabError(
+                    f"{p} is not a latentlab direction (sidecar lacks {k!r})",
+                    "pass a file written by `latentlab direction`",
+                )
+        name, layers, position, method = (meta.pop(k) for k in ("name", "layers", "position", "method"))
+        meta.pop("norms", None)
+        meta.pop("resid_norms", None)
+        return cls(t["vectors"], layers, t["resid_norms"], name, position, method, meta)
+
+
+def fit_direction(
+    positive: ActivationSet,
+    negative: ActivationSet,
+    method: Method = "mean_diff",
+    name: str = "direction",
+) -> Direction:
+    """Fit a direction from matched activations of the two poles.
+
+    ``pca``: the first right singular vector of the *uncentred* paired differences, signed to agree
+    with the mean difference and scaled to its length. Uncentred on purpose: centring would remove
+    the mean shift, which is the signal.
+    """
+    if positive.layers != negative.layers or positive.position != negative.position:
+        raise LatentlabError("positive and negative activations differ in layers or position", "collect both alike")
+    if positive.offsets is not None:
+        raise LatentlabError("directions need one vector per example", "collect with position last/mean")
+    if len(positive) == 0 or len(negative) == 0:
+        raise LatentlabError("no examples to fit a direction on", "pass at least one pair")
+    pos, neg = positive.acts.float(), negative.acts.float()
+    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise LatentlabError("activations contain NaN or inf", "check the model dtype (try --dtype float32)")
+    mean_diff = pos.mean(0) - neg.mean(0)  # [layers, d]
+    if method == "mean_diff":
+        vectors = mean_diff
+    elif method == "pca":
+        if len(positive) != len(negative):
+            raise LatentlabError("PCA of paired differences needs matched pairs", "use --method mean_diff")
+        diffs = (pos - neg).transpose(0, 1)  # [layers, n, d]
+        _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
+        pc = vh[:, 0, :]
+        sign = torch.sign((pc * mean_diff).sum(-1, keepdim=True)).clamp(min=0) * 2 - 1
+        vectors = pc * sign * mean_diff.norm(dim=-1, keepdim=True)
+    else:
+        raise LatentlabError(f"unknown method {method!r}", "use mean_diff or pca")
+    resid_norms = torch.cat([pos, neg]).norm(dim=-1).mean(0)
+    meta = {
+        "n_positive": len(positive),
+        "n_negative": len(negative),
+        "model": positive.meta.get("model"),
+        "base_fingerprint": positive.meta.get("base_fingerprint"),
+        "adapter_fingerprint": positive.meta.get("adapter_fingerprint"),
+    }
+    return Direction(vectors, list(positive.layers), resid_norms, name, positive.position, method, meta)
+
+
+def collect_pairs(
+    model: LoadedModel,
+    pairs: Sequence[Pair],
+    layers: Sequence[int] | str | None = "all",
+    position: str = "last",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[ActivationSet, ActivationSet]:
+    """Activations of both poles of each pair (rendered for this model)."""
+    if not pairs:
+        raise LatentlabError("no contrast pairs", "pass a file with at least one pair")
+    pos, neg = pair_examples(pairs, model.tokenizer)
+    if position == "last" and pairs[0].prompt is not None:
+        position = "response_mean"  # answers to a prompt: the answer carries the persona
+    a = collect(model, pos, layers, position, batch_size=batch_size, progress=progress)
+    b = collect(model, neg, layers, position, batch_size=batch_size, progress=progress)
+    assert a is not None and b is not None
+    return a, b
+
+
+def find_direction(
+    model: LoadedModel,
+    pairs: str | Path | Sequence[Pair] = "era",
+    layers: Sequence[int] | str | None = "all",
+    position: str = "last",
+    method: Method = "mean_diff",
+    split: str | None = "train",
+    name: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Direction:
+    """Collect activations for contrast pairs and fit a direction (one call for notebooks)."""
+    meta: dict[str, Any] = {}
+    if isinstance(pairs, (str, Path)):
+        meta = {"dataset": str(pairs), "dataset_hash": dataset_hash(pairs), "split": split}
+        name = name or (str(pairs) if isinstance(pairs, str) and "/" not in str(pairs) else Path(pairs).stem)
+        has_split = any(p.split != "train" for p in load_pairs(pairs))
+        pairs = load_pairs(pairs, split=split if has_split else None)
+    a, b = collect_pairs(model, list(pairs), layers, position, batch_size, progress)
+    d = fit_direction(a, b, method, name or "direction")
+    d.meta.update(meta)
+    return d
+
+
+def random_directions(like: Direction, n: int, seed: int = 0) -> Float[Tensor, "n n_layers d_model"]:
+    """``n`` random Gaussian directions per layer, norm-matched to ``like``'s vectors (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn((n, *like.vectors.shape), generator=g)
+    r = r / r.norm(dim=-1, keepdim=True)
+    return r * like.vectors.norm(dim=-1, keepdim=True).unsqueeze(0)
+
+
+def resolve_pairs(source: str | Path) -> tuple[list[Pair], list[Pair] | None, dict[str, Any]]:
+    """(train pairs, held-out pairs or None, provenance) for a built-in name or a JSONL path."""
+    all_pairs = load_pairs(source)
+    train = [p for p in all_pairs if p.split != "test"]
+    test = [p for p in all_pairs if p.split == "test"] or None
+    if not train:
+        raise LatentlabError(f"{source} has no training pairs (all are split=test)", "mark some pairs split=train")
+    return (
+        train,
+        test,
+        {
+            "dataset": str(source),
+            "dataset_hash": dataset_hash(source),
+            "n_train_pairs": len(train),
+            "n_test_pairs": len(test or []),
+        },
+    )
+
+
+def direction_and_probes(
+    model: LoadedModel,
+    source: str | Path,
+    layers: Sequence[int] | str | None = "all",
+    position: str = "last",
+    method: Method = "mean_diff",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[Direction, Any]:
+    """Fit the direction on the train split and per-layer probes (CV + held-out test split) from one collection."""
+    from latentlab.probes import fit_probes
+
+    train, test, prov = resolve_pairs(source)
+    tp, tn = collect_pairs(model, train, layers, position, batch_size, progress)
+    direction = fit_direction(tp, tn, method, name=Path(str(source)).stem if "/" in str(source) else str(source))
+    direction.meta.update(prov)
+    hp = hn = None
+    if test:
+        hp, hn = collect_pairs(model, test, layers, position, batch_size, progress)
+    report = fit_probes(tp, tn, hp, hn)
+    report.meta.update(prov)
+    return direction, report

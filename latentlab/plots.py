@@ -1,0 +1,166 @@
+"""Plotly figures for every stage, written as HTML (always) and PNG (when Chromium is available).
+
+HTML files share one ``plotly.min.js`` per folder (``include_plotlyjs="directory"``), so a run
+folder stays small and opens offline. PNG export (kaleido) needs a Chromium; where there is none we
+say so once and keep going, because the HTML holds the same figure.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from latentlab.io import atomic_path
+
+_PNG_STATE: dict[str, Any] = {"ok": None, "why": ""}
+
+POS_COLOR, NEG_COLOR, RANDOM_COLOR = "#b5542c", "#2c6db5", "#8c8c8c"
+
+
+def save_figure(fig: go.Figure, folder: str | Path, stem: str, png: bool = True) -> list[Path]:
+    """Write ``stem.html`` (and ``stem.png`` if possible) into ``folder``; returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    html = folder / f"{stem}.html"
+    with atomic_path(html) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
+    written.append(html)
+    if png and _PNG_STATE["ok"] is not False:
+        target = folder / f"{stem}.png"
+        try:
+            with atomic_path(target) as tmp:
+                fig.write_image(str(tmp), format="png", width=900, height=520, scale=2)
+            _PNG_STATE["ok"] = True
+            written.append(target)
+        except Exception as e:  # kaleido raises several types when Chromium is missing
+            _PNG_STATE.update(ok=False, why=str(e).splitlines()[0][:160])
+            warnings.warn(
+                "latentlab: PNG export skipped (plotly/kaleido needs a Chromium: `apt-get install chromium`); "
+                f"HTML plots are written. Cause: {_PNG_STATE['why']}",
+                stacklevel=2,
+            )
+    return written
+
+
+def png_available() -> bool | None:
+    """True/False once a PNG export was attempted in this process, None before."""
+    return _PNG_STATE["ok"]
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(
+        title=title,
+        xaxis_title=x,
+        yaxis_title=y,
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+        margin=dict(t=90),
+    )
+    return fig
+
+
+def _band(fig: go.Figure, x: Sequence[float], lo: Sequence[float], hi: Sequence[float], color: str, name: str) -> None:
+    fig.add_trace(
+        go.Scatter(
+            x=list(x) + list(x)[::-1],
+            y=list(hi) + list(lo)[::-1],
+            fill="toself",
+            mode="lines",
+            fillcolor=color,
+            opacity=0.18,
+            line=dict(width=0),
+            hoverinfo="skip",
+            showlegend=False,
+            name=name,
+        )
+    )
+
+
+def probe_accuracy_figure(report: Any, title: str = "Linear probe accuracy by layer") -> go.Figure:
+    """Cross-validated and held-out accuracy per layer with 95% Wilson intervals."""
+    fig = go.Figure()
+    x = report.layers
+    _band(fig, x, [c[0] for c in report.cv_ci], [c[1] for c in report.cv_ci], POS_COLOR, "cv")
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=report.cv_acc,
+            mode="lines+markers",
+            name=f"{report.meta.get('folds', 5)}-fold CV",
+            line=dict(color=POS_COLOR),
+        )
+    )
+    if any(t is not None for t in report.test_acc):
+        _band(fig, x, [c[0] for c in report.test_ci], [c[1] for c in report.test_ci], NEG_COLOR, "test")
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=report.test_acc, mode="lines+markers", name="held-out test split", line=dict(color=NEG_COLOR)
+            )
+        )
+    fig.add_hline(y=0.5, line_dash="dot", line_color=RANDOM_COLOR, annotation_text="chance")
+    fig.update_yaxes(range=[0.3, 1.02])
+    return _layout(fig, title, "layer (residual stream after block)", "accuracy")
+
+
+def steering_figure(result: Any, title: str | None = None) -> go.Figure:
+    """Battery score vs steering coefficient, direction vs norm-matched random, with bootstrap 95% CIs."""
+    rows = result.table()
+    x = [r["alpha"] for r in rows]
+    fig = go.Figure()
+    _band(fig, x, [r["ci"][0] for r in rows], [r["ci"][1] for r in rows], POS_COLOR, "dir")
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[r["score"] for r in rows],
+            mode="lines+markers",
+            name=f"{result.meta.get('direction', 'direction')} direction",
+            line=dict(color=POS_COLOR),
+        )
+    )
+    if "random" in rows[0]:
+        _band(fig, x, [r["random_ci"][0] for r in rows], [r["random_ci"][1] for r in rows], RANDOM_COLOR, "rnd")
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[r["random"] for r in rows],
+                mode="lines+markers",
+                name="norm-matched random direction",
+                line=dict(color=RANDOM_COLOR, dash="dash"),
+            )
+        )
+    fig.add_hline(y=0.5, line_dash="dot", line_color="#cccccc")
+    fig.update_yaxes(range=[0, 1])
+    layers = ",".join(str(v) for v in result.layers)
+    return _layout(
+        fig,
+        title or f"Steering at layer {layers}: battery score vs coefficient",
+        "alpha (x typical residual norm)",
+        "battery score  P(pos) / (P(pos)+P(neg))",
+    )
+
+
+def layer_screen_figure(
+    layers: Sequence[int], spread: Sequence[float], probe_acc: Sequence[float] | None, chosen: int
+) -> go.Figure:
+    """Steering effect (score at +alpha minus -alpha) per candidate layer, used to pick the default layer."""
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=list(layers), y=list(spread), name="score(+a) - score(-a)", marker_color=POS_COLOR))
+    if probe_acc is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=list(layers),
+                y=list(probe_acc),
+                name="probe accuracy",
+                yaxis="y2",
+                mode="lines+markers",
+                line=dict(color=NEG_COLOR),
+            )
+        )
+        fig.update_layout(yaxis2=dict(overlaying="y", side="right", range=[0.3, 1.02], title="probe accuracy"))
+    fig.add_vline(x=chosen, line_dash="dot", annotation_text=f"chosen: {chosen}")
+    return _layout(fig, "Layer screen for steering", "layer", "steering effect on dev items")
