@@ -29,12 +29,26 @@ _EXPORTS = {
     "load_battery": "latentlab.data",
     "load_texts": "latentlab.data",
     "load_chats": "latentlab.data",
+    "render_prompt": "latentlab.data",
+    "Direction": "latentlab.directions",
+    "find_direction": "latentlab.directions",
+    "direction_and_probes": "latentlab.directions",
+    "fit_direction": "latentlab.directions",
+    "fit_probes": "latentlab.probes",
+    "ProbeReport": "latentlab.probes",
+    "Steer": "latentlab.steering",
+    "sweep": "latentlab.steering",
+    "generate": "latentlab.steering",
+    "score_conditions": "latentlab.steering",
+    "plots": "latentlab.plots",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "plots":
+        return importlib.import_module("latentlab.plots")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'latentlab' has no attribute {name!r}")

