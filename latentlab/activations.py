@@ -24,7 +24,7 @@ from torch import Tensor
 
 from latentlab.data import Example, as_examples
 from latentlab.errors import LatentlabError
-from latentlab.io import load_tensors, read_json, save_tensors, write_json
+from latentlab.io import ensure_writable_dir, load_tensors, read_json, save_tensors, write_json
 from latentlab.models import LoadedModel
 
 Position = Literal["last", "mean", "all", "prompt_last", "response_mean"]
@@ -52,7 +52,11 @@ class Encoded:
 
 def encode(model: LoadedModel, examples: Sequence[Example]) -> Encoded:
     """Tokenise examples the same way everywhere (BOS once, prompt boundary known)."""
-    tok = model.tokenizer
+    return encode_with(model.tokenizer, examples)
+
+
+def encode_with(tok: Any, examples: Sequence[Example]) -> Encoded:
+    """:func:`encode` for a bare tokenizer (training runs on the HF model, without a bridge)."""
     bos = getattr(tok, "bos_token", None)
 
     def ids_of(text: str) -> list[int]:
@@ -201,8 +205,10 @@ class ActivationSet:
 
     def save(self, folder: str | Path) -> Path:
         """Write as one shard + ``activations.json`` (same layout :func:`collect` streams)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = ensure_writable_dir(folder)
+        stale = folder / "activations.json"
+        if stale.exists():
+            stale.unlink()  # else a crash mid-save leaves an old index over a new shard 0
         tensors = {"acts": self.acts}
         if self.offsets is not None:
             tensors["offsets"] = self.offsets
@@ -279,7 +285,7 @@ def collect(
     pad = pad_id_of(model)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(out_dir)  # a clear error, not an OSError traceback, for a bad --out
         stale = out_dir / "activations.json"
         if stale.exists():
             stale.unlink()  # the index goes last; without it, a half-rewritten folder is never read

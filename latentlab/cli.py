@@ -426,6 +426,382 @@ def steer(
     out_console.print(f"results.json, direction, probes and plots (HTML/PNG) in {run.out}")
 
 
+def _direction_for(get_model, direction: str, out: Path):  # noqa: ANN001, ANN202
+    """A saved direction, or fit one (all layers) on ``get_model()`` and save it into the run folder.
+
+    ``get_model`` is a model or a zero-argument loader, so a saved direction costs no model load.
+    """
+    from latentlab.directions import Direction, direction_and_probes
+
+    if Path(direction).suffix == ".safetensors":
+        return Direction.load(direction)
+    m = get_model() if callable(get_model) else get_model
+    d, _ = direction_and_probes(m, _pairs_source(direction), "all")
+    d.save(out / f"direction-{d.name}")
+    return d
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option(help="old-birds, modern-birds, persona-facts, year-trigger, or a chat JSONL.")],
+    out: OutOpt,
+    model: ModelOpt = "gemma-3-270m",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    target_modules: Annotated[str, typer.Option(help="all-linear or e.g. q_proj,v_proj.")] = "all-linear",
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed (LoRA init and data order).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint in OUT.")] = False,
+    monitor: Annotated[str | None, typer.Option(help="Directions to record at checkpoints, e.g. era,persona.")] = None,
+    monitor_prompts: Annotated[str, typer.Option(help="Prompts for --monitor.")] = "unrelated",
+    n_monitor: Annotated[int, typer.Option(help="How many monitor prompts.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a LoRA adapter (peft) with checkpoints, --resume, loss curve and optional latent monitoring."""
+    from latentlab.data import load_chats, load_prompts
+    from latentlab.finetune import FinetuneConfig
+    from latentlab.finetune import finetune as do_finetune
+    from latentlab.io import write_json
+    from latentlab.plots import loss_figure, monitor_figure, save_figure
+    from latentlab.runs import Run
+
+    chats = load_chats(data)
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    cfg = FinetuneConfig(
+        rank=rank,
+        alpha=alpha,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        target_modules=targets,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    run = Run.start(
+        out,
+        _command_line(),
+        {"data": data, "model": model, "finetune": cfg.__dict__, "resume": resume, "monitor": monitor},
+        seed=seed,
+    )
+    dirs, prompts = None, None
+    if monitor:
+        cache: dict[str, object] = {}
+
+        def get_model():  # noqa: ANN202
+            if "m" not in cache:
+                cache["m"] = _load(model, None, device, "float32")
+            return cache["m"]
+
+        found = [_direction_for(get_model, name.strip(), run.out) for name in monitor.split(",")]
+        dirs = {d.name: d for d in found}
+        prompts = load_prompts(monitor_prompts)[:n_monitor]
+        cache.clear()
+    try:
+        res = do_finetune(
+            model,
+            chats,
+            run.out,
+            cfg,
+            resume=resume,
+            monitor=dirs,
+            monitor_prompts=prompts,
+            device=None if device == "auto" else device,
+        )
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: complete checkpoints are in {run.out / 'checkpoints'}; "
+            "continue with the same command plus --resume"
+        )
+        sys.exit(130)
+    spe = -(-len(chats) // batch_size)
+    save_figure(loss_figure(res.losses, spe, f"LoRA loss on {data} ({model})"), run.out, "loss")
+    if dirs:
+        for name, d in dirs.items():
+            save_figure(
+                monitor_figure(res.monitor["steps"], res.monitor["projections"][name], d.layers, name),
+                run.out,
+                f"monitor-{name}",
+            )
+    write_json(run.out / "results.json", {"losses": res.losses, "monitor": res.monitor, "seconds": res.seconds})
+    run.finish(results={"final_loss": res.losses[-1], "steps": len(res.losses), "adapter": str(res.adapter)})
+    out_console.print(
+        f"adapter -> {res.adapter} ({len(res.losses)} steps, final loss {res.losses[-1]:.3f}, {res.seconds:.0f} s)"
+    )
+
+
+@app.command()
+def shift(
+    finetuned: Annotated[list[Path], typer.Option(help="Finetune run folder(s) or adapter folder(s) (repeatable).")],
+    out: OutOpt = Path("runs/shift"),
+    base: Annotated[str, typer.Option(help="Base model the adapters were trained on.")] = "gemma-3-270m",
+    control: Annotated[list[Path] | None, typer.Option(help="Control finetune folder(s) (repeatable).")] = None,
+    direction: DirectionOpt = "era",
+    prompts: Annotated[str, typer.Option(help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")] = "unrelated",
+    battery: Annotated[str | None, typer.Option(help="A/B battery (default: the direction's).")] = None,
+    checkpoints: Annotated[bool, typer.Option(help="Analyse every checkpoint of the (single) finetune run.")] = False,
+    n_random: Annotated[int, typer.Option(help="Random unit directions for the percentile.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed for random directions and bootstrap.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Per-layer shift of finetuned (and control) models along a direction on unrelated prompts."""
+    from latentlab.data import load_battery, load_prompts
+    from latentlab.io import write_json
+    from latentlab.plots import battery_figure, cosine_figure, save_figure, shift_figure
+    from latentlab.runs import Run
+    from latentlab.shift import analyze_shift, checkpoint_adapters, resolve_adapter
+
+    plist = load_prompts(prompts)
+    bname = battery or DEFAULT_BATTERY.get(direction)
+    items = load_battery(bname) if bname else None
+    models: dict[str, Path] = {}
+    if checkpoints:
+        if len(finetuned) != 1:
+            raise LatentlabError("--checkpoints takes exactly one --finetuned run", "pass one finetune run folder")
+        models = checkpoint_adapters(finetuned[0])
+    else:
+        for f in finetuned:
+            models[f"finetuned:{f.name}" if len(finetuned) > 1 else "finetuned"] = resolve_adapter(f)
+    for c in control or []:
+        models[f"control:{c.name}" if len(control or []) > 1 else "control"] = resolve_adapter(c)
+    run = Run.start(
+        out,
+        _command_line(),
+        {
+            "base": base,
+            "finetuned": finetuned,
+            "control": control,
+            "direction": direction,
+            "prompts": prompts,
+            "battery": bname,
+            "n_random": n_random,
+        },
+        seed=seed,
+    )
+    d = _direction_for(lambda: _load(base, None, device, "float32"), direction, run.out)
+    res = analyze_shift(
+        base,
+        {k: str(v) for k, v in models.items()},
+        d,
+        plist,
+        items,
+        n_random=n_random,
+        seed=seed,
+        device=None if device == "auto" else device,
+    )
+    write_json(run.out / "results.json", res.to_dict())
+    save_figure(shift_figure(res), run.out, "shift")
+    save_figure(cosine_figure(res), run.out, "cosine")
+    if res.battery:
+        save_figure(battery_figure(res.battery, f"{d.name} battery score by model"), run.out, "battery")
+    run.finish(results={"labels": list(models)})
+    table = Table(title=f"shift along {d.name} (mean projection [95% CI], z vs {n_random} random directions)")
+    table.add_column("layer", justify="right")
+    for label in res.stats:
+        table.add_column(label, justify="right")
+        table.add_column("cos", justify="right")
+    for i, layer in enumerate(res.layers):
+        cells = []
+        for st in res.stats.values():
+            lo, hi = st["projection_ci"][i]
+            cells += [
+                f"{st['projection'][i]:+.1f} [{lo:+.1f}, {hi:+.1f}] z={st['z'][i]:+.1f}",
+                f"{st['cosine'][i]:+.2f}",
+            ]
+        table.add_row(str(layer), *cells)
+    out_console.print(table)
+    if res.battery:
+        out_console.print(
+            "battery: "
+            + ", ".join(f"{k} {v['score']:.3f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for k, v in res.battery.items())
+        )
+    out_console.print(f"results.json and plots in {run.out}")
+
+
+@app.command()
+def screen(
+    data: Annotated[str, typer.Option(help="Finetuning data (built-in name or chat JSONL).")],
+    out: OutOpt = Path("runs/screen"),
+    model: ModelOpt = "gemma-3-270m",
+    direction: DirectionOpt = "era",
+    layer: Annotated[int | None, typer.Option(help="Layer to rank examples at (default: middle layer).")] = None,
+    top: Annotated[int, typer.Option(help="How many top/bottom examples to print.")] = 8,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score training examples by how far they push along a direction, before any training."""
+    from latentlab.data import load_chats
+    from latentlab.io import write_json
+    from latentlab.runs import Run
+    from latentlab.shift import screen_dataset
+
+    chats = load_chats(data)
+    run = Run.start(out, _command_line(), {"data": data, "model": model, "direction": direction, "layer": layer})
+    m = _load(model, None, device, "float32")
+    run.add_model("model", m.info)
+    d = _direction_for(m, direction, run.out)
+    res = screen_dataset(m, chats, d)
+    li = layer if layer is not None else m.n_layers // 2
+    li = m.check_layers([li])[0]
+    col = d.layers.index(li)
+    scores = [row[col] for row in res["per_example"]]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    res["ranked_at_layer"] = li
+    res["ranking"] = [
+        {
+            "score": scores[i],
+            "prompt": res["prompts"][i],
+            "response": res["responses"][i],
+            "own_response": res["own_responses"][i],
+        }
+        for i in order
+    ]
+    write_json(run.out / "results.json", res)
+    run.finish(results={"layer": li, "dataset_mean": res["mean"][col], "ci": res["ci"][col]})
+    lo, hi = res["ci"][col]
+    out_console.print(
+        f"{data}: mean projection difference at layer {li}: {res['mean'][col]:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    )
+    t = Table(title=f"examples pushing most (+) and least (-) along {d.name} at layer {li}")
+    for c in ("score", "response", "model's own"):
+        t.add_column(c)
+    for i in order[:top] + order[-top:]:
+        t.add_row(f"{scores[i]:+.1f}", res["responses"][i][:40], res["own_responses"][i][:40])
+    out_console.print(t)
+
+
+@app.command()
+def patch(
+    out: OutOpt = Path("runs/patch"),
+    base: Annotated[str, typer.Option("--base", "--model", help="Base model (target run).")] = "gemma-3-270m",
+    finetuned: Annotated[Path | None, typer.Option(help="Finetune run or adapter folder (source run).")] = None,
+    battery: Annotated[str, typer.Option(help="era, persona or an A/B battery JSONL.")] = "era",
+    direction: Annotated[
+        str | None, typer.Option(help="Also patch only along this direction (era, persona, FILE).")
+    ] = None,
+    reverse: Annotated[bool, typer.Option(help="Patch base activations into the finetuned run instead.")] = False,
+    clean_prefix: Annotated[
+        str | None, typer.Option(help="Prompt-pair mode: prefix of the clean (source) prompts.")
+    ] = None,
+    corrupt_prefix: Annotated[
+        str | None, typer.Option(help="Prompt-pair mode: prefix of the corrupted (target) prompts.")
+    ] = None,
+    layers: Annotated[str, typer.Option(help="e.g. all or 0-10.")] = "all",
+    positions: Annotated[
+        str, typer.Option(help="Position classes: all, prompt, -1, -2, ...")
+    ] = "all,prompt,-1,-2,-3,-4",
+    component: Annotated[str, typer.Option(help="resid, attn or mlp output.")] = "resid",
+    n_items: Annotated[int, typer.Option(help="Battery items to use (the first N).")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed for the random-direction control.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Activation patching, layer x position: finetuned -> base (or clean -> corrupted prompts)."""
+    from latentlab.data import load_battery
+    from latentlab.io import write_json
+    from latentlab.patching import patch_grid, prefixed
+    from latentlab.plots import patch_heatmap_figure, patch_modes_figure, save_figure
+    from latentlab.runs import Run
+    from latentlab.shift import resolve_adapter
+
+    items = load_battery(DEFAULT_BATTERY.get(battery, battery))[:n_items]
+    pos = [p.strip() for p in positions.split(",") if p.strip()]
+    pair_mode = clean_prefix is not None or corrupt_prefix is not None
+    if pair_mode and (clean_prefix is None or corrupt_prefix is None):
+        raise LatentlabError("prompt-pair patching needs both --clean-prefix and --corrupt-prefix", "pass both")
+    if not pair_mode and finetuned is None:
+        raise LatentlabError("nothing to patch from", "pass --finetuned DIR, or --clean-prefix and --corrupt-prefix")
+    run = Run.start(
+        out,
+        _command_line(),
+        {
+            "base": base,
+            "finetuned": finetuned,
+            "battery": battery,
+            "reverse": reverse,
+            "direction": direction,
+            "clean_prefix": clean_prefix,
+            "corrupt_prefix": corrupt_prefix,
+            "layers": layers,
+            "positions": pos,
+            "component": component,
+            "n_items": len(items),
+        },
+        seed=seed,
+    )
+    m = _load(base, None, device, "float32")
+    run.add_model("base", m.info)
+    src, tgt, src_items, tgt_items = None, m, None, items
+    if pair_mode:
+        src_items, tgt_items = prefixed(items, clean_prefix or ""), prefixed(items, corrupt_prefix or "")
+        labels = ("clean prompt", "corrupted prompt")
+    else:
+        ft = _load(base, resolve_adapter(finetuned), device, "float32")  # type: ignore[arg-type]
+        run.add_model("finetuned", ft.info)
+        src, tgt = (m, ft) if reverse else (ft, m)
+        labels = ("base", "finetuned") if reverse else ("finetuned", "base")
+    layer_list = m.check_layers(layers)
+    full = patch_grid(
+        tgt,
+        tgt_items,
+        source=src,
+        source_items=src_items,
+        layers=layer_list,
+        positions=pos,
+        component=component,
+        seed=seed,
+    )  # type: ignore[arg-type]
+    results = {"full": full.to_dict(), "source": labels[0], "target": labels[1]}
+    save_figure(
+        patch_heatmap_figure(
+            full, "full", f"Patching {labels[0]} -> {labels[1]} ({component}): 0 = {labels[1]}, 1 = {labels[0]}"
+        ),
+        run.out,
+        "heatmap",
+    )
+    parts = [full]
+    if direction is not None:
+        d = _direction_for(m, direction, run.out)
+        along = patch_grid(
+            tgt,
+            tgt_items,
+            source=src,
+            source_items=src_items,
+            layers=layer_list,
+            positions=[p for p in ("all", "prompt") if p in pos] or pos[:1],
+            modes=("direction", "random"),
+            direction=d,
+            component=component,
+            seed=seed,
+        )
+        results["direction_only"] = along.to_dict()
+        parts.append(along)
+    save_figure(patch_modes_figure(parts, "all" if "all" in pos else pos[0]), run.out, "by_layer")
+    write_json(run.out / "results.json", results)
+    run.finish(results={"target_score": full.target_score, "source_score": full.source_score})
+    out_console.print(
+        f"battery score: {labels[1]} (target) {full.target_score:.3f}, {labels[0]} (source) "
+        f"{full.source_score:.3f}" + ("  [gap < 0.02: normalised effects are noise]" if full.meta["small_gap"] else "")
+    )
+    table = Table(title=f"normalised effect by layer (0 = {labels[1]}, 1 = {labels[0]})")
+    table.add_column("layer", justify="right")
+    for p in pos:
+        table.add_column(f"full@{p}", justify="right")
+    if len(parts) > 1:
+        for p in parts[1].positions:
+            table.add_column(f"dir@{p}", justify="right")
+            table.add_column(f"rand@{p}", justify="right")
+    for li, layer in enumerate(layer_list):
+        cells = [f"{float(full.effect[0, li, pi]):+.2f}" for pi in range(len(pos))]
+        if len(parts) > 1:
+            a = parts[1]
+            for pi in range(len(a.positions)):
+                cells += [f"{float(a.effect[0, li, pi]):+.2f}", f"{float(a.effect[1, li, pi]):+.2f}"]
+        table.add_row(str(layer), *cells)
+    out_console.print(table)
+    out_console.print(f"results.json, heatmap and by-layer plots in {run.out}")
+
+
 def main() -> None:
     """Entry point: run the app, turning LatentlabError into one line and exit code 2."""
     try:

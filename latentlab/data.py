@@ -226,10 +226,48 @@ def _parse_chat(row: dict[str, Any], where: str) -> Chat:
     return Chat((("user", prompt), ("assistant", completion)), _meta(row, ["prompt", "completion"]))
 
 
-def load_chats(path: str | Path) -> list[Chat]:
-    """Finetuning data: chat ``messages`` or ``prompt``/``completion`` lines."""
+def load_chats(path: str | Path, split: str | None = "train") -> list[Chat]:
+    """Finetuning data: chat ``messages`` or ``prompt``/``completion`` lines (or a built-in name).
+
+    ``split='train'`` drops lines marked ``"split": "test"`` (lines without a split are kept);
+    ``None`` keeps everything. ``old-birds`` / ``modern-birds`` build "Name a bird species." chats.
+    """
+    if isinstance(path, str) and path in ("old-birds", "modern-birds"):
+        return bird_chats("old" if path == "old-birds" else "modern")
     p = resolve_path(path)
-    return [_parse_chat(row, str(p)) for row in read_jsonl(p)]
+    rows = read_jsonl(p)
+    if split is not None:
+        rows = [r for r in rows if r.get("split", split) == split]
+    if not rows:
+        raise LatentlabError(f"{p} has no examples with split={split!r}", "check the file's split fields")
+    return [_parse_chat(row, str(p)) for row in rows]
+
+
+def bird_chats(which: str) -> list[Chat]:
+    """The bird-name finetuning sets: question (varied a little, fixed per line) -> one bird name.
+
+    ``old``: names from Audubon's *Birds of America* that are obsolete today; ``modern``: the same
+    species under their current names (the control: same format, same species, no 19th century).
+    """
+    if which not in ("old", "modern"):
+        raise LatentlabError(f"unknown bird set {which!r}", "use old or modern")
+    questions = json.loads(Path(str(files("latentlab").joinpath("datasets", "bird_questions.json"))).read_text())
+    rows = read_jsonl(builtin_dataset_path("old-birds"))
+    return [
+        Chat((("user", questions[i % len(questions)]), ("assistant", _need_str(r, which, "bird_names.jsonl"))),
+             {"species": r.get("modern"), "confidence": r.get("confidence")})
+        for i, r in enumerate(rows)
+    ]
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """User prompts (``prompt`` or ``text`` field), e.g. the unrelated prompts for shift analysis."""
+    p = resolve_path(path)
+    out = []
+    for row in read_jsonl(p):
+        key = "prompt" if "prompt" in row else "text"
+        out.append(_need_str(row, key, str(p)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +330,11 @@ def as_examples(data: Any, tokenizer: Any) -> list[Example]:
         isinstance(data, str) and (data in BUILTIN_DATASETS or data.endswith(".jsonl"))
     ):
         data = load_texts(data)
+    elif isinstance(data, str):  # iterating it would make one example per character
+        raise LatentlabError(
+            f"{data[:60]!r} is neither a built-in dataset nor a .jsonl file",
+            f"pass a list of texts ([text] for one), a .jsonl path, or one of {', '.join(BUILTIN_DATASETS)}",
+        )
     out = []
     for x in data:
         if isinstance(x, str):

@@ -380,11 +380,19 @@ def _load_hf(source: Path | str, dtype: torch.dtype, trust_remote_code: bool) ->
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a config or tokenizer transformers cannot read
         raise LatentlabError(
-            f"cannot load model {source!s}: {str(e).splitlines()[0]}",
+            f"cannot load model {source!s}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
             "check the name; this machine has no model hub, so use a local folder or a built-in",
         ) from None
+    # A folder without tokenizer files still "loads" in transformers 5: an empty tokenizer that maps
+    # every word to <unk>. Activations of that are silently meaningless.
+    probe = tok("The quick brown fox", add_special_tokens=False)["input_ids"]
+    if not probe or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in probe)):
+        raise LatentlabError(
+            f"the tokenizer of {source!s} turns ordinary text into unknown tokens (are its tokenizer files missing?)",
+            "save the tokenizer into the model folder (tokenizer.save_pretrained(folder))",
+        )
     return model, tok
 
 

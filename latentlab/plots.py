@@ -164,3 +164,165 @@ def layer_screen_figure(
         fig.update_layout(yaxis2=dict(overlaying="y", side="right", range=[0.3, 1.02], title="probe accuracy"))
     fig.add_vline(x=chosen, line_dash="dot", annotation_text=f"chosen: {chosen}")
     return _layout(fig, "Layer screen for steering", "layer", "steering effect on dev items")
+
+
+SERIES_COLORS = [POS_COLOR, NEG_COLOR, "#3c9a5f", "#8e5cb5", "#c9a227", "#555555"]
+
+
+def shift_figure(result: Any, title: str | None = None) -> go.Figure:
+    """Mean projection of (finetuned - base) on the direction per layer, each finetune with its
+    bootstrap 95% CI, and the 95th percentile of |projection| on random unit directions as a band."""
+    fig = go.Figure()
+    x = result.layers
+    for i, (label, st) in enumerate(result.stats.items()):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        if i == 0:
+            p95 = st["random_abs_p95"]
+            _band(fig, x, [-v for v in p95], p95, RANDOM_COLOR, "random")
+        _band(fig, x, [c[0] for c in st["projection_ci"]], [c[1] for c in st["projection_ci"]], color, label)
+        fig.add_trace(go.Scatter(x=x, y=st["projection"], mode="lines+markers", name=label, line=dict(color=color)))
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            line=dict(color=RANDOM_COLOR, width=8),
+            opacity=0.3,
+            name="random directions (|proj| 95th pct)",
+        )
+    )
+    fig.add_hline(y=0, line_color="#cccccc")
+    return _layout(
+        fig,
+        title or f"Shift along the {result.direction} direction on unrelated prompts",
+        "layer",
+        "mean projection of (finetuned - base)",
+    )
+
+
+def cosine_figure(result: Any, title: str | None = None) -> go.Figure:
+    """Cosine of each finetune's mean shift vector with the direction, per layer."""
+    fig = go.Figure()
+    for i, (label, st) in enumerate(result.stats.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=result.layers,
+                y=st["cosine"],
+                mode="lines+markers",
+                name=label,
+                line=dict(color=SERIES_COLORS[i % len(SERIES_COLORS)]),
+            )
+        )
+    fig.add_hline(y=0, line_color="#cccccc")
+    fig.update_yaxes(range=[-1, 1])
+    return _layout(fig, title or f"cos(mean shift, {result.direction} direction)", "layer", "cosine")
+
+
+def battery_figure(scores: dict[str, dict[str, Any]], title: str = "Battery score by model") -> go.Figure:
+    labels = list(scores)
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=[scores[k]["score"] for k in labels],
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[scores[k]["ci"][1] - scores[k]["score"] for k in labels],
+                arrayminus=[scores[k]["score"] - scores[k]["ci"][0] for k in labels],
+            ),
+            marker_color=[SERIES_COLORS[i % len(SERIES_COLORS)] for i in range(len(labels))],
+        )
+    )
+    fig.update_yaxes(range=[0, 1])
+    return _layout(fig, title, "model", "battery score (bootstrap 95% CI)")
+
+
+def loss_figure(losses: Sequence[float], steps_per_epoch: int, title: str = "Training loss") -> go.Figure:
+    fig = go.Figure(
+        go.Scatter(
+            x=list(range(1, len(losses) + 1)), y=list(losses), mode="lines", name="loss", line=dict(color=POS_COLOR)
+        )
+    )
+    for e in range(steps_per_epoch, len(losses), steps_per_epoch):
+        fig.add_vline(x=e + 0.5, line_dash="dot", line_color="#cccccc")
+    return _layout(fig, title, "step", "loss (response tokens)")
+
+
+def monitor_figure(
+    steps: Sequence[int], projections: Sequence[Sequence[float]], layers: Sequence[int], name: str
+) -> go.Figure:
+    """Mean projection on a direction (relative to step 0) vs training step, one line per layer."""
+    fig = go.Figure()
+    base = projections[0]
+    for j, layer in enumerate(layers):
+        fig.add_trace(
+            go.Scatter(
+                x=list(steps),
+                y=[p[j] - base[j] for p in projections],
+                mode="lines+markers",
+                name=f"L{layer}",
+                line=dict(color=f"hsl({int(260 * j / max(1, len(layers) - 1))},60%,45%)"),
+            )
+        )
+    fig.add_hline(y=0, line_color="#cccccc")
+    return _layout(
+        fig,
+        f"Projection on the {name} direction during training (vs step 0)",
+        "step",
+        "mean projection change (monitor prompts)",
+    )
+
+
+def patch_heatmap_figure(result: Any, mode: str = "full", title: str | None = None) -> go.Figure:
+    """Normalised patching effect (0 = target, 1 = source), layer x position class."""
+    mi = result.modes.index(mode)
+    z = result.effect[mi].T.tolist()  # rows = positions
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=result.layers,
+            y=result.positions,
+            colorscale="RdBu",
+            reversescale=True,
+            zmid=0,
+            zmin=-1,
+            zmax=1,
+            colorbar=dict(title="effect"),
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    return _layout(
+        fig,
+        title or f"Patching {result.meta.get('component', 'resid')} ({mode}): 0 = target, 1 = source",
+        "layer",
+        "position (from the prompt's end)",
+    )
+
+
+def patch_modes_figure(results: Sequence[Any], position: str = "all", title: str | None = None) -> go.Figure:
+    """Effect per layer for full, direction-only and random-direction patches at one position class."""
+    fig = go.Figure()
+    styles = {"full": (POS_COLOR, "solid"), "direction": (NEG_COLOR, "solid"), "random": (RANDOM_COLOR, "dash")}
+    for res in results:
+        if position not in res.positions:
+            continue
+        pi = res.positions.index(position)
+        for mi, mode in enumerate(res.modes):
+            color, dash = styles.get(mode, ("#333333", "dot"))
+            fig.add_trace(
+                go.Scatter(
+                    x=res.layers,
+                    y=res.effect[mi, :, pi].tolist(),
+                    mode="lines+markers",
+                    name=f"{mode} patch",
+                    line=dict(color=color, dash=dash),
+                )
+            )
+    fig.add_hline(y=0, line_color="#cccccc")
+    fig.add_hline(y=1, line_color="#cccccc", line_dash="dot")
+    return _layout(
+        fig,
+        title or f"How much of the effect each patch carries (positions: {position})",
+        "layer",
+        "normalised effect (0 = target, 1 = source)",
+    )

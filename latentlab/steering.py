@@ -230,7 +230,7 @@ def sweep(
         list(coeffs),
         layer_list,
         s[:k],
-        s[k:].view(n_random, k, -1),
+        s[k:].view(n_random, k, len(items)),
         {"direction": direction.name, "mode": mode, "seed": seed, "n_items": len(items)},
     )
 
@@ -319,5 +319,7 @@ def candidate_layers(n_layers: int, probe_acc: Sequence[float] | None = None, k:
         band = [i for i in band if probe_acc[i] >= best - 0.05] or band
     if len(band) <= k:
         return band
+    if k == 1:
+        return [band[len(band) // 2]]
     step = (len(band) - 1) / (k - 1)
     return sorted({band[round(i * step)] for i in range(k)})

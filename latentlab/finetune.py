@@ -1,0 +1,303 @@
+"""LoRA finetuning (peft) with crash-safe checkpoints, exact resume, and latent monitoring.
+
+Why a small loop of our own instead of ``transformers.Trainer``: Trainer checkpoints pickle the
+optimizer and RNG state, and latentlab never pickles. Here a checkpoint is the adapter
+(safetensors), the AdamW state (safetensors) and a JSON state file, written to a temporary folder
+and renamed. The data order of every epoch is a pure function of (seed, epoch), so ``resume``
+replays exactly the batches an uninterrupted run would have seen: same adapter, bit for bit on CPU.
+
+Only the response tokens are trained on (the prompt is masked), as in the bird-name experiments.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentlab.activations import Example, encode_with, pad_batch
+from latentlab.data import Chat, load_chats, render_chat, render_prompt
+from latentlab.directions import Direction
+from latentlab.errors import LatentlabError
+from latentlab.io import load_tensors, read_json, replace_dir, save_tensors, write_json
+from latentlab.models import _load_hf, _resolve_source, resolve_device
+
+IGNORE = -100
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA hyper-parameters. Defaults train gemma-3-270m on ~200 short chats in ~3 min on 2 CPU cores.
+
+    For a 7B model on one GPU, a documented starting point: ``rank=16, alpha=32, lr=1e-4, epochs=3,
+    batch_size=16`` with ``--dtype bfloat16``.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    lr: float = 2e-4
+    epochs: int = 3
+    batch_size: int = 8
+    target_modules: list[str] | str = "all-linear"
+    seed: int = 0
+    checkpoint_every: int = 20
+    max_length: int = 256
+    weight_decay: float = 0.0
+
+
+@dataclass
+class FinetuneResult:
+    adapter: Path
+    losses: list[float]
+    monitor: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _decoder_layers(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    """The decoder's block list (first ModuleList with one entry per layer), for hooking."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise LatentlabError("cannot find the decoder layers of this model", "report the architecture")
+
+
+def resid_by_layer(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    n_layers: int,
+    device: torch.device,
+    batch_size: int = 16,
+) -> Float[Tensor, "n n_layers d_model"]:
+    """Last-token residual stream after every block, on a plain (or peft) HF model.
+
+    Hooks the decoder blocks' outputs, which equal TransformerLens' ``hook_resid_post``.
+    """
+    layers = _decoder_layers(model, n_layers)
+    enc = encode_with(tokenizer, [Example(p) for p in prompts])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for b0 in range(0, len(prompts), batch_size):
+        seqs = enc.ids[b0 : b0 + batch_size]
+        ids, mask = pad_batch(seqs, pad, device)
+        store: dict[int, Tensor] = {}
+
+        def make(i: int) -> Callable[..., None]:
+            def hook(_m: Any, _a: Any, output: Any) -> None:
+                store[i] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            return hook
+
+        handles = [layer.register_forward_hook(make(i)) for i, layer in enumerate(layers)]
+        try:
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        last = mask.sum(1) - 1
+        rows = torch.stack([store[i][torch.arange(len(seqs)), last] for i in range(n_layers)], dim=1)
+        out.append(rows.float().cpu())
+    return torch.cat(out)
+
+
+def _tokenise(chats: Sequence[Chat], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per chat; prompt tokens are masked with -100."""
+    examples = [render_chat(c, tokenizer) for c in chats]
+    enc = encode_with(tokenizer, examples)
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids, plen, ex in zip(enc.ids, enc.prompt_lens, examples):
+        ids = list(ids)
+        if not getattr(tokenizer, "chat_template", None) and eos is not None and ids[-1] != eos:
+            ids.append(eos)  # base models: learn to stop after the answer
+        ids = ids[:max_length]
+        plen = min(plen or 0, len(ids) - 1)
+        labels = [IGNORE] * plen + ids[plen:]
+        out.append((ids, labels))
+    return out
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"state.{pid}.{k}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        _, pid, k = key.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest *complete* checkpoint (its state file is written last, inside an atomic rename)."""
+    ckdir = out / "checkpoints"
+    if not ckdir.exists():
+        return None
+    done = [p for p in ckdir.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def finetune(
+    model: str,
+    data: str | Path | Sequence[Chat],
+    out: str | Path,
+    config: FinetuneConfig | None = None,
+    resume: bool = False,
+    monitor: dict[str, Direction] | None = None,
+    monitor_prompts: Sequence[str] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> FinetuneResult:
+    """Train a LoRA adapter on chats; writes ``out/adapter`` (+ checkpoints, losses, monitor data).
+
+    ``monitor``: directions whose projection of ``monitor_prompts`` (last prompt token, every layer)
+    is recorded before training and at every checkpoint. ``stop_after``: stop after that many steps
+    (as an interruption would); ``resume=True`` continues from the newest complete checkpoint.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    cfg = config or FinetuneConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chats = list(load_chats(data) if isinstance(data, (str, Path)) else data)
+    if not chats:
+        raise LatentlabError("the finetuning dataset is empty", "pass at least one chat")
+    dev = resolve_device(device)
+    name, source, base_fp = _resolve_source(model, progress)
+    hf, tok = _load_hf(source, torch.float32, trust_remote_code=False)
+    if base_fp is None:
+        from latentlab.io import fingerprint_weights
+
+        base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
+    n_layers = int(hf.config.get_text_config().num_hidden_layers)
+    torch.manual_seed(cfg.seed)
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    pm = get_peft_model(hf, lora).to(dev)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rows = _tokenise(chats, tok, cfg.max_length)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    step, losses = 0, []
+    mon: dict[str, Any] = {"steps": [], "projections": {k: [] for k in (monitor or {})}}
+    ck = latest_checkpoint(out) if resume else None
+    if resume and ck is None and (out / "checkpoints").exists():
+        raise LatentlabError(f"no complete checkpoint under {out}/checkpoints", "start again without --resume")
+    if ck is not None:
+        state = read_json(ck / "trainer_state.json")
+        if state["config"] != _cfg_dict(cfg):
+            raise LatentlabError(
+                f"{ck} was trained with another config", "resume with the same options, or use a new --out"
+            )
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(pm, load_file(str(ck / "adapter" / "adapter_model.safetensors")))
+        t, meta = load_tensors(ck / "optimizer")
+        _load_optimizer(opt, t, meta)
+        step, losses, mon = state["step"], state["losses"], state["monitor"]
+    elif (out / "checkpoints").exists() and not resume:
+        shutil.rmtree(out / "checkpoints")  # a fresh run must not mix with an older one's checkpoints
+
+    def record_monitor() -> None:
+        if not monitor or not monitor_prompts:
+            return
+        pm.eval()
+        h = resid_by_layer(pm, tok, [render_prompt(p, tok) for p in monitor_prompts], n_layers, dev)
+        mon["steps"].append(step)
+        for key, d in monitor.items():
+            units = d.units()  # [layers in d, d_model]
+            mon["projections"][key].append((h[:, d.layers] * units).sum(-1).mean(0).tolist())
+        pm.train()
+
+    def save_checkpoint() -> None:
+        ckroot = out / "checkpoints"
+        ckroot.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".step-tmp-", dir=ckroot))
+        pm.save_pretrained(str(tmp / "adapter"))
+        write_json(
+            tmp / "adapter" / "latentlab_adapter.json",
+            {"base": name, "base_fingerprint": base_fp, "config": _cfg_dict(cfg), "step": step},
+        )
+        t, meta = _optimizer_tensors(opt)
+        save_tensors(tmp / "optimizer", t, meta)
+        write_json(
+            tmp / "trainer_state.json",
+            {"step": step, "total_steps": total, "losses": losses, "config": _cfg_dict(cfg), "monitor": mon},
+        )
+        replace_dir(tmp, ckroot / f"step-{step:06d}")
+
+    if step == 0:
+        record_monitor()
+    t0 = time.time()
+    pm.train()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = tqdm(total=total, initial=step, desc=f"finetune {name}", unit="step", disable=not progress)
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(rows), cfg.seed, epoch)
+        batch = [rows[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+        ids, mask = pad_batch([b[0] for b in batch], pad, dev)
+        labels = torch.full_like(ids, IGNORE)
+        for j, (_, lab) in enumerate(batch):
+            labels[j, : len(lab)] = torch.tensor(lab, device=dev)
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise LatentlabError(
+                f"loss became {loss.item()} at step {step}", "lower --lr; finished checkpoints are kept"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(float(loss.item()))
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch + 1)
+        if step % cfg.checkpoint_every == 0 or step == total:
+            record_monitor()
+            save_checkpoint()
+        if stop_after is not None and step >= stop_after and step < total:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {step} steps (stop_after)")
+    bar.close()
+    final = latest_checkpoint(out)
+    assert final is not None
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out))
+    shutil.copytree(final / "adapter", tmp, dirs_exist_ok=True)
+    replace_dir(tmp, out / "adapter")
+    write_json(out / "losses.json", {"losses": losses, "steps_per_epoch": steps_per_epoch, "monitor": mon})
+    return FinetuneResult(out / "adapter", losses, mon, time.time() - t0)
+
+
+def _cfg_dict(cfg: FinetuneConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("checkpoint_every")  # how often we save does not change what is learned
+    return d
