@@ -34,7 +34,8 @@ def main(out: Path) -> None:
             b = r["battery"]
             lines.append(
                 f"### seed {seed}: era battery base {b['base']['score']:.3f}, "
-                f"old-birds {b['finetuned']['score']:.3f} [{b['finetuned']['ci'][0]:.2f}, {b['finetuned']['ci'][1]:.2f}], "
+                f"old-birds {b['finetuned']['score']:.3f} "
+                f"[{b['finetuned']['ci'][0]:.2f}, {b['finetuned']['ci'][1]:.2f}], "
                 f"modern-birds {b['control']['score']:.3f} [{b['control']['ci'][0]:.2f}, {b['control']['ci'][1]:.2f}]"
             )
             lines += [
@@ -45,9 +46,10 @@ def main(out: Path) -> None:
             ft, ct = r["stats"]["finetuned"], r["stats"]["control"]
             for i, layer in enumerate(r["layers"]):
 
-                def cell(st: dict) -> str:
+                def cell(st: dict, i: int = i) -> str:
                     lo, hi = st["projection_ci"][i]
-                    return f"{st['projection'][i]:+.1f} [{lo:+.1f}, {hi:+.1f}] | {st['z'][i]:+.1f} | {st['cosine'][i]:+.2f}"
+                    return (f"{st['projection'][i]:+.1f} [{lo:+.1f}, {hi:+.1f}] | {st['z'][i]:+.1f} | "
+                            f"{st['cosine'][i]:+.2f}")
 
                 lines.append(f"| {layer} | {cell(ft)} | {cell(ct)} |")
             lines.append("")

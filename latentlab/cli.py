@@ -354,7 +354,8 @@ def steer(
             probe_acc = [t if t is not None else c for t, c in zip(report.test_acc, report.cv_acc)]
         cands = [c for c in candidate_layers(m.n_layers, probe_acc) if c in d.layers]
         console.print(
-            f"screening layers {cands} on {len(dev)} dev battery items (reported scores use the other {len(eval_items)}) ..."
+            f"screening layers {cands} on {len(dev)} dev battery items "
+            f"(reported scores use the other {len(eval_items)}) ..."
         )
         screen = screen_layers(m, d, dev, cands)
         chosen = [max(screen, key=screen.get)]

@@ -189,7 +189,9 @@ def load_pairs(path: str | Path, split: str | None = None) -> list[Pair]:
     if split is not None:
         pairs = [x for x in pairs if x.split == split]
         if not pairs:
-            raise LatentlabError(f"{p} has no pairs with split={split!r}", "add a 'split' field or drop the split filter")
+            raise LatentlabError(
+                f"{p} has no pairs with split={split!r}", "add a 'split' field or drop the split filter"
+            )
     return pairs
 
 

@@ -92,7 +92,7 @@ def resid_by_layer(
         ids, mask = pad_batch(seqs, pad, device)
         store: dict[int, Tensor] = {}
 
-        def make(i: int) -> Callable[..., None]:
+        def make(i: int, store: dict[int, Tensor] = store) -> Callable[..., None]:
             def hook(_m: Any, _a: Any, output: Any) -> None:
                 store[i] = (output[0] if isinstance(output, tuple) else output).detach()
 
@@ -117,7 +117,7 @@ def _tokenise(chats: Sequence[Chat], tokenizer: Any, max_length: int) -> list[tu
     enc = encode_with(tokenizer, examples)
     eos = tokenizer.eos_token_id
     out = []
-    for ids, plen, ex in zip(enc.ids, enc.prompt_lens, examples):
+    for ids, plen in zip(enc.ids, enc.prompt_lens):
         ids = list(ids)
         if not getattr(tokenizer, "chat_template", None) and eos is not None and ids[-1] != eos:
             ids.append(eos)  # base models: learn to stop after the answer

@@ -413,7 +413,9 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
     from peft import PeftModel
 
     if not adapter.is_dir():
-        raise LatentlabError(f"adapter folder {adapter} does not exist", "pass the folder written by `latentlab finetune`")
+        raise LatentlabError(
+            f"adapter folder {adapter} does not exist", "pass the folder written by `latentlab finetune`"
+        )
     if not (adapter / "adapter_config.json").exists():
         raise LatentlabError(
             f"{adapter} is not a LoRA adapter folder (no adapter_config.json)",
@@ -483,7 +485,7 @@ def load_model(
     info = ModelInfo(
         name=name,
         path=str(source),
-        architecture=(cfg.architectures or [type(model).__name__])[0] if getattr(cfg, "architectures", None) else type(model).__name__,
+        architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
         n_layers=int(cfg.num_hidden_layers),
         d_model=int(cfg.hidden_size),
         d_vocab=int(cfg.vocab_size),

@@ -74,7 +74,7 @@ def capture(
         ids, mask = pad_batch(batch, pad, model.device)
         store: dict[int, Tensor] = {}
 
-        def make(layer: int) -> Callable[..., Tensor]:
+        def make(layer: int, store: dict[int, Tensor] = store) -> Callable[..., Tensor]:
             def hook(t: Tensor, hook: Any) -> Tensor:
                 store[layer] = t.detach()
                 return t

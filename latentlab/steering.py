@@ -257,10 +257,10 @@ def generate(
     starts = torch.tensor([len(enc.ids[p]) - 1 for _, p in rows])
     done = [False] * len(rows)
     eos = model.tokenizer.eos_token_id
-    stop_ids = {eos} | (
-        {model.tokenizer.convert_tokens_to_ids("<end_of_turn>")} if model.info.has_chat_template else set()
-    )
-    stop_ids |= {model.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",) if t in model.tokenizer.get_vocab()}
+    # End-of-turn markers of common chat formats, only where the vocabulary really has them (an
+    # unknown token would map to the <unk> id and stop generation whenever <unk> is produced).
+    vocab = model.tokenizer.get_vocab()
+    stop_ids = {eos} | {vocab[t] for t in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>") if t in vocab}
     g = torch.Generator().manual_seed(seed)
     pad = pad_id_of(model)
     last = model.n_layers - 1
