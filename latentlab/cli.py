@@ -659,6 +659,11 @@ def screen(
         for i in order
     ]
     write_json(run.out / "results.json", res)
+    from latentlab.plots import save_figure, screen_figure
+
+    save_figure(
+        screen_figure({data: res}, f"{data}: push along {d.name} before training ({m.info.name})"), run.out, "screen"
+    )
     run.finish(results={"layer": li, "dataset_mean": res["mean"][col], "ci": res["ci"][col]})
     lo, hi = res["ci"][col]
     out_console.print(

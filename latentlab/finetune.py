@@ -11,6 +11,7 @@ Only the response tokens are trained on (the prompt is masked), as in the bird-n
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from latentlab.activations import Example, encode_with, pad_batch
 from latentlab.data import Chat, load_chats, render_chat, render_prompt
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
-from latentlab.io import load_tensors, read_json, replace_dir, save_tensors, write_json
+from latentlab.io import load_tensors, read_json, replace_dir, save_tensors, sha256_text, write_json
 from latentlab.models import _load_hf, _resolve_source, resolve_device
 
 IGNORE = -100
@@ -205,6 +206,7 @@ def finetune(
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = _tokenise(chats, tok, cfg.max_length)
+    data_hash = sha256_text(json.dumps(rows))[:16]  # what is trained on, as the model sees it
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     step, losses = 0, []
@@ -217,6 +219,12 @@ def finetune(
         if state["config"] != _cfg_dict(cfg):
             raise LatentlabError(
                 f"{ck} was trained with another config", "resume with the same options, or use a new --out"
+            )
+        if state.get("data_hash", data_hash) != data_hash:
+            raise LatentlabError(f"{ck} was trained on other data", "resume with the same --data, or use a new --out")
+        if state.get("base_fingerprint", base_fp) != base_fp:
+            raise LatentlabError(
+                f"{ck} was trained on another base model", "resume with the same --model, or use a new --out"
             )
         from safetensors.torch import load_file
 
@@ -251,7 +259,15 @@ def finetune(
         save_tensors(tmp / "optimizer", t, meta)
         write_json(
             tmp / "trainer_state.json",
-            {"step": step, "total_steps": total, "losses": losses, "config": _cfg_dict(cfg), "monitor": mon},
+            {
+                "step": step,
+                "total_steps": total,
+                "losses": losses,
+                "config": _cfg_dict(cfg),
+                "data_hash": data_hash,
+                "base_fingerprint": base_fp,
+                "monitor": mon,
+            },
         )
         replace_dir(tmp, ckroot / f"step-{step:06d}")
 
@@ -269,6 +285,8 @@ def finetune(
         labels = torch.full_like(ids, IGNORE)
         for j, (_, lab) in enumerate(batch):
             labels[j, : len(lab)] = torch.tensor(lab, device=dev)
+        # dropout masks as a pure function of (seed, step), so a resumed run draws the same ones
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         if not torch.isfinite(loss):
             raise LatentlabError(

@@ -464,7 +464,6 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if name_or_path in BUILTINS else None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     name, source, base_fp = _resolve_source(name_or_path, progress)

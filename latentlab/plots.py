@@ -326,3 +326,16 @@ def patch_modes_figure(results: Sequence[Any], position: str = "all", title: str
         "layer",
         "normalised effect (0 = target, 1 = source)",
     )
+
+
+def screen_figure(screens: dict[str, dict[str, Any]], title: str = "Screening before training") -> go.Figure:
+    """Mean projection difference (training response minus the model's own) per layer, per dataset."""
+    fig = go.Figure()
+    for i, (label, res) in enumerate(screens.items()):
+        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        _band(fig, res["layers"], [c[0] for c in res["ci"]], [c[1] for c in res["ci"]], color, label)
+        fig.add_trace(
+            go.Scatter(x=res["layers"], y=res["mean"], mode="lines+markers", name=label, line=dict(color=color))
+        )
+    fig.add_hline(y=0, line_color="#cccccc")
+    return _layout(fig, title, "layer", "mean projection difference (bootstrap 95% CI)")

@@ -133,7 +133,7 @@ def analyze_shift(
     device: str | None = None,
     progress: bool = True,
 ) -> ShiftResult:
-    """Shift of each finetune (``{label: adapter}``) relative to ``base`` along ``direction``.
+    """Shift of each finetune (``{label: adapter or finetune run folder}``) relative to ``base``.
 
     Models are loaded one at a time, so memory holds one model plus the activations.
     """
@@ -151,7 +151,7 @@ def analyze_shift(
     units = direction.units()
     stats = {}
     for label, adapter in finetuned.items():
-        ft = load_model(base, adapter=adapter, device=device, progress=progress)
+        ft = load_model(base, adapter=resolve_adapter(adapter), device=device, progress=progress)
         info[label] = ft.info.to_dict()
         h = last_token_acts(ft, prompts, progress)
         stats[label] = projection_stats(h - h_base, units, n_random, seed)
