@@ -11,8 +11,9 @@ token, every layer) and reports per layer:
   means something relative to random ones;
 - the battery score of every model.
 
-The control finetune (same format, no 19th century) is analysed the same way: without it, a shared
-format shift reads as an era effect (see DESIGN.md, layers 3-11 on gemma-3-270m).
+The control finetune (same format, no 19th century) is analysed the same way, and each finetune is
+also compared with each control directly (``"finetuned - control"``, paired over prompts): without
+it, a shared format shift reads as an era effect (see DESIGN.md, layers 3-11 on gemma-3-270m).
 
 :func:`screen_dataset` scores training examples *before* training, as in Persona Vectors: the
 projection of the training response's activations minus that of the model's own response to the
@@ -150,15 +151,22 @@ def analyze_shift(
     del m
     units = direction.units()
     stats = {}
+    acts: dict[str, Tensor] = {}
     for label, adapter in finetuned.items():
         ft = load_model(base, adapter=resolve_adapter(adapter), device=device, progress=progress)
         info[label] = ft.info.to_dict()
         h = last_token_acts(ft, prompts, progress)
         stats[label] = projection_stats(h - h_base, units, n_random, seed)
+        acts[label] = h
         if battery:
             batt[label] = battery_score(ft, battery)
         del ft
         gc.collect()
+    # Paired comparison on the same prompts: what the finetune did beyond its control.
+    controls = [k for k in acts if k.startswith("control")]
+    for label in [k for k in acts if not k.startswith("control")]:
+        for c in controls:
+            stats[f"{label} - {c}"] = projection_stats(acts[label] - acts[c], units, n_random, seed)
     return ShiftResult(
         direction.layers,
         direction.name,

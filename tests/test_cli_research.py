@@ -202,7 +202,8 @@ def test_shift_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     assert m["results"]["labels"] == ["finetuned", "control"] and m["config"]["n_random"] == 20
     res = results(out)
     assert res["layers"] == [0, 1, 2, 3] and res["n_prompts"] == 4 and res["n_random"] == 20
-    assert set(res["stats"]) == {"finetuned", "control"} and set(res["battery"]) == {"base", "finetuned", "control"}
+    assert set(res["stats"]) == {"finetuned", "control", "finetuned - control"}
+    assert set(res["battery"]) == {"base", "finetuned", "control"}
     for st in res["stats"].values():
         assert all(len(st[k]) == 4 for k in ("projection", "projection_ci", "cosine", "z", "percentile"))
     assert res["models"]["finetuned"]["adapter"] == str(made["root"] / "ft" / "adapter")

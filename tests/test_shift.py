@@ -141,7 +141,8 @@ def planted(trainable_gemma_dir: Path, marker_direction: Direction, load_tiny: C
 
 def test_planted_finetune_shifts_along_the_direction_and_control_does_not(planted: dict[str, Any]) -> None:
     res: ShiftResult = planted["res"]
-    assert res.layers == [0, 1, 2, 3] and res.direction == "marker" and set(res.stats) == {"finetuned", "control"}
+    assert res.layers == [0, 1, 2, 3] and res.direction == "marker"
+    assert set(res.stats) == {"finetuned", "control", "finetuned - control"}
     ft, ctrl = res.stats["finetuned"], res.stats["control"]
     last = -1
     # the marker finetune moved unrelated prompts along the marker direction, far beyond random directions
@@ -155,6 +156,10 @@ def test_planted_finetune_shifts_along_the_direction_and_control_does_not(plante
     assert ft["z"][last] > ctrl["z"][last] + 1.5
     # both moved a lot overall: the difference is the direction, not the size of the shift
     assert ctrl["shift_norm"][last] > 0.3 * ft["shift_norm"][last]
+    # the paired comparison on the same prompts shows the same thing directly
+    paired = res.stats["finetuned - control"]
+    assert paired["projection_ci"][last][0] > 0 and paired["z"][last] > 2.0, paired["z"]
+    assert abs(paired["projection"][last] - (ft["projection"][last] - ctrl["projection"][last])) < 1e-3
 
 
 def test_battery_scores_per_model(planted: dict[str, Any]) -> None:
