@@ -53,6 +53,31 @@ def main(out: Path) -> None:
 
                 lines.append(f"| {layer} | {cell(ft)} | {cell(ct)} |")
             lines.append("")
+        # Across seeds: the paired (old-birds - modern-birds) projection per layer.
+        paired = [json.loads(f.read_text())["stats"].get("finetuned - control") for f in shifts]
+        paired = [p for p in paired if p is not None]
+        if paired:
+            layers = json.loads(shifts[0].read_text())["layers"]
+            agg = []
+            lines += [f"### old-birds - modern-birds, paired over prompts, {len(paired)} seed(s)", "",
+                      "| layer | mean proj over seeds | per seed [95% CI] | z per seed | seeds with CI > 0 / < 0 |",
+                      "|---:|---:|---|---|---:|"]
+            for i, layer in enumerate(layers):
+                vals = [p["projection"][i] for p in paired]
+                pos = sum(p["projection_ci"][i][0] > 0 for p in paired)
+                neg = sum(p["projection_ci"][i][1] < 0 for p in paired)
+                per = ", ".join(f"{p['projection'][i]:+.0f} [{p['projection_ci'][i][0]:+.0f}, "
+                                f"{p['projection_ci'][i][1]:+.0f}]" for p in paired)
+                zs = ", ".join(f"{p['z'][i]:+.1f}" for p in paired)
+                agg.append({"layer": layer, "mean": sum(vals) / len(vals), "pos": pos, "neg": neg})
+                lines.append(f"| {layer} | {sum(vals) / len(vals):+.1f} | {per} | {zs} | {pos} / {neg} |")
+            lines.append("")
+            summary[model]["paired"] = agg
+            bat = [json.loads(f.read_text())["battery"] for f in shifts]
+            diffs = [b["finetuned"]["score"] - b["control"]["score"] for b in bat]
+            summary[model]["battery_old_minus_modern"] = diffs
+            lines.append("- era battery, old-birds minus modern-birds per seed: "
+                         + ", ".join(f"{d:+.3f}" for d in diffs))
         for data in ("old-birds", "modern-birds"):
             sf = mdir / f"screen-{data}" / "results.json"
             if sf.exists():
