@@ -820,15 +820,16 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted: finished files are kept; unfinished ones were not written")
         sys.exit(130)
-    except Exception as e:  # click usage errors and friends
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:
+        # Usage errors. typer >= 0.29 raises its vendored click's exceptions (typer._click), not
+        # click's, so match the protocol (show() + exit_code) rather than a class.
+        kind = type(e).__name__
+        if kind == "Abort":
             sys.exit(130)
-        if isinstance(e, click.exceptions.Exit):
+        if kind == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
             sys.exit(e.exit_code)
         raise
 

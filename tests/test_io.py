@@ -1,0 +1,127 @@
+"""latentlab.io: atomic writes, tensors + sidecars, fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentlab.errors import LatentlabError
+from latentlab.io import (
+    atomic_path,
+    ensure_writable_dir,
+    fingerprint_weights,
+    load_tensors,
+    read_json,
+    replace_dir,
+    save_tensors,
+    write_json,
+    write_text,
+)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
+
+
+def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    write_json(target, {"version": 1})
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"version": 2, "half', encoding="utf-8")  # half-written
+            raise RuntimeError("writer died")
+
+    assert read_json(target) == {"version": 1}
+    assert _leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_atomic_write_keyboard_interrupt_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "new.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial", encoding="utf-8")
+            raise KeyboardInterrupt
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_text_replaces_and_creates_parents(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "note.txt"
+    write_text(target, "one")
+    write_text(target, "two")
+    assert target.read_text(encoding="utf-8") == "two"
+    assert _leftovers(target.parent) == []
+
+
+def test_write_json_handles_paths_and_tensors(tmp_path: Path) -> None:
+    obj = {"path": Path("/x/y"), "t": torch.tensor([1.5, 2.0]), "scalar": torch.tensor(3)}
+    write_json(tmp_path / "o.json", obj)
+    assert read_json(tmp_path / "o.json") == {"path": "/x/y", "t": [1.5, 2.0], "scalar": 3}
+
+
+def test_save_load_tensors_round_trip(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "acts": torch.randn(5, 3, 8, generator=g),
+        "offsets": torch.tensor([0, 2, 5]),
+        "half": torch.randn(4, generator=g).to(torch.bfloat16),
+        "view": torch.randn(6, 4, generator=g).t(),  # non-contiguous input
+    }
+    path = save_tensors(tmp_path / "shard-00000", tensors, {"rows": 5, "note": "x"})
+    assert path.suffix == ".safetensors"
+    assert (tmp_path / "shard-00000.json").exists()
+    loaded, meta = load_tensors(tmp_path / "shard-00000")
+    assert meta == {"rows": 5, "note": "x"}
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype
+        assert torch.equal(loaded[k], v)
+
+
+def test_missing_sidecar_is_a_latentlab_error(tmp_path: Path) -> None:
+    save_tensors(tmp_path / "s", {"a": torch.zeros(2)}, {"rows": 2})
+    (tmp_path / "s.json").unlink()
+    with pytest.raises(LatentlabError, match="sidecar"):
+        load_tensors(tmp_path / "s")
+
+
+def test_missing_tensor_file_is_a_latentlab_error(tmp_path: Path) -> None:
+    with pytest.raises(LatentlabError, match="missing"):
+        load_tensors(tmp_path / "nothing")
+
+
+def test_ensure_writable_dir(tmp_path: Path) -> None:
+    d = ensure_writable_dir(tmp_path / "new" / "run")
+    assert d.is_dir() and list(d.iterdir()) == []  # the write probe is cleaned up
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(LatentlabError, match="cannot write to output folder"):
+        ensure_writable_dir(blocker / "sub")
+
+
+def test_fingerprint_weights_changes_with_content(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 200_000)
+    fp1 = fingerprint_weights(tmp_path)
+    (tmp_path / "config.json").write_text('{"x": 1}')  # not a weight file
+    assert fingerprint_weights(tmp_path) == fp1
+    data = bytearray(b"\0" * 200_000)
+    data[-10] = 1  # a change near the end must be caught by the sampled chunks
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    assert fingerprint_weights(tmp_path) != fp1
+
+
+def test_replace_dir(tmp_path: Path) -> None:
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    replace_dir(new, final)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
