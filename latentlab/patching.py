@@ -28,7 +28,7 @@ from latentlab.activations import pad_batch, pad_id_of, resid_hook_name, run_res
 from latentlab.data import BatteryItem
 from latentlab.errors import LatentlabError
 from latentlab.models import LoadedModel
-from latentlab.steering import _final_logits, _sequences, bootstrap_ci
+from latentlab.steering import _sequences, bootstrap_ci, completion_logprobs
 
 Component = Literal["resid", "attn", "mlp"]
 Mode = Literal["full", "direction", "random"]
@@ -188,18 +188,7 @@ def patch_grid(
         seqs = [t_ids[s] for s in seq_idx]
         ids, mask = pad_batch(seqs, pad, target.device)
         h = run_resid(target, ids, mask, [last], extra_hooks=hooks)[last]
-        bi, pi, tgt = [], [], []
-        for j, s in enumerate(seq_idx):
-            for p in range(t_plens[s] - 1, len(t_ids[s]) - 1):
-                bi.append(j)
-                pi.append(p)
-                tgt.append(t_ids[s][p + 1])
-        with torch.inference_mode():
-            lp = torch.log_softmax(_final_logits(target, h[bi, pi]), dim=-1)
-        picked = lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lp.device)].cpu()
-        out = torch.zeros(len(seq_idx))
-        out.index_add_(0, torch.tensor(bi), picked)
-        return out
+        return completion_logprobs(target, h, seqs, [t_plens[s] for s in seq_idx])
 
     for b0 in range(0, len(order), batch_size):
         batch = order[b0 : b0 + batch_size]

@@ -106,6 +106,27 @@ def _final_logits(model: LoadedModel, h: Float[Tensor, "n d_model"]) -> Float[Te
     return logits.float()
 
 
+def completion_logprobs(
+    model: LoadedModel, h: Float[Tensor, "batch seq d_model"], seqs: Sequence[Sequence[int]], plens: Sequence[int]
+) -> Float[Tensor, " batch"]:
+    """log P(completion | prompt) per row, from the last block's residual stream ``h``.
+
+    Only the completion positions are unembedded (final norm + head), not the whole sequence.
+    """
+    bi, pi, tgt = [], [], []
+    for j, (ids, plen) in enumerate(zip(seqs, plens)):
+        for p in range(plen - 1, len(ids) - 1):
+            bi.append(j)
+            pi.append(p)
+            tgt.append(ids[p + 1])
+    with torch.inference_mode():
+        lp = torch.log_softmax(_final_logits(model, h[bi, pi]), dim=-1)
+    picked = lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lp.device)].cpu()
+    out = torch.zeros(len(seqs))
+    out.index_add_(0, torch.tensor(bi), picked)
+    return out
+
+
 def _sequences(
     model: LoadedModel, prompts: Sequence[str], completions: Sequence[str]
 ) -> tuple[list[list[int]], list[int]]:
@@ -146,18 +167,7 @@ def score_conditions(
         starts = torch.tensor([plens[rows[r][1]] - 1 for r in batch])
         hooks = _steer_hooks(conditions, [rows[r][0] for r in batch], starts, model.device)
         h = run_resid(model, tok, mask, [last], extra_hooks=hooks)[last]
-        bi, pi, tgt = [], [], []
-        for j, r in enumerate(batch):
-            s = rows[r][1]
-            for p in range(plens[s] - 1, len(ids[s]) - 1):
-                bi.append(j)
-                pi.append(p)
-                tgt.append(ids[s][p + 1])
-        with torch.inference_mode():
-            lp = torch.log_softmax(_final_logits(model, h[bi, pi]), dim=-1)
-        picked = lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lp.device)].cpu()
-        owner = torch.tensor([batch[j] for j in bi])
-        logp.index_add_(0, owner, picked)
+        logp[torch.tensor(batch)] = completion_logprobs(model, h, seqs, [plens[rows[r][1]] for r in batch])
         bar.update(len(batch))
     bar.close()
     lp_rows = logp.view(len(conditions), 2 * n)

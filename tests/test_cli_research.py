@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 from latentlab import plots
@@ -17,28 +18,6 @@ from latentlab.cli import main
 from latentlab.directions import Direction
 
 WORDS = "the cat sat on a mat and then ran far away from home to see big red bus old man dog".split()
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run ``latentlab ARGS`` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["latentlab", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err, lines[0]
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
 
 
 def manifest(folder: Path) -> dict[str, Any]:
