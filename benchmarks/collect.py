@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import provenance, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -174,8 +174,6 @@ def main() -> None:
         return
 
     import latentlab
-    from latentlab.io import write_json, write_text
-    from latentlab.runs import package_versions
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -263,22 +261,9 @@ def main() -> None:
         "ratio_collect_over_hf_no_lm_head": round(ratio, 3),
         "memory": memory,
         "model_load_s": round(load_s, 1),
-        "machine": {
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(model.device),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "packages": package_versions(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **provenance(model.device, load_before),
     }
-    write_json(args.out, result)
-    write_text(args.out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import provenance, write_results
 
 HERE = Path(__file__).resolve().parent
 COEFFS = [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
@@ -82,8 +82,7 @@ def main() -> None:
         return
 
     import latentlab
-    from latentlab.io import write_json, write_text
-    from latentlab.runs import package_versions
+    from latentlab.io import write_text
     from latentlab.steering import Steer, score_conditions
 
     load_before = os.getloadavg()
@@ -178,23 +177,9 @@ def main() -> None:
         "mean_score_by_alpha": table,
         "model_load_s": round(load_s, 1),
         "direction_fit_s": round(direction_s, 1),
-        "machine": {
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(model.device),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "packages": package_versions(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **provenance(model.device, load_before),
     }
-    write_json(args.out, result)
-    write_text(args.out.with_suffix(".md"), markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 def markdown(r: dict[str, Any]) -> str:
