@@ -82,7 +82,6 @@ def main() -> None:
         return
 
     import latentlab
-    from latentlab.io import write_text
     from latentlab.steering import Steer, score_conditions
 
     load_before = os.getloadavg()
