@@ -223,9 +223,11 @@ def main() -> None:
         "d_hf_forward_with_lm_head": run_hf_with_head,
     }
     times: dict[str, list[float]] = {k: [] for k in methods}
+    log(f"{args.model}: {len(texts)} prompts, {n_tokens} tokens, {len(batches)} batches; warm-up")
     for fn in methods.values():  # warm-up
         fn()
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
+        log(f"repeat {rep + 1}/{args.repeats}")
         for name, fn in methods.items():
             t = time.perf_counter()
             fn()
@@ -238,16 +240,9 @@ def main() -> None:
     }
     ratio = speed["a_latentlab_collect"]["tokens_per_s"] / speed["b_hf_forward_no_lm_head"]["tokens_per_s"]
 
-    memory = []
-    sizes = [int(x) for x in args.memory_sizes.split(",") if x.strip()]
-    for n in sizes:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens),
-             "--batch-size", str(args.batch_size), "--memory-child", str(n)],
-            capture_output=True, text=True, check=True,
-        )
-        memory.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-
+    log(f"speed: collect {speed['a_latentlab_collect']['tokens_per_s']} tok/s, "
+        f"bare forward {speed['b_hf_forward_no_lm_head']['tokens_per_s']} tok/s (ratio {ratio:.2f})")
+    memory: list[dict[str, Any]] = []
     result = {
         "benchmark": "collect",
         "model": args.model,
@@ -263,7 +258,22 @@ def main() -> None:
         "model_load_s": round(load_s, 1),
         **provenance(model.device, load_before),
     }
-    write_results(args.out, result, markdown)
+    write_results(args.out, result, markdown)  # the speed results are kept even if a memory run fails
+    for n in [int(x) for x in args.memory_sizes.split(",") if x.strip()]:
+        log(f"memory: streaming {n} examples in a fresh process")
+        proc = subprocess.run(
+            [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens),
+             "--batch-size", str(args.batch_size), "--memory-child", str(n)],
+            capture_output=True, text=True, check=True,
+        )
+        memory.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        log(f"memory: {memory[-1]}")
+        result.update(provenance(model.device, load_before))  # load average after, again
+        write_results(args.out, result, markdown)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def markdown(r: dict[str, Any]) -> str:
