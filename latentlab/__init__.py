@@ -4,7 +4,7 @@ The public API, usable from notebooks without the CLI::
 
     import latentlab as ll
     model = ll.load_model("gemma-3-270m")                 # or a hub id / local folder, adapter=...
-    acts = ll.collect(model, "era", layers="all", position="last")
+    acts = ll.collect(model, "unrelated", layers="all", position="last")
 
 Attributes are imported lazily so ``latentlab --help`` does not pay for importing torch.
 """

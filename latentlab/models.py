@@ -408,6 +408,15 @@ def adapter_fingerprint(adapter: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _first_informative_line(text: str) -> str:
+    """The first line that says what is wrong (peft/torch open with a bare 'Error(s) in loading ...:')."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if not ln.endswith(":"):
+            return ln[:200]
+    return (lines[0] if lines else "unknown error")[:200]
+
+
 def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> Any:
     """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched)."""
     from peft import PeftModel
@@ -436,7 +445,7 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
             peft_model = PeftModel.from_pretrained(model, str(adapter))
         except (RuntimeError, ValueError, KeyError) as e:
             raise LatentlabError(
-                f"adapter {adapter} does not fit {base_name}: {str(e).strip().splitlines()[0][:200]}",
+                f"adapter {adapter} does not fit {base_name}: {_first_informative_line(str(e))}",
                 "load the adapter with the base model it was trained on",
             ) from None
     for w in caught:
