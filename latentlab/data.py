@@ -328,9 +328,7 @@ def pair_examples(pairs: Sequence[Pair], tokenizer: Any) -> tuple[list[Example],
 
 def as_examples(data: Any, tokenizer: Any) -> list[Example]:
     """Coerce strings, Examples, Chats, message lists or a dataset path into Examples."""
-    if isinstance(data, (str, Path)) and not isinstance(data, str) or (
-        isinstance(data, str) and (data in BUILTIN_DATASETS or data.endswith(".jsonl"))
-    ):
+    if isinstance(data, Path) or (isinstance(data, str) and (data in BUILTIN_DATASETS or data.endswith(".jsonl"))):
         data = load_texts(data)
     elif isinstance(data, str):  # iterating it would make one example per character
         raise LatentlabError(

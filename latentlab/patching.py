@@ -175,8 +175,6 @@ def patch_grid(
     src_acts = capture(src_model, s_ids, layer_list, component, batch_size)
     units = {m: _unit_vectors(m, layer_list, direction, target.d_model, seed) for m in modes}
     cells = [(m, li, p) for m in modes for li in layer_list for p in positions]
-    # Baselines: the unpatched target and source scores (all cells share them).
-    base_rows = [("target", s) for s in range(2 * n)]
     rows = [(c, s) for c in range(len(cells)) for s in range(2 * n)]
     order = sorted(range(len(rows)), key=lambda r: len(t_ids[rows[r][1]]))
     logp = torch.zeros(len(rows))
@@ -237,7 +235,6 @@ def patch_grid(
     from latentlab.steering import score_conditions
 
     source_scores = score_conditions(src_model, src_items, [(None, 0.0)], batch_size=batch_size)[0]
-    del base_rows
     per = logp.view(len(cells), 2 * n)
     cell_scores = torch.sigmoid(per[:, :n] - per[:, n:]).mean(1)
     t_mean, s_mean = float(target_scores.mean()), float(source_scores.mean())
