@@ -15,8 +15,11 @@ for model in $MODELS; do
   for seed in $SEEDS; do
     for data in old-birds modern-birds; do
       monitor=(); [ "$seed" = 0 ] && monitor=(--monitor "$M/era/direction.safetensors")
+      # An interrupted finetune left checkpoints: continue it instead of starting over.
+      resume=(); [ -d "$M/$data-s$seed/checkpoints" ] && resume=(--resume)
       [ -f "$M/$data-s$seed/adapter/adapter_config.json" ] || \
-        latentlab finetune --data "$data" --model "$model" --seed "$seed" --out "$M/$data-s$seed" "${monitor[@]}"
+        latentlab finetune --data "$data" --model "$model" --seed "$seed" --out "$M/$data-s$seed" \
+          "${monitor[@]}" "${resume[@]}"
     done
     [ -f "$M/shift-s$seed/results.json" ] || latentlab shift --base "$model" \
       --finetuned "$M/old-birds-s$seed" --control "$M/modern-birds-s$seed" \
@@ -27,4 +30,4 @@ for model in $MODELS; do
       --direction "$M/era/direction.safetensors" --out "$M/screen-$data"
   done
 done
-python experiments/summarize_bird_shift.py "$OUT"
+python experiments/summarize_shift.py "$OUT"
