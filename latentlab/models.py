@@ -417,6 +417,26 @@ def _first_informative_line(text: str) -> str:
     return (lines[0] if lines else "unknown error")[:200]
 
 
+def _check_adapter_base_name(adapter: Path, base_name: str) -> None:
+    """Warn when a foreign adapter (no latentlab fingerprint) names another base model.
+
+    Shapes alone cannot tell gemma-3-270m from gemma-3-270m-it, and peft merges whatever fits; the
+    name in adapter_config.json is the only evidence left, and names are unreliable (local folders,
+    renamed checkpoints), so this warns rather than refuses.
+    """
+    recorded = read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded:
+        return
+    mine = Path(base_name).name.lower()
+    theirs = Path(recorded).name.lower()
+    if theirs != mine:
+        warnings.warn(
+            f"latentlab: adapter {adapter} names {recorded!r} as its base, not {base_name!r}; the shapes fit, so it "
+            "is merged anyway. Check that this is the base model it was trained on.",
+            stacklevel=3,
+        )
+
+
 def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> Any:
     """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched)."""
     from peft import PeftModel
@@ -455,6 +475,8 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
                 f"adapter {adapter} does not fit {base_name}: {msg.splitlines()[0][:200]}",
                 "load the adapter with the base model it was trained on",
             )
+    if not manifest.exists():
+        _check_adapter_base_name(adapter, base_name)
     return peft_model.merge_and_unload()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,24 @@ def test_adapter_recorded_for_another_base(tiny_gemma_dir: Path, gemma_lora_dir:
         load_tiny(tiny_gemma_dir, adapter=other)
     write_json(other / "latentlab_adapter.json", {"base_fingerprint": fingerprint_weights(tiny_gemma_dir)})
     assert load_tiny(tiny_gemma_dir, adapter=other).info.adapter == str(other)
+
+
+def test_foreign_adapter_naming_another_base_warns(tiny_gemma_dir: Path, gemma_lora_dir: Path, tmp_path: Path,
+                                                   load_tiny: Any) -> None:
+    """An adapter without latentlab's fingerprint is checked by the base name peft recorded."""
+    other = tmp_path / "adapter"
+    shutil.copytree(gemma_lora_dir, other)
+    (other / "latentlab_adapter.json").unlink(missing_ok=True)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "google/gemma-3-270m-it"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="names 'google/gemma-3-270m-it' as its base"):
+        load_tiny(tiny_gemma_dir, adapter=other)
+    cfg["base_model_name_or_path"] = str(tiny_gemma_dir)
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_tiny(tiny_gemma_dir, adapter=other)
 
 
 # --------------------------------------------------------------------------------------------
