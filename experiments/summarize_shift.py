@@ -141,7 +141,7 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
                       "across prompts); seeds are the replication unit, so the across-seed interval "
                       "(t, n - 1 df) is the one to read for 'does this finetune do it'.", "",
                       "| layer | mean over seeds [95% t-CI across seeds] | per seed [95% CI over prompts] | "
-                      "z per seed | seeds with CI > 0 / < 0 |",
+                      "z per seed (percentile among random directions) | seeds with CI > 0 / < 0 |",
                       "|---:|---:|---|---|---:|"]
             for i, layer in enumerate(layers):
                 vals = [p["projection"][i] for p in paired]
@@ -150,9 +150,9 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
                 neg = sum(p["projection_ci"][i][1] < 0 for p in paired)
                 per = ", ".join(f"{p['projection'][i]:+.0f} [{p['projection_ci'][i][0]:+.0f}, "
                                 f"{p['projection_ci'][i][1]:+.0f}]" for p in paired)
-                zs = ", ".join(f"{p['z'][i]:+.1f}" for p in paired)
+                zs = ", ".join(f"{p['z'][i]:+.1f} ({p['percentile'][i]:.0f})" for p in paired)
                 agg.append({"layer": layer, "mean": mean, "seed_ci": [lo, hi], "pos": pos, "neg": neg,
-                            "z": [p["z"][i] for p in paired]})
+                            "z": [p["z"][i] for p in paired], "percentile": [p["percentile"][i] for p in paired]})
                 lines.append(f"| {layer} | {mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {per} | {zs} | {pos} / {neg} |")
             lines.append("")
             summary[model]["paired"] = agg
