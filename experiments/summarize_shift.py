@@ -13,10 +13,12 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from latentlab.io import write_json, write_text
+from latentlab.plots import save_figure
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # t_{0.975, df=1..10}
 
@@ -88,6 +90,31 @@ def screening_check(screens: dict[str, dict], model_summary: dict, names: tuple[
     return out
 
 
+def seeds_figure(model: str, paired: list[dict], seeds: list[str], names: tuple[str, str], direction: str) -> Any:
+    """Per-seed paired shift (finetuned - control) and its z against random directions, by layer."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    layers = [row["layer"] for row in paired]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"projection on {direction} (seed mean, 95% t-CI)", "z vs random directions, per seed"))
+    mean = [row["mean"] for row in paired]
+    lo = [row["seed_ci"][0] for row in paired]
+    hi = [row["seed_ci"][1] for row in paired]
+    fig.add_trace(go.Scatter(x=layers + layers[::-1], y=hi + lo[::-1], fill="toself", line={"width": 0},
+                             fillcolor="rgba(181,84,44,0.2)", name="95% t-CI across seeds"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=layers, y=mean, mode="lines+markers", line={"color": "#b5542c"},
+                             name="mean over seeds"), row=1, col=1)
+    for k, seed in enumerate(seeds):
+        fig.add_trace(go.Scatter(x=layers, y=[row["z"][k] for row in paired], mode="lines+markers",
+                                 name=f"seed {seed}", opacity=0.7), row=1, col=2)
+    for col in (1, 2):
+        fig.add_hline(y=0, line={"color": "#8c8c8c", "dash": "dot"}, row=1, col=col)
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_layout(title=f"{model}: {names[0]} - {names[1]} on unrelated prompts", template="plotly_white")
+    return fig
+
+
 def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
     summary: dict = {"finetuned": ft_name, "control": ctl_name, "direction": direction}
     lines = [f"# {ft_name} finetunes vs {ctl_name}: {direction} shift on unrelated prompts", ""]
@@ -131,8 +158,10 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
                 lines.append(f"| {layer} | {cell(ft)} | {cell(ct)} |")
             lines.append("")
         # Across seeds: the paired (finetuned - control) projection per layer.
-        paired = [json.loads(f.read_text())["stats"].get("finetuned - control") for f in shifts]
-        paired = [p for p in paired if p is not None]
+        with_paired = [(f.parent.name.split("-s")[-1], json.loads(f.read_text())["stats"].get("finetuned - control"))
+                       for f in shifts]
+        paired_seeds = [seed for seed, p in with_paired if p is not None]
+        paired = [p for _, p in with_paired if p is not None]
         if paired:
             layers = json.loads(shifts[0].read_text())["layers"]
             agg = []
@@ -156,6 +185,8 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
                 lines.append(f"| {layer} | {mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | {per} | {zs} | {pos} / {neg} |")
             lines.append("")
             summary[model]["paired"] = agg
+            save_figure(seeds_figure(model, agg, paired_seeds, (ft_name, ctl_name), direction), out,
+                        f"paired-{model}")
             bat = [json.loads(f.read_text())["battery"] for f in shifts]
             diffs = [b["finetuned"]["score"] - b["control"]["score"] for b in bat]
             d_mean, d_lo, d_hi = seed_interval(diffs)
