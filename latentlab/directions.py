@@ -168,10 +168,13 @@ def find_direction(
     """Collect activations for contrast pairs and fit a direction (one call for notebooks)."""
     meta: dict[str, Any] = {}
     if isinstance(pairs, (str, Path)):
-        meta = {"dataset": str(pairs), "dataset_hash": dataset_hash(pairs), "split": split}
-        name = name or (str(pairs) if isinstance(pairs, str) and "/" not in str(pairs) else Path(pairs).stem)
-        has_split = any(p.split != "train" for p in load_pairs(pairs))
-        pairs = load_pairs(pairs, split=split if has_split else None)
+        name = name or source_name(pairs)
+        if split == "train":
+            pairs, _, meta = resolve_pairs(pairs)
+        else:
+            meta = {"dataset": str(pairs), "dataset_hash": dataset_hash(pairs)}
+            pairs = load_pairs(pairs, split=split)
+        meta["split"] = split
     a, b = collect_pairs(model, list(pairs), layers, position, batch_size, progress)
     d = fit_direction(a, b, method, name or "direction")
     d.meta.update(meta)
@@ -184,6 +187,11 @@ def random_directions(like: Direction, n: int, seed: int = 0) -> Float[Tensor, "
     r = torch.randn((n, *like.vectors.shape), generator=g)
     r = r / r.norm(dim=-1, keepdim=True)
     return r * like.vectors.norm(dim=-1, keepdim=True).unsqueeze(0)
+
+
+def source_name(source: str | Path) -> str:
+    """A direction's name from its source: the built-in name, or the file's stem."""
+    return source if isinstance(source, str) and "/" not in source else Path(source).stem
 
 
 def resolve_pairs(source: str | Path) -> tuple[list[Pair], list[Pair] | None, dict[str, Any]]:
@@ -219,7 +227,7 @@ def direction_and_probes(
 
     train, test, prov = resolve_pairs(source)
     tp, tn = collect_pairs(model, train, layers, position, batch_size, progress)
-    direction = fit_direction(tp, tn, method, name=Path(str(source)).stem if "/" in str(source) else str(source))
+    direction = fit_direction(tp, tn, method, name=source_name(source))
     direction.meta.update(prov)
     hp = hn = None
     if test:
