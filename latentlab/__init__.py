@@ -40,6 +40,14 @@ _EXPORTS = {
     "sweep": "latentlab.steering",
     "generate": "latentlab.steering",
     "score_conditions": "latentlab.steering",
+    "load_sae": "latentlab.sae",
+    "train_sae": "latentlab.sae",
+    "SAETrainConfig": "latentlab.sae",
+    "direction_latents": "latentlab.sae",
+    "DirectionLatents": "latentlab.sae",
+    "latent_shift": "latentlab.sae",
+    "analyze_latent_shift": "latentlab.sae",
+    "LatentShift": "latentlab.sae",
     "plots": "latentlab.plots",
 }
 

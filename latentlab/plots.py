@@ -339,3 +339,115 @@ def screen_figure(screens: dict[str, dict[str, Any]], title: str = "Screening be
         )
     fig.add_hline(y=0, line_color="#cccccc")
     return _layout(fig, title, "layer", "mean projection difference (bootstrap 95% CI)")
+
+
+def _the_direction(name: str | None) -> str:
+    return "the direction" if name in (None, "direction") else f"the {name} direction"
+
+
+def sae_direction_figure(result: Any, n_label: int = 5, title: str | None = None) -> go.Figure:
+    """Histogram of every SAE latent's decoder cosine with a direction (log count axis), the top
+    latents labelled, and the random-direction null (95th pct of the best |cos|) as a band."""
+    cos = result.cosines.tolist()
+    fig = go.Figure(go.Histogram(x=cos, nbinsx=80, marker_color=RANDOM_COLOR, name="all latents"))
+    null = result.null_max_abs_cos
+    if null == null:  # not NaN
+        fig.add_vrect(x0=-null, x1=null, fillcolor=RANDOM_COLOR, opacity=0.12, line_width=0)
+        fig.add_trace(
+            go.Scatter(
+                x=[None], y=[None], mode="lines", line=dict(color=RANDOM_COLOR, width=8), opacity=0.3,
+                name=f"random directions: best |cos| (95th pct) {null:.2f}",
+            )
+        )
+    rows = [(r, POS_COLOR) for r in result.top_positive[:n_label]] + [
+        (r, NEG_COLOR) for r in result.top_negative[:n_label]
+    ]
+    for i, (r, color) in enumerate(rows):
+        fig.add_vline(x=r["cosine"], line_color=color, line_width=1)
+        fig.add_annotation(
+            x=r["cosine"], y=1 - 0.07 * (i % n_label), yref="paper", text=f"#{r['latent']} ({r['cosine']:+.2f})",
+            showarrow=False, font=dict(color=color, size=10), xanchor="left" if r["cosine"] > 0 else "right",
+        )
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(range=[-1, 1])
+    return _layout(
+        fig,
+        title or f"SAE decoder cosine with {_the_direction(result.direction)} (layer {result.layer}, "
+        f"{result.d_sae} latents)",
+        "cos(decoder row, direction)",
+        "latents (log scale)",
+    )
+
+
+def latent_shift_figure(result: Any, n: int | None = None, title: str | None = None) -> go.Figure:
+    """Mean activation change of the top latents with bootstrap 95% CIs, one bar per comparison
+    (finetuned, control, finetuned - control) side by side; labels carry the decoder cosine."""
+    rows = result.top[: n or len(result.top)]
+    labels = [
+        f"#{r['latent']}" + (f" (cos {r['decoder_cos']:+.2f})" if "decoder_cos" in r else "") for r in rows
+    ]
+    fig = go.Figure()
+    for i, comp in enumerate(result.comparisons):
+        mean = [r[comp]["mean_change"] for r in rows]
+        fig.add_trace(
+            go.Bar(
+                y=labels,
+                x=mean,
+                orientation="h",
+                name=comp,
+                marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
+                error_x=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[r[comp]["ci"][1] - m for r, m in zip(rows, mean)],
+                    arrayminus=[m - r[comp]["ci"][0] for r, m in zip(rows, mean)],
+                ),
+            )
+        )
+    fig.update_layout(barmode="group", height=max(420, 60 + 28 * len(rows) * max(1, len(result.comparisons))))
+    fig.update_yaxes(autorange="reversed")
+    fig.add_vline(x=0, line_color="#cccccc")
+    return _layout(
+        fig,
+        title or f"SAE latents the finetune moved most (layer {result.layer}; ranked by {result.primary})",
+        "mean activation change on the prompts (bootstrap 95% CI)",
+        "latent",
+    )
+
+
+def shift_decomposition_figure(result: Any, title: str | None = None) -> go.Figure:
+    """The projection shift on the direction split into the top-k latents, the other latents and the
+    SAE reconstruction error (stacked), with the measured shift and its CI as a marker."""
+    comps = list(result.decomposition)
+    parts = [
+        ("top_k_term", f"top {result.k} latents", POS_COLOR),
+        ("other_latents_term", "other latents", "#e0a58a"),
+        ("error_term", "SAE error", RANDOM_COLOR),
+    ]
+    fig = go.Figure()
+    for key, name, color in parts:
+        fig.add_trace(go.Bar(x=comps, y=[result.decomposition[c][key] for c in comps], name=name, marker_color=color))
+    proj = [result.decomposition[c]["projection"] for c in comps]
+    fig.add_trace(
+        go.Scatter(
+            x=comps,
+            y=proj,
+            mode="markers",
+            name="projection shift (95% CI)",
+            marker=dict(color="#222222", size=11, symbol="diamond"),
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[result.decomposition[c]["projection_ci"][1] - p for c, p in zip(comps, proj)],
+                arrayminus=[p - result.decomposition[c]["projection_ci"][0] for c, p in zip(comps, proj)],
+            ),
+        )
+    )
+    fig.update_layout(barmode="relative")
+    fig.add_hline(y=0, line_color="#cccccc")
+    return _layout(
+        fig,
+        title or f"Shift along {_the_direction(result.direction)}, by SAE latents (layer {result.layer})",
+        "comparison",
+        "mean projection of the shift on the unit direction",
+    )

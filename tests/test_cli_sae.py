@@ -1,0 +1,194 @@
+"""``latentlab sae train | latents | shift`` on tiny models: run folders, tables, plots, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cli_helpers import assert_one_line_error, run_cli
+from conftest import make_lora_adapter
+from safetensors.torch import load_file
+
+from latentlab import plots
+from latentlab.directions import Direction
+
+WORDS = "the cat sat on a mat and then ran far away from home to see big red bus old man dog".split()
+LAYER = 2
+
+
+@pytest.fixture(autouse=True)
+def no_png(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(plots._PNG_STATE, "ok", False)
+
+
+def read(folder: Path, name: str) -> dict[str, Any]:
+    return json.loads((folder / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_sae")
+    rng = random.Random(0)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 9))) for _ in range(30)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (root / "empty.jsonl").write_text("\n")
+    g = torch.Generator().manual_seed(0)
+    Direction(torch.randn(4, 64, generator=g), [0, 1, 2, 3], torch.ones(4), name="marker").save(root / "dir")
+    Direction(torch.randn(4, 48, generator=g), [0, 1, 2, 3], torch.ones(4), name="narrow").save(root / "narrow")
+    make_lora_adapter(tiny_gemma_dir, root / "control-lora", seed=11)
+    return {
+        "root": root,
+        "prompts": root / "prompts.jsonl",
+        "empty": root / "empty.jsonl",
+        "direction": root / "dir.safetensors",
+        "narrow": root / "narrow.safetensors",
+        "control": root / "control-lora",
+    }
+
+
+TRAIN_ARGS = ["--d-sae", "64", "--k", "4", "--steps", "40", "--batch-size", "64", "--lr", "0.003", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sae_run(files: dict[str, Path], tiny_gemma_dir: Path) -> dict[str, Any]:
+    """One ``latentlab sae train`` run shared by the tests below."""
+    out = files["root"] / "sae-run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(plots._PNG_STATE, "ok", False)
+        import contextlib
+        import io
+        import sys
+
+        from latentlab.cli import main
+
+        mp.setattr(sys, "argv", ["latentlab", "sae", "train", "--model", str(tiny_gemma_dir), "--data",
+                                 str(files["prompts"]), "--layer", str(LAYER), "--out", str(out), *TRAIN_ARGS])
+        mp.setenv("COLUMNS", "200")
+        o, e = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            try:
+                main()
+                code = 0
+            except SystemExit as ex:
+                code = ex.code if isinstance(ex.code, int) else 1
+    assert code == 0, e.getvalue()
+    return {"out": out, "stdout": o.getvalue()}
+
+
+def test_sae_train_writes_a_run_folder(sae_run: dict[str, Any], tiny_gemma_dir: Path) -> None:
+    out = sae_run["out"]
+    m = read(out, "manifest.json")
+    assert m["status"] == "complete" and m["command"].startswith("latentlab sae train") and m["seed"] == 0
+    assert m["config"]["layer"] == LAYER and m["config"]["sae"]["d_sae"] == 64
+    assert m["models"]["model"]["name"] == "tiny-gemma"
+    assert {"cfg.json", "sae_weights.safetensors", "latentlab_sae.json"} <= {p.name for p in (out / "sae").iterdir()}
+    side = read(out / "sae", "latentlab_sae.json")
+    assert side["datasets"] == [str(Path(sae_run["out"]).parent / "prompts.jsonl")]
+    assert side["dataset_kinds"] == ["prompts"] and side["layer"] == LAYER
+    assert side["model"]["base_fingerprint"] == m["models"]["model"]["base_fingerprint"]
+    res = read(out, "results.json")
+    assert len(res["losses"]) == 40 and res["stats"]["final_loss"] < res["stats"]["initial_loss"]
+    assert (out / "loss.html").exists()
+    assert "explained variance" in sae_run["stdout"] and "dead latents" in sae_run["stdout"]
+
+
+def test_sae_latents(sae_run: dict[str, Any], files: dict[str, Path], tmp_path: Path,
+                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lat"
+    code, stdout, err = run_cli(monkeypatch, capsys, "sae", "latents", "--sae", str(sae_run["out"]), "--direction",
+                                str(files["direction"]), "--k", "3", "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    res = read(out, "results.json")
+    assert res["layer"] == LAYER and res["direction"] == "marker" and res["d_sae"] == 64
+    assert len(res["top_positive"]) == 3 and res["top_positive"][0]["cosine"] >= res["top_positive"][1]["cosine"]
+    cos = load_file(str(out / "latents.safetensors"))["cosines"]
+    assert cos.shape == (64,) and float(cos.max()) == pytest.approx(res["top_positive"][0]["cosine"])
+    assert (out / "direction_latents.html").exists() and read(out, "manifest.json")["status"] == "complete"
+    assert f"#{res['top_positive'][0]['latent']}" in stdout and "chance level" in stdout
+
+
+def test_sae_shift(sae_run: dict[str, Any], files: dict[str, Path], tiny_gemma_dir: Path, gemma_lora_dir: Path,
+                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "shift"
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "sae", "shift", "--base", str(tiny_gemma_dir), "--finetuned", str(gemma_lora_dir),
+        "--control", str(files["control"]), "--sae", str(sae_run["out"] / "sae"), "--direction",
+        str(files["direction"]), "--prompts", str(files["prompts"]), "--k", "5", "--n-boot", "200",
+        "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    res = read(out, "results.json")
+    assert res["comparisons"] == ["finetuned", "control", "finetuned - control"]
+    assert res["primary"] == "finetuned - control" and len(res["top"]) == 5 and res["n_prompts"] == 30
+    for row in res["top"]:
+        for c in res["comparisons"]:
+            lo, hi = row[c]["ci"]
+            assert lo <= row[c]["mean_change"] <= hi
+    for d in res["decomposition"].values():
+        assert d["latent_term"] + d["error_term"] == pytest.approx(d["projection"], rel=1e-3, abs=1e-3)
+    t = load_file(str(out / "latent_shift.safetensors"))
+    assert t["finetuned-control.mean_change"].shape == (64,)
+    assert (out / "latent_shift.html").exists() and (out / "decomposition.html").exists()
+    m = read(out, "manifest.json")
+    assert m["status"] == "complete" and set(m["models"]) == {"base", "finetuned", "control"}
+    assert m["models"]["control"]["adapter"] == str(files["control"])
+    assert "SAE error" in stdout and f"#{res['top'][0]['latent']}" in stdout
+
+
+def test_sae_shift_nan_activations_are_one_line(sae_run: dict[str, Any], files: dict[str, Path],
+                                                tiny_gemma_dir: Path, gemma_lora_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("latentlab.sae.prompt_acts", lambda m, p, layer, progress=False: torch.full((len(p), 64),
+                                                                                                    float("nan")))
+    code, _, err = run_cli(monkeypatch, capsys, "sae", "shift", "--base", str(tiny_gemma_dir), "--finetuned",
+                           str(gemma_lora_dir), "--sae", str(sae_run["out"]), "--prompts", str(files["prompts"]),
+                           "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert_one_line_error(code, err, "NaN")
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("missing_sae", ("does not exist", "Fix:")),
+        ("wrong_layer", ("trained on layer 2", "--layer 2")),
+        ("narrow_direction", ("width 48",)),
+        ("empty_data", ("is empty",)),
+        ("bad_architecture", ("--architecture",)),
+        ("offline_release", ("cannot load pretrained SAE",)),
+    ],
+)
+def test_sae_errors_are_one_line(case: str, needles: tuple[str, ...], sae_run: dict[str, Any],
+                                 files: dict[str, Path], tiny_gemma_dir: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    sae, out = str(sae_run["out"]), str(tmp_path / "o")
+    lat = ["sae", "latents", "--direction", str(files["direction"]), "--out", out, "--device", "cpu"]
+    train = ["sae", "train", "--model", str(tiny_gemma_dir), "--layer", "1", "--out", out, *TRAIN_ARGS]
+    args = {
+        "missing_sae": [*lat, "--sae", str(tmp_path / "nope")],
+        "wrong_layer": [*lat, "--sae", sae, "--layer", "1"],
+        "narrow_direction": ["sae", "latents", "--direction", str(files["narrow"]), "--sae", sae, "--out", out],
+        "empty_data": [*train, "--data", str(files["empty"])],
+        "bad_architecture": [*train, "--architecture", "gated"],
+        "offline_release": [*lat, "--sae", "no-such-release:layer_1"],
+    }[case]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_sae_shift_on_a_model_of_another_width(sae_run: dict[str, Any], files: dict[str, Path],
+                                               tiny_llama_dir: Path, llama_lora_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "sae", "shift", "--base", str(tiny_llama_dir), "--finetuned",
+                           str(llama_lora_dir), "--sae", str(sae_run["out"]), "--prompts", str(files["prompts"]),
+                           "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert_one_line_error(code, err, "width 64", "width 48")
+
+
+def test_sae_help_lists_the_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "sae", "--help")
+    assert code == 0 and all(c in out for c in ("train", "latents", "shift"))
