@@ -11,7 +11,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -163,6 +163,32 @@ def _load(model: str, adapter: Path | None, device: str, dtype: str):  # noqa: A
     return load_model(model, adapter=adapter, device=device, dtype=dtype)
 
 
+def _fit_run(
+    out: Path,
+    direction: str,
+    model: str,
+    adapter: Path | None,
+    layers: str,
+    position: str,
+    method: str,
+    device: str,
+    dtype: str,
+    extra_config: dict[str, Any],
+) -> tuple[Any, Any, Any, Any]:
+    """What `direction` and `probe` share: start the run, load the model, fit direction and probes."""
+    from latentlab.directions import direction_and_probes
+    from latentlab.runs import Run
+
+    src = _pairs_source(direction)
+    config = {"direction": direction, "model": model, "adapter": adapter, "layers": layers, "position": position,
+              "method": method, **extra_config}
+    run = Run.start(out, _command_line(), config)
+    m = _load(model, adapter, device, dtype)
+    run.add_model("model", m.info)
+    d, report = direction_and_probes(m, src, m.check_layers(layers), position, method)  # type: ignore[arg-type]
+    return run, m, d, report
+
+
 @app.command()
 def direction(
     direction: DirectionOpt = "era",
@@ -176,25 +202,7 @@ def direction(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Fit a direction (difference of means per layer) from contrast pairs; writes OUT/direction.safetensors."""
-    from latentlab.directions import direction_and_probes
-    from latentlab.runs import Run
-
-    src = _pairs_source(direction)
-    run = Run.start(
-        out,
-        _command_line(),
-        {
-            "direction": direction,
-            "model": model,
-            "adapter": adapter,
-            "layers": layers,
-            "position": position,
-            "method": method,
-        },
-    )
-    m = _load(model, adapter, device, dtype)
-    run.add_model("model", m.info)
-    d, report = direction_and_probes(m, src, m.check_layers(layers), position, method)  # type: ignore[arg-type]
+    run, _, d, report = _fit_run(out, direction, model, adapter, layers, position, method, device, dtype, {})
     d.save(run.out / "direction")
     run.finish(
         results={"layers": d.layers, "norms": d.vectors.norm(dim=-1).tolist(), "best_probe_layer": report.best_layer}
@@ -231,28 +239,14 @@ def probe(
 ) -> None:
     """Fit a logistic-regression probe per layer; k-fold and held-out accuracy, plot by layer."""
     from latentlab.data import load_pairs
-    from latentlab.directions import collect_pairs, direction_and_probes
+    from latentlab.directions import collect_pairs
     from latentlab.io import write_json
     from latentlab.plots import probe_accuracy_figure, save_figure
-    from latentlab.runs import Run
 
-    src = _pairs_source(direction)
     extra = load_pairs(test) if test is not None else None
-    run = Run.start(
-        out,
-        _command_line(),
-        {
-            "direction": direction,
-            "model": model,
-            "adapter": adapter,
-            "layers": layers,
-            "position": position,
-            "test": test,
-        },
+    run, m, d, report = _fit_run(
+        out, direction, model, adapter, layers, position, "mean_diff", device, dtype, {"test": test}
     )
-    m = _load(model, adapter, device, dtype)
-    run.add_model("model", m.info)
-    d, report = direction_and_probes(m, src, m.check_layers(layers), position)
     results = report.to_dict()
     if extra is not None:
         ep, en = collect_pairs(m, extra, d.layers, position)
