@@ -448,6 +448,7 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
     target_modules: Annotated[str, typer.Option(help="all-linear or e.g. q_proj,v_proj.")] = "all-linear",
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 20,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (a quick run).")] = None,
     seed: Annotated[int, typer.Option(help="Seed (LoRA init and data order).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint in OUT.")] = False,
     monitor: Annotated[str | None, typer.Option(help="Directions to record at checkpoints, e.g. era,persona.")] = None,
@@ -474,6 +475,7 @@ def finetune(
         target_modules=targets,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        max_steps=max_steps,
     )
     run = Run.start(
         out,

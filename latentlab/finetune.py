@@ -35,6 +35,9 @@ from latentlab.models import _load_hf, _resolve_source, resolve_device
 IGNORE = -100
 
 
+DEFAULT_MONITOR_PROMPTS = 64
+
+
 @dataclass
 class FinetuneConfig:
     """LoRA hyper-parameters. Defaults train gemma-3-270m on ~200 short chats in ~3 min on 2 CPU cores.
@@ -54,6 +57,7 @@ class FinetuneConfig:
     checkpoint_every: int = 20
     max_length: int = 256
     weight_decay: float = 0.0
+    max_steps: int | None = None  # stop after this many steps (a quick demo run); None: all epochs
 
 
 @dataclass
@@ -62,6 +66,7 @@ class FinetuneResult:
     losses: list[float]
     monitor: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    steps_per_epoch: int = 0  # for plots.loss_figure
 
 
 def _decoder_layers(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
@@ -173,8 +178,9 @@ def finetune(
 ) -> FinetuneResult:
     """Train a LoRA adapter on chats; writes ``out/adapter`` (+ checkpoints, losses, monitor data).
 
-    ``monitor``: directions whose projection of ``monitor_prompts`` (last prompt token, every layer)
-    is recorded before training and at every checkpoint. ``stop_after``: stop after that many steps
+    ``monitor``: directions whose projection of ``monitor_prompts`` (last prompt token, every layer;
+    default: the first 64 built-in unrelated prompts) is recorded before training and at every
+    checkpoint. ``stop_after``: stop after that many steps
     (as an interruption would); ``resume=True`` continues from the newest complete checkpoint.
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -209,6 +215,14 @@ def finetune(
     data_hash = sha256_text(json.dumps(rows))[:16]  # what is trained on, as the model sees it
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        if cfg.max_steps < 1:
+            raise LatentlabError(f"max_steps must be >= 1, got {cfg.max_steps}", "pass a positive --max-steps")
+        total = min(total, cfg.max_steps)
+    if monitor and not monitor_prompts:
+        from latentlab.data import load_prompts
+
+        monitor_prompts = load_prompts("unrelated")[:DEFAULT_MONITOR_PROMPTS]
     step, losses = 0, []
     mon: dict[str, Any] = {"steps": [], "projections": {k: [] for k in (monitor or {})}}
     ck = latest_checkpoint(out) if resume else None
@@ -312,10 +326,12 @@ def finetune(
     shutil.copytree(final / "adapter", tmp, dirs_exist_ok=True)
     replace_dir(tmp, out / "adapter")
     write_json(out / "losses.json", {"losses": losses, "steps_per_epoch": steps_per_epoch, "monitor": mon})
-    return FinetuneResult(out / "adapter", losses, mon, time.time() - t0)
+    return FinetuneResult(out / "adapter", losses, mon, time.time() - t0, steps_per_epoch)
 
 
 def _cfg_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d.pop("checkpoint_every")  # how often we save does not change what is learned
+    if d["max_steps"] is None:
+        d.pop("max_steps")  # checkpoints written before the field existed still resume
     return d

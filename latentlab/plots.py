@@ -237,31 +237,52 @@ def battery_figure(scores: dict[str, dict[str, Any]], title: str = "Battery scor
     return _layout(fig, title, "model", "battery score (bootstrap 95% CI)")
 
 
-def loss_figure(losses: Sequence[float], steps_per_epoch: int, title: str = "Training loss") -> go.Figure:
+def loss_figure(
+    losses: Sequence[float],
+    steps_per_epoch: int,
+    title: str = "Training loss",
+    others: dict[str, Sequence[float]] | None = None,
+    label: str = "loss",
+) -> go.Figure:
+    """Loss per step, epochs marked; ``others`` adds more runs' curves (e.g. the control finetune)."""
     fig = go.Figure(
         go.Scatter(
-            x=list(range(1, len(losses) + 1)), y=list(losses), mode="lines", name="loss", line=dict(color=POS_COLOR)
+            x=list(range(1, len(losses) + 1)), y=list(losses), mode="lines", name=label, line=dict(color=POS_COLOR)
         )
     )
-    for e in range(steps_per_epoch, len(losses), steps_per_epoch):
+    for name, ys in (others or {}).items():
+        fig.add_trace(go.Scatter(x=list(range(1, len(ys) + 1)), y=list(ys), mode="lines", name=name))
+    for e in range(steps_per_epoch, len(losses), steps_per_epoch) if steps_per_epoch > 0 else ():
         fig.add_vline(x=e + 0.5, line_dash="dot", line_color="#cccccc")
     return _layout(fig, title, "step", "loss (response tokens)")
 
 
 def monitor_figure(
-    steps: Sequence[int], projections: Sequence[Sequence[float]], layers: Sequence[int], name: str
+    steps: Sequence[int],
+    projections: Sequence[Sequence[float]],
+    layers: Sequence[int],
+    name: str,
+    show_layers: Sequence[int] | None = None,
 ) -> go.Figure:
-    """Mean projection on a direction (relative to step 0) vs training step, one line per layer."""
+    """Mean projection on a direction (relative to step 0) vs training step, one line per layer
+    (``show_layers`` picks a subset: 30 lines are hard to read)."""
+    from latentlab.errors import LatentlabError
+
+    if not projections:
+        raise LatentlabError(
+            f"no monitor data for the {name} direction", "finetune with monitor= and monitor_prompts= (or --monitor)"
+        )
     fig = go.Figure()
     base = projections[0]
-    for j, layer in enumerate(layers):
+    keep = [(j, layer) for j, layer in enumerate(layers) if show_layers is None or layer in show_layers]
+    for i, (j, layer) in enumerate(keep):
         fig.add_trace(
             go.Scatter(
                 x=list(steps),
                 y=[p[j] - base[j] for p in projections],
                 mode="lines+markers",
                 name=f"L{layer}",
-                line=dict(color=f"hsl({int(260 * j / max(1, len(layers) - 1))},60%,45%)"),
+                line=dict(color=f"hsl({int(260 * i / max(1, len(keep) - 1))},60%,45%)"),
             )
         )
     fig.add_hline(y=0, line_color="#cccccc")

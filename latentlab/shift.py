@@ -133,11 +133,20 @@ def analyze_shift(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    controls: dict[str, str | Path] | None = None,
 ) -> ShiftResult:
     """Shift of each finetune (``{label: adapter or finetune run folder}``) relative to ``base``.
 
-    Models are loaded one at a time, so memory holds one model plus the activations.
+    ``controls`` (``{label: folder}``) are measured the same way, and every finetune is also
+    compared with every control on the same prompts, as ``"<finetune> - <control>"`` in ``stats``.
+    Controls are stored under labels starting with ``control`` (``"control"`` for a single one
+    labelled so, else ``"control:<label>"``); labels in ``finetuned`` that start with ``control``
+    count as controls too. Models are loaded one at a time, so memory holds one model plus the
+    activations.
     """
+    finetuned = dict(finetuned)
+    for label, path in (controls or {}).items():
+        finetuned[label if label.startswith("control") else f"control:{label}"] = path
     if not prompts:
         raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
     if n_random < 20:

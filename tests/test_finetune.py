@@ -285,3 +285,31 @@ def test_tokenise_masks_the_prompt(chat_template: str | None) -> None:
             assert trained.startswith(chat.response) and tok.eos_token_id not in ids
     short = _tokenise(data[:1], tok, max_length=5)
     assert len(short[0][0]) == 5 and short[0][1][-1] != IGNORE  # truncated, still one trained token
+
+
+def test_max_steps_stops_early_with_a_complete_adapter(runs: dict[str, Any], tiny_gemma_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """A quick run (max_steps) ends like the full run's checkpoint at that step, adapter written."""
+    res = finetune(str(tiny_gemma_dir), runs["data"], tmp_path / "short", cfg(max_steps=2), progress=False)
+    assert len(res.losses) == 2 and res.steps_per_epoch == 3
+    assert (res.adapter / ADAPTER_FILE).exists()
+    ck2 = runs["root"] / "straight" / "checkpoints" / "step-000002" / "adapter"
+    a, b = adapter_tensors(res.adapter), adapter_tensors(ck2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LatentlabError, match="max_steps"):
+        finetune(str(tiny_gemma_dir), runs["data"], tmp_path / "bad", cfg(max_steps=0), progress=False)
+
+
+def test_monitor_without_prompts_uses_the_builtin_unrelated_prompts(tiny_gemma_dir: Path, tmp_path: Path,
+                                                                   monitor_dirs: dict[str, Direction]) -> None:
+    from latentlab.plots import monitor_figure
+
+    res = finetune(str(tiny_gemma_dir), chats(4), tmp_path / "m", cfg(epochs=1), monitor=monitor_dirs,
+                   progress=False)
+    assert res.monitor["steps"] == [0, 1]  # before training and at the final checkpoint
+    assert len(res.monitor["projections"]["every"]) == 2
+    fig = monitor_figure(res.monitor["steps"], res.monitor["projections"]["every"], [0, 1, 2, 3], "every",
+                         show_layers=[1, 3])
+    assert [t.name for t in fig.data] == ["L1", "L3"]
+    with pytest.raises(LatentlabError, match="no monitor data"):
+        monitor_figure([], [], [0], "every")

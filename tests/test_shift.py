@@ -182,6 +182,19 @@ def test_no_battery_no_scores(trainable_gemma_dir: Path, marker_direction: Direc
     assert len(res.stats["ft"]["projection_ci"]) == 4
 
 
+def test_controls_argument_pairs_each_finetune_with_each_control(trainable_gemma_dir: Path,
+                                                                  marker_direction: Direction,
+                                                                  planted: dict[str, Any]) -> None:
+    """controls= is the explicit form of the 'control' label convention; the numbers are the same."""
+    root = planted["root"]
+    res = analyze_shift(str(trainable_gemma_dir), {"marker": root / "marker"}, marker_direction, UNRELATED[:5],
+                        n_random=20, controls={"letters": root / "control"}, progress=False)
+    assert set(res.stats) == {"marker", "control:letters", "marker - control:letters"}
+    paired = res.stats["marker - control:letters"]["projection"]
+    want = [a - b for a, b in zip(res.stats["marker"]["projection"], res.stats["control:letters"]["projection"])]
+    assert paired == pytest.approx(want, abs=1e-3)
+
+
 def test_analyze_shift_refuses_bad_input(trainable_gemma_dir: Path, marker_direction: Direction,
                                          planted: dict[str, Any]) -> None:
     ft = {"ft": planted["root"] / "marker" / "adapter"}
