@@ -34,6 +34,14 @@ def seed_interval(vals: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def paired_item_ci(battery: dict) -> tuple[float, float]:
+    """Bootstrap 95% CI over battery items of finetuned - control (same items, paired)."""
+    d = torch.tensor(battery["finetuned"]["per_item"]) - torch.tensor(battery["control"]["per_item"])
+    g = torch.Generator().manual_seed(0)
+    means = d[torch.randint(0, len(d), (2000, len(d)), generator=g)].mean(1)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
 def screening_check(screens: dict[str, dict], model_summary: dict, names: tuple[str, str]) -> list[str]:
     """Does the pre-training screen predict the measured shift?
 
@@ -193,8 +201,10 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
             summary[model]["battery_finetuned_minus_control"] = {
                 "per_seed": diffs, "mean": d_mean, "seed_ci": [d_lo, d_hi]
             }
-            lines.append(f"- {direction} battery, {ft_name} minus {ctl_name} per seed: "
-                         + ", ".join(f"{d:+.3f}" for d in diffs)
+            item_cis = [paired_item_ci(b) for b in bat]
+            summary[model]["battery_finetuned_minus_control"]["per_seed_item_ci"] = item_cis
+            lines.append(f"- {direction} battery, {ft_name} minus {ctl_name} per seed [95% CI, paired over items]: "
+                         + ", ".join(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in zip(diffs, item_cis))
                          + f"; mean {d_mean:+.3f} [{d_lo:+.3f}, {d_hi:+.3f}] across seeds")
         screens = {}
         for role, data in (("finetuned", ft_name), ("control", ctl_name)):
