@@ -42,6 +42,7 @@ integration: setup
 bench: setup
 	$(VENV)/bin/python benchmarks/collect.py
 	$(VENV)/bin/python benchmarks/steer.py
+	$(VENV)/bin/python benchmarks/patch.py
 
 # Optional: PNG export of plots needs a Chromium (HTML plots are always written).
 png:
