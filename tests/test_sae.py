@@ -255,6 +255,10 @@ def test_decoder_vectors_follow_decode() -> None:
     assert torch.allclose(dec.norm(dim=-1), torch.ones(12), atol=1e-5)  # decode divides by the row norm
     std = StandardSAE(StandardSAEConfig(d_in=8, d_sae=12))
     assert torch.equal(decoder_vectors(std), std.W_dec)
+    # a residual-stream mean in b_dec (gemma's reaches 6e3) must not read as a nonlinear decoder
+    with torch.no_grad():
+        topk.b_dec.fill_(6000.0)
+    assert torch.allclose(decoder_vectors(topk).norm(dim=-1), torch.ones(12), atol=1e-5)
     ln = StandardSAE(StandardSAEConfig(d_in=8, d_sae=12, normalize_activations="layer_norm"))
     with pytest.raises(LatentlabError, match="normalises"):
         decoder_vectors(ln)
