@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -13,6 +14,8 @@ import torch
 
 from latentlab.io import write_json, write_text
 from latentlab.runs import package_versions
+
+HERE = Path(__file__).resolve().parent
 
 
 def provenance(device: Any, load_before: tuple[float, float, float]) -> dict[str, Any]:
@@ -33,6 +36,25 @@ def provenance(device: Any, load_before: tuple[float, float, float]) -> dict[str
         "packages": package_versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def benchmark_args(ap: argparse.ArgumentParser, name: str) -> argparse.Namespace:
+    """Parse the options every benchmark shares (--out, --markdown-only); with --markdown-only,
+    re-render OUT.md from an existing OUT.json and exit."""
+    ap.add_argument("--out", type=Path, default=HERE / "results" / f"{name}.json")
+    ap.add_argument("--markdown-only", action="store_true", help="re-render OUT.md from an existing OUT")
+    return ap.parse_args()
+
+
+def load_timed(name: str) -> tuple[Any, float, tuple[float, float, float]]:
+    """(model on CPU, load seconds, load average before): the load average is taken first, before
+    this process adds to it."""
+    import latentlab
+
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    model = latentlab.load_model(name, device="cpu", progress=True)
+    return model, time.perf_counter() - t0, load_before
 
 
 def write_results(out: Path, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:

@@ -23,16 +23,13 @@ Every method's cell scores are checked against (a) before anything is reported.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import provenance, write_results
+from _common import benchmark_args, load_timed, provenance, write_results
 
-HERE = Path(__file__).resolve().parent
 CLEAN, CORRUPT = "The year is 1850.", "The year is 2024."
 POSITIONS = ["all", "prompt", "-1", "-2"]
 MODES = ["full", "direction"]
@@ -89,9 +86,7 @@ def main() -> None:
     ap.add_argument("--naive-cells", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "patch.json")
-    ap.add_argument("--markdown-only", action="store_true", help="re-render OUT.md from an existing OUT")
-    args = ap.parse_args()
+    args = benchmark_args(ap, "patch")
     if args.markdown_only:
         from latentlab.io import read_json, write_text
 
@@ -103,10 +98,7 @@ def main() -> None:
     from latentlab.patching import capture, patch_grid, prefixed
     from latentlab.steering import _sequences
 
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    model = latentlab.load_model(args.model, device="cpu", progress=True)
-    load_s = time.perf_counter() - t0
+    model, load_s, load_before = load_timed(args.model)
     layers = list(range(0, model.n_layers, args.layer_step))
     t0 = time.perf_counter()
     direction = latentlab.find_direction(model, "era", layers=layers, progress=False)

@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import provenance, write_results
+from _common import benchmark_args, load_timed, provenance, write_results
 
-HERE = Path(__file__).resolve().parent
 COEFFS = [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
 
 
@@ -72,9 +69,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "steer.json")
-    ap.add_argument("--markdown-only", action="store_true", help="re-render OUT.md from an existing OUT")
-    args = ap.parse_args()
+    args = benchmark_args(ap, "steer")
     if args.markdown_only:
         from latentlab.io import read_json, write_text
 
@@ -84,10 +79,7 @@ def main() -> None:
     import latentlab
     from latentlab.steering import Steer, score_conditions
 
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    model = latentlab.load_model(args.model, device="cpu", progress=True)
-    load_s = time.perf_counter() - t0
+    model, load_s, load_before = load_timed(args.model)
     t0 = time.perf_counter()
     direction = latentlab.find_direction(model, "era", layers=[args.layer], progress=False)
     direction_s = time.perf_counter() - t0
