@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,6 +46,7 @@ from torch import Tensor
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
 from latentlab.io import read_json, replace_dir, sha256_text, write_json
+from latentlab.steering import bootstrap_means
 
 if TYPE_CHECKING:  # sae-lens costs seconds to import: only when an SAE is really used
     from sae_lens import SAE
@@ -402,19 +403,6 @@ def _sae_summary(sae: SAE[Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _boot_weights(n: int, n_boot: int, seed: int) -> Float[Tensor, "n_boot n"]:
-    """Resampling weights (counts / n), one row per bootstrap resample: ``W @ x`` are resampled means.
-
-    The indices are drawn exactly as :func:`latentlab.steering.bootstrap_ci` draws them, so the
-    projection CIs here equal those of ``latentlab shift`` for the same seed.
-    """
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
-    w = torch.zeros(n_boot, n)
-    w.scatter_add_(1, idx, torch.ones(n_boot, n))
-    return w / n
-
-
 def _ci(means: Float[Tensor, "n_boot m"]) -> list[tuple[float, float]]:
     if means.shape[0] == 0:
         return [(float("nan"), float("nan"))] * means.shape[1]
@@ -528,7 +516,11 @@ def latent_shift(
     if control_acts is not None:
         pairs |= {"control": ("control", "base"), "finetuned - control": ("finetuned", "control")}
     primary = "finetuned - control" if control_acts is not None else "finetuned"
-    w = _boot_weights(n, n_boot, seed) if n >= 2 else torch.zeros(0, n)
+    # One resampling of the prompts for every latent and term (seeded as `latentlab shift` seeds its
+    # bootstrap, so projection CIs match its numbers); fewer than 2 prompts: no interval.
+    def boot(x: Tensor) -> Tensor:
+        return bootstrap_means(x, n_boot, seed) if n >= 2 else x.new_zeros(0, *x.shape[1:])
+
     # Full [n, d_sae] differences are never materialised: a 262k-latent SAE would need GBs for them.
     mean_f = {key: v.mean(0) for key, v in f.items()}
     fires = {key: (v > 0).float().mean(0) for key, v in f.items()}
@@ -540,7 +532,7 @@ def latent_shift(
         if along is not None and dec_cos is not None and unit is not None:
             latent_per_prompt = f[a] @ along - f[b] @ along  # sum_j delta_f_j (d_j . u), per prompt
             contrib = mean_change[label] * along
-            decomposition[label] = _decompose(x[a] - x[b], latent_per_prompt, contrib, dec_cos, unit, k, w)
+            decomposition[label] = _decompose(x[a] - x[b], latent_per_prompt, contrib, dec_cos, unit, k, boot)
     size = mean_change[primary].abs() * dec_norm
     order = torch.argsort(size, descending=True)[: min(k, int(size.shape[0]))].tolist()
     for label, dec_part in decomposition.items():
@@ -553,7 +545,7 @@ def latent_shift(
             row["decoder_cos"] = float(dec_cos[j])
         top.append(row)
     for label, (a, b) in pairs.items():
-        means = w @ (f[a][:, order] - f[b][:, order])  # bootstrap means of the paired changes, [n_boot, k]
+        means = boot(f[a][:, order] - f[b][:, order])  # bootstrap means of the paired changes, [n_boot, k]
         for row, (lo, hi) in zip(top, _ci(means)):
             j = row["latent"]
             row[label] = {
@@ -587,7 +579,7 @@ def _decompose(
     dec_cos: Float[Tensor, " d_sae"],
     unit: Float[Tensor, " d"],
     k: int,
-    w: Float[Tensor, "n_boot n"],
+    boot: Callable[[Tensor], Tensor],
 ) -> dict[str, Any]:
     """Projection shift on ``unit`` = latent term + SAE-error term, per prompt, with bootstrap CIs.
 
@@ -599,7 +591,7 @@ def _decompose(
     top = torch.argsort(contrib.abs(), descending=True)[:kk]
     top_term = float(contrib[top].sum())
     total = float(proj.mean())
-    cis = _ci(w @ torch.stack([proj, latent, error], 1))
+    cis = _ci(boot(torch.stack([proj, latent, error], 1)))
     return {
         "projection": total,
         "projection_ci": cis[0],

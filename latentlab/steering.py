@@ -174,13 +174,21 @@ def score_conditions(
     return torch.sigmoid(lp_rows[:, :n] - lp_rows[:, n:])
 
 
+def bootstrap_means(
+    values: Float[Tensor, "n ..."], n_boot: int = 1000, seed: int = 0
+) -> Float[Tensor, "n_boot ..."]:
+    """Means of ``n_boot`` seeded resamples of the rows of ``values``; every column shares one
+    resampling, so intervals of related quantities (e.g. the parts of a decomposition) are paired."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
+    return values[idx].mean(1)
+
+
 def bootstrap_ci(values: Float[Tensor, " n"], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean (seeded, so results are reproducible)."""
     if len(values) < 2:
         return (float("nan"), float("nan"))
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
-    means = values[idx].mean(1)
+    means = bootstrap_means(values, n_boot, seed)
     return (float(means.quantile(0.025)), float(means.quantile(0.975)))
 
 
