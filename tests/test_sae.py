@@ -380,6 +380,20 @@ def test_latent_shift_recovers_a_planted_change(tmp_path: Path) -> None:
     assert t["finetuned.mean_change"][j] == pytest.approx(c, abs=0.02) and t["finetuned-control.freq_after"][j] == 1
 
 
+def test_projection_interval_is_the_one_latentlab_shift_reports() -> None:
+    """The decomposition's projection CI is steering.bootstrap_ci of the per-prompt projections (the
+    statistic `latentlab shift` reports), for the same seed: one resampler, not a copy of it."""
+    from latentlab.steering import bootstrap_ci
+
+    p = planted(seed=3)
+    sae, base, v = p["sae"], p["base"], p["v"]
+    finetuned = base + 0.2 * torch.randn(base.shape, generator=p["g"]) + 0.5 * p["dec"][2]
+    u = p["dec"][2] + v
+    res = latent_shift(sae, base, finetuned, u, k=4, layer=LAYER, seed=7)
+    proj = (finetuned - base) @ (u / u.norm())
+    assert res.decomposition["finetuned"]["projection_ci"] == pytest.approx(bootstrap_ci(proj, seed=7), abs=1e-5)
+
+
 def test_a_shift_outside_the_sae_lands_in_the_error_term() -> None:
     p = planted(seed=1)
     sae, base, v = p["sae"], p["base"], p["v"]
