@@ -11,35 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from _stats import seed_interval
 
 from latentlab.io import write_json, write_text
 from latentlab.plots import save_figure
-
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # t_{0.975, df=1..10}
-
-
-def seed_interval(vals: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval across seeds (n - 1 degrees of freedom); NaN bounds for one seed."""
-    n = len(vals)
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = T975[min(n - 1, len(T975)) - 1] * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def paired_item_ci(battery: dict) -> tuple[float, float]:
-    """Bootstrap 95% CI over battery items of finetuned - control (same items, paired)."""
-    d = torch.tensor(battery["finetuned"]["per_item"]) - torch.tensor(battery["control"]["per_item"])
-    g = torch.Generator().manual_seed(0)
-    means = d[torch.randint(0, len(d), (2000, len(d)), generator=g)].mean(1)
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
+from latentlab.steering import bootstrap_ci, bootstrap_means
 
 
 def screening_check(screens: dict[str, dict], model_summary: dict, names: tuple[str, str]) -> list[str]:
@@ -51,17 +31,16 @@ def screening_check(screens: dict[str, dict], model_summary: dict, names: tuple[
     finetuned - base shift. Intervals: bootstrap over examples (prediction), t across seeds
     (measurement). Reported: sign agreement where both intervals exclude 0, and the Pearson
     correlation of the two layer profiles."""
-    g = torch.Generator().manual_seed(0)
     ft = torch.tensor(screens["finetuned"]["per_example"])  # [examples, layers]
 
-    def boot(x: torch.Tensor) -> torch.Tensor:  # [boot, layers]
-        return x[torch.randint(0, x.shape[0], (2000, x.shape[0]), generator=g)].mean(1)
+    def boot(x: torch.Tensor, seed: int = 0) -> torch.Tensor:  # [boot, layers]
+        return bootstrap_means(x, 2000, seed)
 
     if "control" in screens:
         ct = torch.tensor(screens["control"]["per_example"])
         paired = ft.shape == ct.shape and screens["finetuned"]["prompts"] == screens["control"]["prompts"]
         pred = ft.mean(0) - ct.mean(0)
-        boots = boot(ft - ct) if paired else boot(ft) - boot(ct)
+        boots = boot(ft - ct) if paired else boot(ft) - boot(ct, seed=1)
         label = f"{names[0]} - {names[1]}" + (" (paired per example)" if paired else " (unpaired)")
         rows = model_summary["paired"]
         meas = [row["mean"] for row in rows]
@@ -201,7 +180,10 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
             summary[model]["battery_finetuned_minus_control"] = {
                 "per_seed": diffs, "mean": d_mean, "seed_ci": [d_lo, d_hi]
             }
-            item_cis = [paired_item_ci(b) for b in bat]
+            item_cis = [  # finetuned - control, paired over the same battery items
+                bootstrap_ci(torch.tensor(b["finetuned"]["per_item"]) - torch.tensor(b["control"]["per_item"]), 2000)
+                for b in bat
+            ]
             summary[model]["battery_finetuned_minus_control"]["per_seed_item_ci"] = item_cis
             lines.append(f"- {direction} battery, {ft_name} minus {ctl_name} per seed [95% CI, paired over items]: "
                          + ", ".join(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in zip(diffs, item_cis))

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from _stats import seed_interval
 
 import latentlab
 from latentlab.data import BatteryItem, render_prompt
@@ -30,7 +30,6 @@ from latentlab.io import write_json, write_text
 from latentlab.shift import resolve_adapter
 from latentlab.steering import bootstrap_ci, score_conditions
 
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 HELD_OUT = 2029
 
 
@@ -62,15 +61,6 @@ def gaps(model: Any, items: list[BatteryItem], held: list[int], train: list[int]
         s = score_conditions(model, its, [(None, 0.0)])[0]
         out[fmt] = torch.stack([s[held], s[train]])  # [2, pairs]
     return out
-
-
-def seed_interval(vals: list[float]) -> tuple[float, float, float]:
-    n, mean = len(vals), sum(vals) / len(vals)
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = T975[min(n - 1, len(T975)) - 1] * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def main() -> None:
