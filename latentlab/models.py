@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from latentlab.errors import LatentlabError
+from latentlab.errors import LatentlabError, first_line
 from latentlab.io import fingerprint_weights, read_json, replace_dir, sha256_file, write_json
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -408,15 +408,6 @@ def adapter_fingerprint(adapter: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _first_informative_line(text: str) -> str:
-    """The first line that says what is wrong (peft/torch open with a bare 'Error(s) in loading ...:')."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for ln in lines:
-        if not ln.endswith(":"):
-            return ln[:200]
-    return (lines[0] if lines else "unknown error")[:200]
-
-
 def _check_adapter_base_name(adapter: Path, base_name: str) -> None:
     """Warn when a foreign adapter (no latentlab fingerprint) names another base model.
 
@@ -465,7 +456,7 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
             peft_model = PeftModel.from_pretrained(model, str(adapter))
         except (RuntimeError, ValueError, KeyError) as e:
             raise LatentlabError(
-                f"adapter {adapter} does not fit {base_name}: {_first_informative_line(str(e))}",
+                f"adapter {adapter} does not fit {base_name}: {first_line(e)}",
                 "load the adapter with the base model it was trained on",
             ) from None
     for w in caught:

@@ -44,7 +44,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentlab.directions import Direction
-from latentlab.errors import LatentlabError
+from latentlab.errors import LatentlabError, first_line
 from latentlab.io import read_json, replace_dir, sha256_text, write_json
 from latentlab.steering import bootstrap_means
 
@@ -114,7 +114,7 @@ def load_sae(
             sae = SAE.load_from_disk(str(folder), device=dev)
         except Exception as e:  # bad JSON, unknown architecture, missing tensors: sae-lens raises many types
             raise LatentlabError(
-                f"cannot load the SAE in {folder} ({_first_line(e)})",
+                f"cannot load the SAE in {folder} ({first_line(e)})",
                 "pass a folder written by sae-lens' save_model or `latentlab sae train`",
             ) from None
         side = folder / SIDECAR
@@ -122,11 +122,6 @@ def load_sae(
             sae.cfg.metadata["latentlab"] = read_json(side)
     check_sae(sae, layer=layer, d_model=d_model)
     return sae
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def _load_pretrained(spec: str, device: str) -> SAE[Any]:
@@ -138,7 +133,7 @@ def _load_pretrained(spec: str, device: str) -> SAE[Any]:
     try:
         loader = get_conversion_loader_name(release)
     except Exception as e:
-        raise LatentlabError(f"cannot load pretrained SAE {spec} ({_first_line(e)})", unknown_fix) from None
+        raise LatentlabError(f"cannot load pretrained SAE {spec} ({first_line(e)})", unknown_fix) from None
     if loader in PICKLE_LOADERS:
         raise LatentlabError(
             f"pretrained SAE release {release!r} stores pickled .pt weights (sae-lens loader {loader!r})",
@@ -153,7 +148,7 @@ def _load_pretrained(spec: str, device: str) -> SAE[Any]:
             "(or copy an SAE folder with cfg.json + sae_weights.safetensors here)",
         ) from None
     except Exception as e:  # unknown ids (ValueError) and conversion problems
-        raise LatentlabError(f"cannot load pretrained SAE {spec} ({_first_line(e)})", unknown_fix) from None
+        raise LatentlabError(f"cannot load pretrained SAE {spec} ({first_line(e)})", unknown_fix) from None
 
 
 def sae_layer(sae: SAE[Any]) -> int | None:
