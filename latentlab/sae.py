@@ -729,13 +729,19 @@ def activation_batches(
             yield acts[perm[i : i + batch_size]]
 
 
-@torch.no_grad()
 def reconstruction_stats(sae: SAE[Any], acts: Float[Tensor, "n d"], chunk: int = 2048) -> dict[str, float]:
     """MSE (sum over dimensions, mean over tokens), explained variance, L0 and dead-latent fraction.
 
     Explained variance is ``1 - SSE / SST`` with SST around the mean of ``acts``; a latent is dead
     here when it never fires on ``acts``.
     """
+    return _stats_and_fired(sae, acts, chunk)[0]
+
+
+@torch.no_grad()
+def _stats_and_fired(sae: SAE[Any], acts: Tensor, chunk: int = 2048) -> tuple[dict[str, float], Tensor]:
+    """:func:`reconstruction_stats` and which latents fired, from one encoding pass (the training
+    summary combines the train and held-out masks instead of encoding everything again)."""
     sae.eval()
     sse, l0_sum, n = 0.0, 0.0, acts.shape[0]
     fired = torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool)
@@ -750,13 +756,14 @@ def reconstruction_stats(sae: SAE[Any], acts: Float[Tensor, "n d"], chunk: int =
         active = (f > 0).cpu()
         l0_sum += float(active.float().sum())
         fired |= active.any(0)
-    return {
+    stats = {
         "mse": sse / max(n, 1),
         "explained_variance": 1.0 - sse / sst if sst > 0 else float("nan"),
         "l0": l0_sum / max(n, 1),
         "dead_fraction": float((~fired).float().mean()),
         "n_tokens": int(n),
     }
+    return stats, fired
 
 
 def _make_training_sae(
@@ -892,12 +899,12 @@ def train_sae_on_activations(
         from sae_lens import SAE
 
         sae = SAE.load_from_disk(str(tmp_root), device="cpu")
-        stats = {"train": reconstruction_stats(sae, acts)}
+        train_stats, fired = _stats_and_fired(sae, acts)
+        stats: dict[str, Any] = {"train": train_stats}
         if eval_acts is not None and eval_acts.shape[0] > 0:
-            stats["eval"] = reconstruction_stats(sae, eval_acts.float().cpu())
-            stats["dead_fraction"] = _dead_fraction(sae, torch.cat([acts, eval_acts.float().cpu()]))
-        else:
-            stats["dead_fraction"] = stats["train"]["dead_fraction"]
+            stats["eval"], fired_eval = _stats_and_fired(sae, eval_acts.float().cpu())
+            fired |= fired_eval
+        stats["dead_fraction"] = float((~fired).float().mean())  # never fires on any token, train or held out
         stats["reported_on"] = "eval" if "eval" in stats else "train"
         first = losses[: max(1, len(losses) // 10)]
         last = losses[-max(1, len(losses) // 10) :]
@@ -940,15 +947,6 @@ def _parent(out: str | Path) -> Path:
     from latentlab.io import ensure_writable_dir
 
     return ensure_writable_dir(Path(out).parent)
-
-
-@torch.no_grad()
-def _dead_fraction(sae: SAE[Any], acts: Tensor, chunk: int = 2048) -> float:
-    fired = torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool)
-    for i in range(0, acts.shape[0], chunk):
-        f = sae.encode(acts[i : i + chunk].to(sae.W_dec.device, sae.W_dec.dtype))
-        fired |= ((f.to_dense() if f.is_sparse else f) > 0).any(0).cpu()
-    return float((~fired).float().mean())
 
 
 def _tensor_hash(t: Tensor) -> str:
