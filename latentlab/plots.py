@@ -64,6 +64,16 @@ def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     return fig
 
 
+def _ci_bars(values: Sequence[float], cis: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Plotly error bars drawing each value's (lo, hi) interval, which need not be symmetric."""
+    return dict(
+        type="data",
+        symmetric=False,
+        array=[ci[1] - v for v, ci in zip(values, cis)],
+        arrayminus=[v - ci[0] for v, ci in zip(values, cis)],
+    )
+
+
 def _band(fig: go.Figure, x: Sequence[float], lo: Sequence[float], hi: Sequence[float], color: str, name: str) -> None:
     fig.add_trace(
         go.Scatter(
@@ -224,12 +234,7 @@ def battery_figure(scores: dict[str, dict[str, Any]], title: str = "Battery scor
         go.Bar(
             x=labels,
             y=[scores[k]["score"] for k in labels],
-            error_y=dict(
-                type="data",
-                symmetric=False,
-                array=[scores[k]["ci"][1] - scores[k]["score"] for k in labels],
-                arrayminus=[scores[k]["score"] - scores[k]["ci"][0] for k in labels],
-            ),
+            error_y=_ci_bars([scores[k]["score"] for k in labels], [scores[k]["ci"] for k in labels]),
             marker_color=[SERIES_COLORS[i % len(SERIES_COLORS)] for i in range(len(labels))],
         )
     )
@@ -417,12 +422,7 @@ def latent_shift_figure(result: Any, n: int | None = None, title: str | None = N
                 orientation="h",
                 name=comp,
                 marker_color=SERIES_COLORS[i % len(SERIES_COLORS)],
-                error_x=dict(
-                    type="data",
-                    symmetric=False,
-                    array=[r[comp]["ci"][1] - m for r, m in zip(rows, mean)],
-                    arrayminus=[m - r[comp]["ci"][0] for r, m in zip(rows, mean)],
-                ),
+                error_x=_ci_bars(mean, [r[comp]["ci"] for r in rows]),
             )
         )
     fig.update_layout(barmode="group", height=max(420, 60 + 28 * len(rows) * max(1, len(result.comparisons))))
@@ -456,12 +456,7 @@ def shift_decomposition_figure(result: Any, title: str | None = None) -> go.Figu
             mode="markers",
             name="projection shift (95% CI)",
             marker=dict(color="#222222", size=11, symbol="diamond"),
-            error_y=dict(
-                type="data",
-                symmetric=False,
-                array=[result.decomposition[c]["projection_ci"][1] - p for c, p in zip(comps, proj)],
-                arrayminus=[p - result.decomposition[c]["projection_ci"][0] for c, p in zip(comps, proj)],
-            ),
+            error_y=_ci_bars(proj, [result.decomposition[c]["projection_ci"] for c in comps]),
         )
     )
     fig.update_layout(barmode="relative")
