@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 
 import pytest
@@ -20,6 +22,20 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_quietly(mp: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """run_cli for module-scoped fixtures, which cannot use the function-scoped capsys."""
+    mp.setattr(sys, "argv", ["latentlab", *args])
+    mp.setenv("COLUMNS", "200")
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            main()
+            code = 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
+    return code, o.getvalue(), e.getvalue()
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, run_quietly
 from safetensors.torch import load_file
 
 from latentlab import plots
-from latentlab.cli import main
 from latentlab.directions import Direction
 
 WORDS = "the cat sat on a mat and then ran far away from home to see big red bus old man dog".split()
@@ -71,23 +69,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 FT_ARGS = ["--epochs", "1", "--batch-size", "4", "--checkpoint-every", "1", "--rank", "2", "--lr", "0.01",
            "--device", "cpu"]
-
-
-def run_quietly(mp: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    """run_cli for module-scoped fixtures, which cannot use the function-scoped capsys."""
-    import contextlib
-    import io
-
-    mp.setattr(sys, "argv", ["latentlab", *args])
-    mp.setenv("COLUMNS", "200")
-    o, e = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-        try:
-            main()
-            code = 0
-        except SystemExit as ex:
-            code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
-    return code, o.getvalue(), e.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, run_quietly
 from conftest import make_lora_adapter
 from safetensors.torch import load_file
 
@@ -59,24 +59,12 @@ def sae_run(files: dict[str, Path], tiny_gemma_dir: Path) -> dict[str, Any]:
     out = files["root"] / "sae-run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(plots._PNG_STATE, "ok", False)
-        import contextlib
-        import io
-        import sys
-
-        from latentlab.cli import main
-
-        mp.setattr(sys, "argv", ["latentlab", "sae", "train", "--model", str(tiny_gemma_dir), "--data",
-                                 str(files["prompts"]), "--layer", str(LAYER), "--out", str(out), *TRAIN_ARGS])
-        mp.setenv("COLUMNS", "200")
-        o, e = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-            try:
-                main()
-                code = 0
-            except SystemExit as ex:
-                code = ex.code if isinstance(ex.code, int) else 1
-    assert code == 0, e.getvalue()
-    return {"out": out, "stdout": o.getvalue()}
+        code, stdout, err = run_quietly(
+            mp, "sae", "train", "--model", str(tiny_gemma_dir), "--data", str(files["prompts"]), "--layer", str(LAYER),
+            "--out", str(out), *TRAIN_ARGS,
+        )
+    assert code == 0, err
+    return {"out": out, "stdout": stdout}
 
 
 def test_sae_train_writes_a_run_folder(sae_run: dict[str, Any], tiny_gemma_dir: Path) -> None:
