@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from latentlab.io import write_json, write_text
+from latentlab.io import read_json, write_json, write_text
 from latentlab.runs import package_versions
 
 HERE = Path(__file__).resolve().parent
@@ -38,12 +38,18 @@ def provenance(device: Any, load_before: tuple[float, float, float]) -> dict[str
     }
 
 
-def benchmark_args(ap: argparse.ArgumentParser, name: str) -> argparse.Namespace:
-    """Parse the options every benchmark shares (--out, --markdown-only); with --markdown-only,
-    re-render OUT.md from an existing OUT.json and exit."""
+def benchmark_args(
+    ap: argparse.ArgumentParser, name: str, markdown: Callable[[dict[str, Any]], str]
+) -> argparse.Namespace:
+    """Parse the options every benchmark shares (--out, --markdown-only). With --markdown-only,
+    re-render OUT.md from an existing OUT.json and exit: no model is loaded."""
     ap.add_argument("--out", type=Path, default=HERE / "results" / f"{name}.json")
     ap.add_argument("--markdown-only", action="store_true", help="re-render OUT.md from an existing OUT")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.markdown_only:
+        write_text(args.out.with_suffix(".md"), markdown(read_json(args.out)))
+        raise SystemExit(0)
+    return args
 
 
 def load_timed(name: str) -> tuple[Any, float, tuple[float, float, float]]:

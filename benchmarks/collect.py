@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import provenance, write_results
+from _common import load_timed, provenance, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -175,10 +174,7 @@ def main() -> None:
 
     import latentlab
 
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    model = latentlab.load_model(args.model, device="cpu", progress=True)
-    load_s = time.perf_counter() - t0
+    model, load_s, load_before = load_timed(args.model)
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(model.info.path, dtype=torch.float32,

@@ -86,12 +86,7 @@ def main() -> None:
     ap.add_argument("--naive-cells", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    args = benchmark_args(ap, "patch")
-    if args.markdown_only:
-        from latentlab.io import read_json, write_text
-
-        write_text(args.out.with_suffix(".md"), markdown(read_json(args.out)))
-        return
+    args = benchmark_args(ap, "patch", markdown)
 
     import latentlab
     from latentlab.activations import resid_hook_name

@@ -69,12 +69,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    args = benchmark_args(ap, "steer")
-    if args.markdown_only:
-        from latentlab.io import read_json, write_text
-
-        write_text(args.out.with_suffix(".md"), markdown(read_json(args.out)))
-        return
+    args = benchmark_args(ap, "steer", markdown)
 
     import latentlab
     from latentlab.steering import Steer, score_conditions
