@@ -1,52 +1,31 @@
-"""``latentlab`` command line: a thin layer over the library.
-
-Each command parses options, calls the library function a notebook would call, and writes a run
-folder. Problems the user can fix come out as one line (``error: ... Fix: ...``) with exit code 2;
-``--debug`` shows the traceback.
-"""
+"""The stage commands: models, collect, direction, probe, steer, finetune, shift, screen, patch."""
 
 from __future__ import annotations
 
-import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from latentlab.errors import LatentlabError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="latentlab: find, measure and steer era and persona latents in language models.",
-    pretty_exceptions_enable=False,
+from latentlab.cli._common import (
+    DEFAULT_BATTERY,
+    AdapterOpt,
+    DeviceOpt,
+    DirectionOpt,
+    DtypeOpt,
+    ModelOpt,
+    OutOpt,
+    _command_line,
+    _direction_for,
+    _load,
+    _pairs_source,
+    app,
+    console,
+    out_console,
 )
-console = Console(stderr=True)
-out_console = Console()
-_DEBUG = {"on": False}
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, hub id or local HF folder.")]
-AdapterOpt = Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder to merge into a copy of the model.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA when present).")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-
-
-@app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
-    _DEBUG["on"] = debug
-    if not debug:
-        warnings.filterwarnings("ignore")
-        import logging
-
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
-def _command_line() -> str:
-    return "latentlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+from latentlab.errors import LatentlabError
 
 
 @app.command()
@@ -137,30 +116,6 @@ def collect(
         f"collected {info['n_examples']} examples x {len(layer_list)} layers ({position}) "
         f"at {info['tokens_per_s']:.0f} tok/s -> {run.out / 'activations'}"
     )
-
-
-DirectionOpt = Annotated[
-    str, typer.Option(help="era, persona, a contrast-pair JSONL, or a saved direction .safetensors.")
-]
-OutOpt = Annotated[Path, typer.Option(help="Run folder to write.")]
-DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery"}
-
-
-def _pairs_source(direction: str) -> str:
-    from latentlab.data import BUILTIN_DATASETS
-
-    if direction in BUILTIN_DATASETS or Path(direction).suffix == ".jsonl":
-        return direction
-    raise LatentlabError(
-        f"--direction {direction!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
-        "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
-    )
-
-
-def _load(model: str, adapter: Path | None, device: str, dtype: str):  # noqa: ANN202
-    from latentlab.models import load_model
-
-    return load_model(model, adapter=adapter, device=device, dtype=dtype)
 
 
 def _fit_run(
@@ -420,20 +375,6 @@ def steer(
     out_console.print(gt)
     out_console.print(f"results.json, direction, probes and plots (HTML/PNG) in {run.out}")
 
-
-def _direction_for(get_model, direction: str, out: Path):  # noqa: ANN001, ANN202
-    """A saved direction, or fit one (all layers) on ``get_model()`` and save it into the run folder.
-
-    ``get_model`` is a model or a zero-argument loader, so a saved direction costs no model load.
-    """
-    from latentlab.directions import Direction, direction_and_probes
-
-    if Path(direction).suffix == ".safetensors":
-        return Direction.load(direction)
-    m = get_model() if callable(get_model) else get_model
-    d, _ = direction_and_probes(m, _pairs_source(direction), "all")
-    d.save(out / f"direction-{d.name}")
-    return d
 
 
 @app.command()
@@ -804,308 +745,3 @@ def patch(
     out_console.print(f"results.json, heatmap and by-layer plots in {run.out}")
 
 
-# --------------------------------------------------------------------------------------------
-# latentlab sae ...: sparse-autoencoder latents (latentlab.sae).
-# --------------------------------------------------------------------------------------------
-
-sae_app = typer.Typer(
-    no_args_is_help=True,
-    help="Sparse-autoencoder latents: train a small SAE, find the latents behind a direction or a finetune's shift.",
-)
-app.add_typer(sae_app, name="sae")
-
-SaeOpt = Annotated[
-    str,
-    typer.Option(
-        "--sae",
-        help="SAE folder (`latentlab sae train` --out, or sae-lens' cfg.json + sae_weights.safetensors) "
-        "or a pretrained release:sae_id (needs the hub).",
-    ),
-]
-SaeLayerOpt = Annotated[int | None, typer.Option(help="Layer (default: the SAE's own; must match it).")]
-
-
-def _fmt_ci(mean: float, ci: tuple[float, float] | list[float], digits: int = 2) -> str:
-    return f"{mean:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
-
-
-@sae_app.command("train")
-def sae_train(
-    out: Annotated[Path, typer.Option(help="Run folder to write (the SAE goes to OUT/sae).")],
-    layer: Annotated[int, typer.Option(help="Layer whose residual stream (after the block) the SAE reads.")],
-    data: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Built-in name or JSONL, repeatable (default: unrelated). Prompt files are rendered as "
-            "`latentlab shift` reads them; contrast pairs give both poles."
-        ),
-    ] = None,
-    model: ModelOpt = "gemma-3-270m",
-    adapter: AdapterOpt = None,
-    architecture: Annotated[str, typer.Option(help="topk (sparsity set by --k) or standard (ReLU + L1).")] = "topk",
-    d_sae: Annotated[int | None, typer.Option(help="Number of latents (default: --expansion x d_model).")] = None,
-    expansion: Annotated[int, typer.Option(help="Latents per residual dimension when --d-sae is not given.")] = 4,
-    k: Annotated[int, typer.Option(help="topk: active latents per token.")] = 32,
-    l1: Annotated[float, typer.Option(help="standard: L1 coefficient.")] = 5.0,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 256,
-    lr: Annotated[
-        float, typer.Option(help="Adam learning rate (constant, then linear decay to 0 over the last 20% of steps).")
-    ] = 1e-3,
-    eval_fraction: Annotated[float, typer.Option(help="Fraction of examples held out for the statistics.")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed (initialisation, data order, held-out split).")] = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-) -> None:
-    """Train a small SAE (sae-lens) on every token's residual stream at one layer; writes OUT/sae."""
-    from latentlab.data import read_jsonl
-    from latentlab.io import write_json
-    from latentlab.plots import loss_figure, save_figure
-    from latentlab.runs import Run
-    from latentlab.sae import SAETrainConfig, sae_texts, train_sae
-
-    if architecture not in ("topk", "standard"):
-        raise LatentlabError(f"--architecture {architecture!r} is not topk or standard", "use topk or standard")
-    sources = data or ["unrelated"]
-    for src in sources:
-        read_jsonl(src)  # missing or empty files fail before a model loads
-    cfg = SAETrainConfig(
-        architecture=architecture,  # type: ignore[arg-type]
-        expansion=expansion,
-        d_sae=d_sae,
-        k=k,
-        l1_coefficient=l1,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        eval_fraction=eval_fraction,
-        device=device,
-    )
-    run = Run.start(
-        out,
-        _command_line(),
-        {"data": sources, "model": model, "adapter": adapter, "layer": layer, "sae": cfg.__dict__},
-        seed=seed,
-    )
-    m = _load(model, adapter, device, dtype)
-    run.add_model("model", m.info)
-    layer = m.check_layers([layer])[0]
-    examples, prov = sae_texts(m, sources)
-    res = train_sae(m, examples, layer, config=cfg, out=run.out / "sae", meta=prov)
-    write_json(run.out / "results.json", {"stats": res.stats, "losses": res.losses, "sae": res.meta})
-    fig = loss_figure([r["loss"] for r in res.losses], len(res.losses), f"SAE training loss, layer {layer}")
-    fig.update_layout(yaxis_title="loss (MSE + sparsity/auxiliary, norm-scaled activations)")
-    save_figure(fig, run.out, "loss")
-    run.finish(results={"sae": str(res.path), "stats": res.stats})
-    table = Table(
-        title=f"SAE at layer {layer} of {m.info.name}: {res.meta['training']['d_sae']} latents ({architecture})"
-    )
-    table.add_column("statistic")
-    split_names = [s for s in ("train", "eval") if s in res.stats]
-    for s in split_names:
-        table.add_column("held-out" if s == "eval" else "train", justify="right")
-    for key, label in (
-        ("explained_variance", "explained variance"),
-        ("mse", "MSE per token"),
-        ("l0", "L0"),
-        ("n_tokens", "tokens"),
-    ):
-        table.add_row(label, *[f"{res.stats[s][key]:.4g}" for s in split_names])
-    out_console.print(table)
-    out_console.print(
-        f"dead latents (never fire on any token): {res.stats['dead_fraction']:.1%}; loss "
-        f"{res.stats['initial_loss']:.3g} -> {res.stats['final_loss']:.3g}; SAE -> {res.path}"
-    )
-
-
-@sae_app.command("latents")
-def sae_latents(
-    sae: SaeOpt,
-    direction: Annotated[
-        str, typer.Option(help="Saved direction .safetensors, or era, persona or a pair JSONL (fitted on --model).")
-    ],
-    out: OutOpt = Path("runs/sae-latents"),
-    layer: SaeLayerOpt = None,
-    k: Annotated[int, typer.Option(help="Top latents to report on each side.")] = 10,
-    n_random: Annotated[int, typer.Option(help="Random directions for the chance level of |cos|.")] = 200,
-    model: ModelOpt = "gemma-3-270m",
-    seed: Annotated[int, typer.Option(help="Seed for the random directions.")] = 0,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Which SAE latents write along a direction: decoder cosines, top latents, chance level."""
-    from latentlab.io import save_tensors, write_json
-    from latentlab.plots import sae_direction_figure, save_figure
-    from latentlab.runs import Run
-    from latentlab.sae import direction_latents, load_sae
-
-    s = load_sae(sae, device=device, layer=layer)
-    run = Run.start(
-        out,
-        _command_line(),
-        {"sae": sae, "direction": direction, "layer": layer, "k": k, "n_random": n_random},
-        seed=seed,
-    )
-    d = _direction_for(lambda: _load(model, None, device, "float32"), direction, run.out)
-    res = direction_latents(s, d, layer, k=k, n_random=n_random, seed=seed)
-    write_json(run.out / "results.json", res.to_dict())
-    save_tensors(
-        run.out / "latents",
-        {"cosines": res.cosines, "encoder_cosines": res.encoder_cosines},
-        {"layer": res.layer, "direction": res.direction, "sae": sae},
-    )
-    save_figure(sae_direction_figure(res), run.out, "direction_latents")
-    run.finish(results={"layer": res.layer, "top_positive": res.top_positive[:3], "top_negative": res.top_negative[:3]})
-    table = Table(
-        title=f"SAE latents along the {res.direction} direction at layer {res.layer} ({res.d_sae} latents); "
-        f"chance level of the best |cos|: {res.null_max_abs_cos:.2f}"
-    )
-    for col in ("rank", "latent (+)", "cos", "enc cos", "latent (-)", "cos ", "enc cos "):
-        table.add_column(col, justify="right")
-    for i, (p, q) in enumerate(zip(res.top_positive, res.top_negative), start=1):
-        mark = {True: "*", False: ""}
-        table.add_row(
-            str(i),
-            f"#{p['latent']}{mark[p['above_null']]}",
-            f"{p['cosine']:+.3f}",
-            f"{p['encoder_cosine']:+.3f}",
-            f"#{q['latent']}{mark[q['above_null']]}",
-            f"{q['cosine']:+.3f}",
-            f"{q['encoder_cosine']:+.3f}",
-        )
-    out_console.print(table)
-    out_console.print(
-        f"* above the random-direction chance level; results.json, latents.safetensors and plot in {run.out}"
-    )
-
-
-@sae_app.command("shift")
-def sae_shift(
-    finetuned: Annotated[Path, typer.Option(help="Finetune run folder or adapter folder.")],
-    sae: SaeOpt,
-    out: OutOpt = Path("runs/sae-shift"),
-    base: Annotated[str, typer.Option(help="Base model the adapters were trained on.")] = "gemma-3-270m",
-    control: Annotated[Path | None, typer.Option(help="Control finetune run or adapter folder.")] = None,
-    direction: Annotated[
-        str | None, typer.Option(help="Direction to decompose the shift along (saved .safetensors, era, persona).")
-    ] = None,
-    prompts: Annotated[str, typer.Option(help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")] = "unrelated",
-    layer: SaeLayerOpt = None,
-    k: Annotated[int, typer.Option(help="Top latents to report.")] = 20,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed for the bootstrap.")] = 0,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Which SAE latents a finetune moved on unrelated prompts (vs base and vs a control), and how much of
-    its shift along a direction they carry."""
-    from latentlab.data import load_prompts
-    from latentlab.io import save_tensors, write_json
-    from latentlab.plots import latent_shift_figure, save_figure, shift_decomposition_figure
-    from latentlab.runs import Run
-    from latentlab.sae import analyze_latent_shift, load_sae
-    from latentlab.shift import resolve_adapter
-
-    plist = load_prompts(prompts)
-    resolve_adapter(finetuned)
-    if control is not None:
-        resolve_adapter(control)
-    s = load_sae(sae, device=device, layer=layer)
-    run = Run.start(
-        out,
-        _command_line(),
-        {
-            "base": base,
-            "finetuned": finetuned,
-            "control": control,
-            "sae": sae,
-            "direction": direction,
-            "prompts": prompts,
-            "layer": layer,
-            "k": k,
-            "n_boot": n_boot,
-        },
-        seed=seed,
-    )
-    d = None
-    if direction is not None:
-        d = _direction_for(lambda: _load(base, None, device, "float32"), direction, run.out)
-    res = analyze_latent_shift(
-        base,
-        finetuned,
-        s,
-        plist,
-        d,
-        control,
-        layer,
-        k=k,
-        n_boot=n_boot,
-        seed=seed,
-        device=None if device == "auto" else device,
-    )
-    write_json(run.out / "results.json", res.to_dict())
-    save_tensors(run.out / "latent_shift", res.tensors(), {"layer": res.layer, "comparisons": res.comparisons})
-    save_figure(latent_shift_figure(res), run.out, "latent_shift")
-    if res.decomposition:
-        save_figure(shift_decomposition_figure(res), run.out, "decomposition")
-    for role, info in res.meta["models"].items():
-        run.add_model(role, info)
-    run.finish(results={"layer": res.layer, "top": res.top[:5], "decomposition": res.decomposition})
-    table = Table(
-        title=f"SAE latents moved most at layer {res.layer} (ranked by {res.primary}; "
-        f"mean activation change \\[bootstrap 95% CI] over {len(plist)} prompts)"
-    )
-    table.add_column("rank", justify="right")
-    table.add_column("latent", justify="right")
-    if res.decoder_cos is not None:
-        table.add_column(f"cos({res.direction})", justify="right")
-    for label in res.comparisons:
-        table.add_column(label, justify="right")
-    table.add_column(f"firing {res.comparisons[0]}", justify="right")
-    for row in res.top:
-        cells = [str(row["rank"]), f"#{row['latent']}"]
-        if res.decoder_cos is not None:
-            cells.append(f"{row['decoder_cos']:+.2f}")
-        cells += [_fmt_ci(row[c]["mean_change"], row[c]["ci"]) for c in res.comparisons]
-        first = row[res.comparisons[0]]
-        cells.append(f"{first['freq_before']:.2f} -> {first['freq_after']:.2f}")
-        table.add_row(*cells)
-    out_console.print(table)
-    for label, dec in res.decomposition.items():
-        out_console.print(
-            f"{label}: projection on {res.direction} {_fmt_ci(dec['projection'], dec['projection_ci'])} = "
-            f"top {res.k} latents {dec['top_k_term']:+.2f} + other latents {dec['other_latents_term']:+.2f} "
-            f"+ SAE error {dec['error_term']:+.2f}"
-        )
-    if "warning" in res.meta:
-        console.print(f"warning: {res.meta['warning']}")
-    out_console.print(f"results.json, latent_shift.safetensors and plots in {run.out}")
-
-
-def main() -> None:
-    """Entry point: run the app, turning LatentlabError into one line and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except LatentlabError as e:
-        if _DEBUG["on"] or "--debug" in sys.argv:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished files are kept; unfinished ones were not written")
-        sys.exit(130)
-    except Exception as e:
-        # Usage errors. typer >= 0.29 raises its vendored click's exceptions (typer._click), not
-        # click's, so match the protocol (show() + exit_code) rather than a class.
-        kind = type(e).__name__
-        if kind == "Abort":
-            sys.exit(130)
-        if kind == "Exit":
-            sys.exit(getattr(e, "exit_code", 0))
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,46 @@
+"""``latentlab`` command line: a thin layer over the library.
+
+Each command parses options into the config a notebook would build, calls one library function,
+and prints. Problems the user can fix come out as one line (``error: ... Fix: ...``) with exit code
+2; ``--debug`` shows the traceback. One module per command group: :mod:`latentlab.cli.commands`
+(the stages), :mod:`latentlab.cli.sae` (``latentlab sae ...``); shared options live in
+:mod:`latentlab.cli._common`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
+from latentlab.cli import sae as _sae  # noqa: F401
+from latentlab.cli._common import _DEBUG, app, console
+from latentlab.errors import LatentlabError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point: run the app, turning LatentlabError into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except LatentlabError as e:
+        if _DEBUG["on"] or "--debug" in sys.argv:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished files are kept; unfinished ones were not written")
+        sys.exit(130)
+    except Exception as e:
+        # Usage errors. typer >= 0.29 raises its vendored click's exceptions (typer._click), not
+        # click's, so match the protocol (show() + exit_code) rather than a class.
+        kind = type(e).__name__
+        if kind == "Abort":
+            sys.exit(130)
+        if kind == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+

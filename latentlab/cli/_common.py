@@ -1,0 +1,87 @@
+"""What every command shares: the typer app, consoles, common options and small loaders."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from latentlab.errors import LatentlabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="latentlab: find, measure and steer era and persona latents in language models.",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+_DEBUG = {"on": False}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, hub id or local HF folder.")]
+AdapterOpt = Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder to merge into a copy of the model.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA when present).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    _DEBUG["on"] = debug
+    if not debug:
+        warnings.filterwarnings("ignore")
+        import logging
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _command_line() -> str:
+    return "latentlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+
+
+DirectionOpt = Annotated[
+    str, typer.Option(help="era, persona, a contrast-pair JSONL, or a saved direction .safetensors.")
+]
+OutOpt = Annotated[Path, typer.Option(help="Run folder to write.")]
+DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery"}
+
+
+def _pairs_source(direction: str) -> str:
+    from latentlab.data import BUILTIN_DATASETS
+
+    if direction in BUILTIN_DATASETS or Path(direction).suffix == ".jsonl":
+        return direction
+    raise LatentlabError(
+        f"--direction {direction!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
+        "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
+    )
+
+
+def _load(model: str, adapter: Path | None, device: str, dtype: str):  # noqa: ANN202
+    from latentlab.models import load_model
+
+    return load_model(model, adapter=adapter, device=device, dtype=dtype)
+
+
+
+
+def _direction_for(get_model, direction: str, out: Path):  # noqa: ANN001, ANN202
+    """A saved direction, or fit one (all layers) on ``get_model()`` and save it into the run folder.
+
+    ``get_model`` is a model or a zero-argument loader, so a saved direction costs no model load.
+    """
+    from latentlab.directions import Direction, direction_and_probes
+
+    if Path(direction).suffix == ".safetensors":
+        return Direction.load(direction)
+    m = get_model() if callable(get_model) else get_model
+    d, _ = direction_and_probes(m, _pairs_source(direction), "all")
+    d.save(out / f"direction-{d.name}")
+    return d
+
