@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from jaxtyping import Float, Int
@@ -245,6 +245,39 @@ class ActivationSet:
 # --------------------------------------------------------------------------------------------
 
 
+@overload
+def collect(
+    model: LoadedModel,
+    data: Any,
+    layers: Sequence[int] | str | None = "all",
+    position: Position = "last",
+    batch_size: int = 16,
+    out: str | Path | None = None,
+    shard_size: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+    load: Literal[True] = True,
+) -> ActivationSet: ...
+
+
+@overload
+def collect(
+    model: LoadedModel,
+    data: Any,
+    layers: Sequence[int] | str | None = "all",
+    position: Position = "last",
+    batch_size: int = 16,
+    out: str | Path | None = None,
+    shard_size: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+    *,
+    load: Literal[False],
+) -> None: ...
+
+
 def collect(
     model: LoadedModel,
     data: Any,
@@ -351,3 +384,19 @@ def collect(
             base += int(o[-1])
         return ActivationSet(torch.cat(kept), layer_list, position, torch.cat(offs), info)
     return ActivationSet(torch.cat(kept), layer_list, position, None, info)
+
+
+def last_token_acts(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    layers: Sequence[int] | str | None = "all",
+    progress: bool = False,
+    batch_size: int = 16,
+) -> Float[Tensor, "n n_layers d_model"]:
+    """Residual stream at the last prompt token, each prompt rendered for this model (chat template
+    for instruct models, ``Q: ...\\nA:`` for base ones): how shift, SAE shift and monitoring read
+    unrelated prompts. The forward stops after the deepest requested layer."""
+    from latentlab.data import render_prompt
+
+    rendered = [render_prompt(p, model.tokenizer) for p in prompts]
+    return collect(model, rendered, layers, "last", batch_size=batch_size, progress=progress).acts

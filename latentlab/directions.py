@@ -150,7 +150,6 @@ def collect_pairs(
         position = "response_mean"  # answers to a prompt: the answer carries the persona
     a = collect(model, pos, layers, position, batch_size=batch_size, progress=progress)
     b = collect(model, neg, layers, position, batch_size=batch_size, progress=progress)
-    assert a is not None and b is not None
     return a, b
 
 

@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentlab.activations import collect
-from latentlab.data import BatteryItem, Chat, Example, render_chat, render_prompt
+from latentlab.activations import collect, last_token_acts
+from latentlab.data import BatteryItem, Chat, Example, render_chat
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
 from latentlab.models import LoadedModel, load_model
@@ -59,14 +59,6 @@ def checkpoint_adapters(run: str | Path) -> dict[str, Path]:
     if not found:
         raise LatentlabError(f"{run} has no complete checkpoints", "pass the --out folder of `latentlab finetune`")
     return found
-
-
-def last_token_acts(model: LoadedModel, prompts: Sequence[str], progress: bool = False) -> Float[Tensor, "n layers d"]:
-    """Residual stream at the last prompt token (prompt rendered for this model), all layers."""
-    rendered = [render_prompt(p, model.tokenizer) for p in prompts]
-    acts = collect(model, rendered, "all", "last", progress=progress)
-    assert acts is not None
-    return acts.acts
 
 
 def projection_stats(
@@ -214,7 +206,6 @@ def screen_dataset(
     own_ex = [Example(p + o, p) for p, o in zip(prompts, own)]
     a = collect(model, train_ex, "all", "response_mean", batch_size=batch_size, progress=progress)
     b = collect(model, own_ex, "all", "response_mean", batch_size=batch_size, progress=progress)
-    assert a is not None and b is not None
     units = direction.units()
     scores = ((a.acts - b.acts) * units).sum(-1)  # [n, layers]
     return {
