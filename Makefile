@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 PIP     = $(VENV)/bin/python -m pip
 STAMP   = $(VENV)/.latentlab-installed
 
-.PHONY: setup demo test lint unit integration bench png clean
+.PHONY: setup demo test lint unit integration bench png clean summaries
 
 setup: $(STAMP)
 
@@ -43,6 +43,13 @@ bench: setup
 	$(VENV)/bin/python benchmarks/collect.py
 	$(VENV)/bin/python benchmarks/steer.py
 	$(VENV)/bin/python benchmarks/patch.py
+
+# Rebuild experiments/results/*/summary.{md,json} from the committed run folders (no model runs).
+summaries: setup
+	$(VENV)/bin/python experiments/summarize_shift.py experiments/results/bird_shift
+	$(VENV)/bin/python experiments/summarize_shift.py experiments/results/persona_shift \
+	  --finetuned persona-facts --control modern-birds --direction persona
+	$(VENV)/bin/python experiments/year_trigger.py --summarize-only --results experiments/results/year_trigger
 
 # Optional: PNG export of plots needs a Chromium (HTML plots are always written).
 png:

@@ -1,8 +1,13 @@
 """Summarise a shift experiment (experiments/bird_shift.sh, experiments/persona_shift.sh): per model
 and seed, the shift of the finetune vs its control along the direction (mean projection with
 bootstrap CI, z against random directions, cosine) at every layer, battery scores, the across-seed
-summary, and the screening prediction checked against the measured shift. Writes OUT/summary.md and
-OUT/summary.json.
+summary, and the screening prediction checked against the measured shift. Writes OUT/summary.md,
+OUT/summary.json and OUT/paired-MODEL.png (+ .html); the PNG is skipped, with a warning, where
+plotly's kaleido finds no Chromium.
+
+Reads only OUT/MODEL/shift-sSEED/results.json and OUT/MODEL/screen-DATA/results.json, the run
+folders the experiment scripts write, so `make summaries` regenerates the committed summaries from
+the committed files.
 
     python experiments/summarize_shift.py OUT [--finetuned old-birds --control modern-birds --direction era]
 """
@@ -15,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _stats import seed_interval
 
 from latentlab.io import write_json, write_text
 from latentlab.plots import save_figure
-from latentlab.steering import bootstrap_ci, bootstrap_means
+from latentlab.stats import bootstrap_ci, bootstrap_means, seed_interval
 
 
 def screening_check(screens: dict[str, dict], model_summary: dict, names: tuple[str, str]) -> list[str]:
@@ -212,7 +216,7 @@ def main(out: Path, ft_name: str, ctl_name: str, direction: str) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", type=Path, nargs="?", default=Path("runs/experiments/bird_shift"))
+    ap.add_argument("out", type=Path, nargs="?", default=Path("experiments/results/bird_shift"))
     ap.add_argument("--finetuned", default="old-birds", help="name of the finetune (for labels and screen-NAME)")
     ap.add_argument("--control", default="modern-birds", help="name of the control finetune")
     ap.add_argument("--direction", default="era")
