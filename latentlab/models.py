@@ -246,6 +246,9 @@ class ModelInfo:
     adapter_fingerprint: str | None = None
     has_chat_template: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    family: str | None = None  # the text config's model_type (llama, gemma3_text, gpt2, ...)
+    source_architecture: str | None = None  # the checkpoint's class when only its language model is loaded
+    device_map: dict[str, str] | None = None  # module -> device, when loaded with a device map
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,6 +261,41 @@ class LoadedModel:
     bridge: Any  # transformer_lens.model_bridge.TransformerBridge
     tokenizer: Any
     info: ModelInfo
+    lora: Any = field(default=None, repr=False)  # latentlab.adapters.LoraBank shared by views of one base
+    adapter_label: str | None = None  # the adapter this view switches on (None: the base itself)
+
+    def forward_context(self) -> Any:
+        """Context every forward pass runs in: switches this view's adapter on (or all off)."""
+        if self.lora is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return self.lora.activate(self.adapter_label)
+
+    def with_adapter(self, adapter: str | Path, label: str | None = None) -> LoadedModel:
+        """This base plus a LoRA adapter, sharing the base weights (no second copy).
+
+        The view's forward passes add the adapter's ``s B A x`` through hooks; the base's own
+        passes (and other views') stay untouched. Use it to compare a base with several finetunes
+        and controls in the memory of one model. ``adapter``: a PEFT folder or a ``latentlab
+        finetune`` run folder.
+        """
+        from latentlab.adapters import LoraBank
+
+        path = resolve_adapter(adapter)
+        check_adapter(path, self.info.name, self.info.base_fingerprint)
+        if self.adapter_label is not None or self.info.adapter is not None:
+            raise LatentlabError(
+                f"{self.info.name} already carries adapter {self.info.adapter}", "call with_adapter on the base model"
+            )
+        if self.lora is None:
+            self.lora = LoraBank(self.hf_model)
+        label = label or f"{path.resolve()}"
+        self.lora.add(label, path)
+        info = ModelInfo(
+            **{**self.info.to_dict(), "adapter": str(path), "adapter_fingerprint": adapter_fingerprint(path)}
+        )
+        return LoadedModel(self.bridge, self.tokenizer, info, self.lora, label)
 
     @property
     def n_layers(self) -> int:
@@ -329,22 +367,115 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """'auto'/None picks CUDA when present, else CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LatentlabError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LatentlabError(f"unknown device {device!r}", "use --device cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LatentlabError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LatentlabError(
+                f"--device {dev} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or --device-map auto",
+            )
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype to load in; None means bfloat16 on CUDA and float32 on CPU.
+
+    ``device`` (default CPU, for the None case) is where the model will run; bfloat16 on a GPU that
+    lacks it is refused with a hint instead of failing deep inside a kernel.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise LatentlabError(f"unknown dtype {dtype!r}", f"use one of {', '.join(table)}")
-    return table[dtype]
+        dt = torch.bfloat16 if dev.type == "cuda" and _cuda_bf16(dev) else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        key = str(dtype).replace("torch.", "")
+        if key not in DTYPES:
+            raise LatentlabError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+        dt = DTYPES[key]
+    if dt == torch.bfloat16 and dev.type == "cuda" and not _cuda_bf16(dev):
+        raise LatentlabError(
+            f"{torch.cuda.get_device_name(dev)} has no bfloat16 support", "use --dtype float16 or --dtype float32"
+        )
+    return dt
+
+
+def _cuda_bf16(dev: torch.device) -> bool:
+    try:
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    except (RuntimeError, AssertionError):  # pragma: no cover - broken driver
+        return False
+
+
+def resolve_device_map(device_map: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """Check an accelerate device map: 'auto' / 'balanced' / 'sequential' / a device, or a dict
+    module name -> device. Names a device this machine does not have."""
+    if device_map is None:
+        return None
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if isinstance(device_map, str):
+        if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return device_map
+        values: list[Any] = [device_map]
+    elif isinstance(device_map, dict):
+        values = list(device_map.values())
+    else:
+        raise LatentlabError(
+            f"cannot read device map {device_map!r}", "pass 'auto' or a dict of module name -> device"
+        )
+    for v in values:
+        if isinstance(v, int) or (isinstance(v, str) and v.isdigit()):
+            i = int(v)
+            ok, shown = i < n_gpu, f"cuda:{i}"
+        elif isinstance(v, (str, torch.device)) and str(v) in ("cpu", "disk", "meta"):
+            continue
+        else:
+            try:
+                d = torch.device(v)
+            except (RuntimeError, TypeError):
+                raise LatentlabError(
+                    f"device map names {v!r}, which is not a device", "use cpu, cuda:N, N or 'auto'"
+                ) from None
+            ok, shown = d.type == "cuda" and (d.index or 0) < n_gpu, str(d)
+            if d.type == "cpu":
+                continue
+        if not ok:
+            raise LatentlabError(
+                f"device map names {shown}, which does not exist (this machine has {n_gpu} CUDA GPU(s))",
+                "use --device-map auto, or name only devices this machine has",
+            )
+    return device_map
+
+
+def _check_placement(model: Any) -> None:
+    """Refuse placements whose hooks would be wrong: the bridge computes from the modules' own
+    parameters, which accelerate's disk/meta offload (and CPU offload next to GPUs) replaces."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    kinds = {str(v).lower() if isinstance(v, str) else "cuda" for v in placed.values()}
+    if kinds & {"disk", "meta"} or ({"cpu"} <= kinds and "cuda" in {k.split(":")[0] for k in kinds}):
+        where = sorted(kinds)
+        raise LatentlabError(
+            f"the model does not fit the GPUs: the device map offloads part of it ({', '.join(where)}), which "
+            "TransformerBridge hooks cannot see",
+            "use --dtype bfloat16, more or bigger GPUs (--device-map auto spreads over all of them), or an "
+            "all-CPU map (--device cpu)",
+        )
+
+
+def _oom_error(e: BaseException, where: str) -> LatentlabError:
+    return LatentlabError(
+        f"out of memory while {where}: {first_line(e)}",
+        "use --device-map auto (spread over all GPUs) or --dtype bfloat16, or a smaller model",
+    )
 
 
 def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str, str | None]:
@@ -368,23 +499,51 @@ def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str,
     )
 
 
-def _load_hf(source: Path | str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load_hf(
+    source: Path | str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    device_map: str | dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> tuple[Any, Any]:
+    """(HF causal LM, tokenizer), weights read straight in ``dtype`` onto ``device`` / ``device_map``.
+
+    No float32 CPU copy on the way: transformers materialises each tensor once, in the target dtype,
+    on its target device (accelerate's device map when given). A multimodal checkpoint
+    (``Gemma3ForConditionalGeneration``) comes back as its language model (:func:`arch.language_model_of`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from latentlab import arch
+
     hf_logging.disable_progress_bar()  # latentlab shows its own progress; a bar per load is noise
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager", "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif device is not None and device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}  # straight onto the GPU, never a CPU copy first
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         # Eager attention: the bridge's attention-pattern hooks need it, and on CPU with short
         # prompts it costs nothing measurable (benchmarks/collect.py).
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            from transformers import AutoModelForImageTextToText  # multimodal without a causal-LM mapping
+
+            model = AutoModelForImageTextToText.from_pretrained(str(source), **kwargs)
+    except torch.OutOfMemoryError as e:
+        raise _oom_error(e, f"loading {source!s} in {str(dtype).replace('torch.', '')}") from None
     except (OSError, ValueError) as e:  # ValueError: a config or tokenizer transformers cannot read
         raise LatentlabError(
             f"cannot load model {source!s}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
             "check the name; this machine has no model hub, so use a local folder or a built-in",
         ) from None
+    _check_placement(model)
+    model = arch.language_model_of(model)
     # A folder without tokenizer files still "loads" in transformers 5: an empty tokenizer that maps
     # every word to <unk>. Activations of that are silently meaningless.
     probe = tok("The quick brown fox", add_special_tokens=False)["input_ids"]
@@ -428,10 +587,23 @@ def _check_adapter_base_name(adapter: Path, base_name: str) -> None:
         )
 
 
-def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> Any:
-    """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched)."""
-    from peft import PeftModel
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter folder, or a ``latentlab finetune`` run folder holding ``adapter/``."""
+    p = Path(path).expanduser()
+    if (p / "adapter_config.json").exists():
+        return p
+    if (p / "adapter" / "adapter_config.json").exists():
+        return p / "adapter"
+    if not p.exists():
+        raise LatentlabError(f"adapter folder {p} does not exist", "pass the --out folder of `latentlab finetune`")
+    raise LatentlabError(
+        f"{p} holds no LoRA adapter (no adapter_config.json)",
+        "pass the --out folder of `latentlab finetune` or an adapter folder (PEFT's save_pretrained)",
+    )
 
+
+def check_adapter(adapter: Path, base_name: str, base_fp: str) -> None:
+    """Refuse an adapter folder that is missing, not LoRA, or recorded as trained on another base."""
     if not adapter.is_dir():
         raise LatentlabError(
             f"adapter folder {adapter} does not exist", "pass the folder written by `latentlab finetune`"
@@ -448,6 +620,25 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
             raise LatentlabError(
                 f"adapter {adapter} was trained on another base model (fingerprint {recorded}, "
                 f"this base {base_name} is {base_fp})",
+                "load the adapter with the base model it was trained on",
+            )
+
+
+def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> Any:
+    """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched)."""
+    from peft import PeftModel
+
+    check_adapter(adapter, base_name, base_fp)
+    manifest = adapter / "latentlab_adapter.json"
+    from latentlab import arch
+
+    targets = read_json(adapter / "adapter_config.json").get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        missing = arch.missing_lora_targets(model, list(targets))
+        if missing:
+            raise LatentlabError(
+                f"adapter {adapter} targets modules {', '.join(sorted(missing))}, which {base_name} "
+                f"({arch.family(model.config)}) does not have",
                 "load the adapter with the base model it was trained on",
             )
     with warnings.catch_warnings(record=True) as caught:
@@ -478,35 +669,58 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a built-in name, hub id or local HF folder (+ optional LoRA adapter) as a hooked model.
 
     Each call builds its own copy of the weights, so a base and its finetune can be loaded side by
     side without the merge touching the base.
+
+    ``device``: 'auto'/None = CUDA when present, else CPU. ``dtype``: None = bfloat16 on CUDA,
+    float32 on CPU. ``device_map``: an accelerate device map ('auto' spreads a model too big for one
+    GPU over all GPUs; or a dict module name -> device); weights are read straight in ``dtype`` onto
+    their devices. Hooks and early stopping work across devices; offload to disk/meta, or to CPU
+    next to GPUs, is refused (the bridge's components would not see the offloaded weights).
+    A multimodal checkpoint (Gemma 3 4B-27B) loads as its language model.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from latentlab import arch
+
+    dmap = resolve_device_map(device_map)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    if dmap is not None and device is None and isinstance(dmap, str) and dmap not in ("auto", "balanced",
+                                                                                     "balanced_low_0", "sequential"):
+        dev = torch.device(dmap)
+    dt = resolve_dtype(dtype, dev if dmap is None else ("cuda" if torch.cuda.is_available() else "cpu"))
     name, source, base_fp = _resolve_source(name_or_path, progress)
-    model, tok = _load_hf(source, dt, trust_remote_code)
+    model, tok = _load_hf(source, dt, trust_remote_code, device_map=dmap, device=dev)
     if base_fp is None:
         base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
     adapter_path, adapter_fp = None, None
-    if adapter is not None:
-        adapter_path = Path(adapter).expanduser()
-        model = _merge_adapter(model, adapter_path, name, base_fp)
-        adapter_fp = adapter_fingerprint(adapter_path)
-    model = model.to(dev).eval()
+    try:
+        if adapter is not None:
+            adapter_path = Path(adapter).expanduser()
+            model = _merge_adapter(model, adapter_path, name, base_fp)
+            adapter_fp = adapter_fingerprint(adapter_path)
+        if dmap is None:
+            model = model.to(dev)  # a no-op when the weights were loaded onto dev
+        model = model.eval()
+    except torch.OutOfMemoryError as e:
+        raise _oom_error(e, f"placing {name} on {dev}") from None
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        dev = _first_device(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(str(source), hf_model=model, tokenizer=tok, dtype=dt)
     bridge.eval()
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = arch.text_config(model.config)
+    source_arch = getattr(model.config, "latentlab_source_architecture", None)
     info = ModelInfo(
         name=name,
         path=str(source),
-        architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+        architecture=arch.architecture_name(model),
         n_layers=int(cfg.num_hidden_layers),
         d_model=int(cfg.hidden_size),
         d_vocab=int(cfg.vocab_size),
@@ -516,8 +730,17 @@ def load_model(
         adapter=str(adapter_path) if adapter_path else None,
         adapter_fingerprint=adapter_fp,
         has_chat_template=bool(getattr(bridge.tokenizer, "chat_template", None)),
+        family=arch.family(model.config),
+        source_architecture=source_arch,
+        device_map={k: str(v) for k, v in placed.items()} if placed else None,
     )
     return LoadedModel(bridge=bridge, tokenizer=bridge.tokenizer, info=info)
+
+
+def _first_device(model: Any) -> torch.device:
+    """Where inputs go under a device map: the input embedding's device."""
+    emb = model.get_input_embeddings()
+    return next(emb.parameters()).device
 
 
 def list_models() -> list[dict[str, Any]]:

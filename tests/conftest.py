@@ -245,3 +245,75 @@ def trainable_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config.initializer_range = 0.2
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-gemma-trainable", config, seed=1234,
                            chat_template=CHAT_TEMPLATE)
+
+
+# --------------------------------------------------------------------------------------------
+# The family matrix (tests/test_families.py): one tiny random model per common HF family.
+# --------------------------------------------------------------------------------------------
+
+
+def _family_common() -> dict[str, Any]:
+    return {"vocab_size": TINY_VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tiny_family_config(family: str) -> Any:
+    """A 2-layer, 32-64 wide random config of one HF family (the family matrix's models)."""
+    import transformers as tf
+
+    c = _family_common()
+    attn = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 512}
+    if family == "llama":
+        return tf.LlamaConfig(**attn, **c, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    if family == "qwen2":
+        return tf.Qwen2Config(**attn, **c, tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
+    if family == "qwen3":
+        return tf.Qwen3Config(**attn, **c, head_dim=8, tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"])
+    if family == "mistral":
+        return tf.MistralConfig(**attn, **c, head_dim=8, sliding_window=None, tie_word_embeddings=False,
+                                architectures=["MistralForCausalLM"])
+    if family == "gemma2":
+        return tf.Gemma2Config(**attn, **c, head_dim=8, sliding_window=16, final_logit_softcapping=5.0,
+                               attn_logit_softcapping=20.0, architectures=["Gemma2ForCausalLM"])
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**attn, **c, head_dim=8, sliding_window=16,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   architectures=["Gemma3ForCausalLM"])
+    if family == "gemma3-mm":
+        text = tf.Gemma3TextConfig(**attn, **c, head_dim=8, sliding_window=16,
+                                   layer_types=["sliding_attention", "full_attention"])
+        vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=4)
+        return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                               image_token_index=TINY_VOCAB - 1, boi_token_index=TINY_VOCAB - 2,
+                               eoi_token_index=TINY_VOCAB - 3, architectures=["Gemma3ForConditionalGeneration"],
+                               **{k: v for k, v in c.items() if k != "vocab_size"})
+    if family == "phi3":
+        return tf.Phi3Config(**attn, **c, tie_word_embeddings=False, architectures=["Phi3ForCausalLM"])
+    if family == "olmo2":
+        return tf.Olmo2Config(**attn, **c, tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"])
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **c,
+                             architectures=["GPT2LMHeadModel"])
+    if family == "gpt-neox":
+        return tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=512, rotary_pct=0.25, tie_word_embeddings=False, **c,
+                                architectures=["GPTNeoXForCausalLM"])
+    raise KeyError(family)
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gemma3-mm", "phi3", "olmo2", "gpt2",
+            "gpt-neox")
+
+
+def save_tiny_family(folder: Path, family: str, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """Save a tiny random model of ``family`` (any auto class: multimodal too) with the char tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = tiny_family_config(family)
+    torch.manual_seed(seed)
+    cls = AutoModelForImageTextToText if family == "gemma3-mm" else AutoModelForCausalLM
+    model = cls.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(folder))
+    make_char_tokenizer(chat_template).save_pretrained(str(folder))
+    return folder
