@@ -17,6 +17,8 @@ template (instruct) or not (base, rendered as ``Q: ...\\nA: ...``).
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -277,38 +279,134 @@ def load_prompts(path: str | Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def render_chat(chat: Chat | Sequence[dict[str, str]], tokenizer: Any) -> Example:
+# Variables passed to every chat template (a template ignores those it does not use):
+# - date_string: Llama 3.x writes "Today Date: <date_string>" (3.2 defaults to today's date);
+# - enable_thinking=False: Qwen3 writes its empty <think></think> block into the generation prompt,
+#   so the prompt/response boundary and generation see the same tokens.
+_TEMPLATE_DATE_LINES = re.compile(r"(?m)^(?:Cutting Knowledge Date|Today Date|Current Date|Knowledge Cutoff)"
+                                  r":[^\n]*\n\n?")
+_MONTHS = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*"
+_DATE_PATTERN = re.compile(rf"\b(?:1[5-9]\d\d|20\d\d)\b|\b\d{{1,2}} {_MONTHS} \d{{2,4}}\b|\b{_MONTHS} \d{{4}}\b")
+_warned_templates: set[str] = set()
+
+
+def _template_kwargs(date: str | None) -> dict[str, Any]:
+    return {"date_string": date if date is not None else "", "enable_thinking": False}
+
+
+def _with_system(messages: Sequence[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    msgs = [dict(m) for m in messages]
+    if system is not None and not any(m.get("role") == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
+                    date: str | None) -> str:
+    kwargs = _template_kwargs(date)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except Exception as e:  # jinja2 TemplateError raised by the template itself, e.g. Gemma 2's
+        if not (messages and messages[0].get("role") == "system") or "system" not in str(e).lower():
+            raise
+        # "System role not supported": put the system text at the start of the first user turn
+        sys_text, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+        if rest and rest[0].get("role") == "user":
+            rest[0]["content"] = f"{sys_text}\n\n{rest[0]['content']}"
+        else:
+            rest.insert(0, {"role": "user", "content": sys_text})
+        text = tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    if date is None:  # no date by default: drop the date lines the template wrote itself
+        written = "\n".join(m.get("content", "") for m in messages)
+        text = _TEMPLATE_DATE_LINES.sub(lambda m: "" if m.group(0).strip() not in written else m.group(0), text)
+    return str(text)
+
+
+def _warn_injected_date(text: str, messages: Sequence[dict[str, str]], tokenizer: Any) -> None:
+    """Warn once per template when a rendered prompt holds a date that no message contains."""
+    written = " ".join(m.get("content", "") for m in messages)
+    injected = sorted({d for d in _DATE_PATTERN.findall(text) if d not in written})
+    key = str(getattr(tokenizer, "chat_template", "") or "")[:2000]
+    if injected and key not in _warned_templates:
+        _warned_templates.add(key)
+        warnings.warn(
+            f"latentlab: the chat template writes a date into every prompt ({', '.join(injected[:3])}) that the "
+            "data does not contain: a confound for an era study. Pass date=... / a system prompt explicitly, or "
+            "use a template without it.",
+            stacklevel=4,
+        )
+
+
+def render_chat(chat: Chat | Sequence[dict[str, str]], tokenizer: Any, *, system: str | None = None,
+                date: str | None = None) -> Example:
     """Render a conversation as (prompt, prompt+response) text for this tokenizer.
 
     Instruct models use their chat template; base models get ``Q: ...\\nA: ...``, the format the
-    reference bird-name finetune used.
+    reference bird-name finetune used. ``system``: a system prompt (unless the chat has one; a
+    template without a system role gets it at the start of the first user turn). ``date``: None (the
+    default) writes no date where the template would inject one (Llama 3.x's "Cutting Knowledge Date /
+    Today Date" lines are dropped); a string is passed as the template's ``date_string``. Qwen3
+    templates render with ``enable_thinking=False``. A date in the rendered prompt that the messages
+    do not contain is warned about once.
     """
     if not isinstance(chat, Chat):
         chat = Chat(tuple((m["role"], m["content"]) for m in chat))
     meta = dict(chat.meta)
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(chat.prompt_messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            [*chat.prompt_messages, {"role": "assistant", "content": chat.response}], tokenize=False
-        )
+        msgs = _with_system(chat.prompt_messages, system)
+        prompt = _apply_template(tokenizer, msgs, True, date)
+        full = _apply_template(tokenizer, [*msgs, {"role": "assistant", "content": chat.response}], False, date)
         if not full.startswith(prompt):  # templates that rewrite history: fall back to concatenation
             full = prompt + chat.response
+        _warn_injected_date(prompt, msgs, tokenizer)
         return Example(full, prompt, meta)
-    prompt = render_prompt(chat.prompt_messages, tokenizer)
+    prompt = render_prompt(chat.prompt_messages, tokenizer, system=system, date=date)
     return Example(prompt + " " + chat.response, prompt, meta)
 
 
-def render_prompt(messages: Sequence[dict[str, str]] | str, tokenizer: Any) -> str:
-    """A user prompt ready for generation (chat template with generation prompt, or ``Q: ..\\nA:``)."""
+def render_prompt(messages: Sequence[dict[str, str]] | str, tokenizer: Any, *, system: str | None = None,
+                  date: str | None = None) -> str:
+    """A user prompt ready for generation (chat template with generation prompt, or ``Q: ..\\nA:``).
+
+    ``system`` and ``date`` as in :func:`render_chat`.
+    """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
+    msgs = _with_system(messages, system)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = _apply_template(tokenizer, msgs, True, date)
+        _warn_injected_date(text, msgs, tokenizer)
+        return text
     lines = []
-    for m in messages:
+    for m in msgs:
         tag = {"user": "Q:", "assistant": "A:", "system": ""}.get(m["role"], m["role"] + ":")
         lines.append(f"{tag} {m['content']}".strip())
     return "\n".join(lines) + "\nA:"
+
+
+def rendered_example(data: Any, tokenizer: Any, *, system: str | None = None,
+                     date: str | None = None) -> dict[str, Any]:
+    """Exactly what the model sees for one example, for a run's manifest.
+
+    ``data``: a string (a prompt), a Chat, a message list or an Example. Returns ``{"text", "prompt",
+    "format"}``: the full rendered text, the prompt part (None for plain text) and how it was
+    rendered ('chat_template', 'qa' for a base model's Q/A format, or 'text').
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(data, Example) and "_record" in data.meta:
+        data = data.meta["_record"]
+    if isinstance(data, Example):
+        ex = data
+        fmt = "text" if ex.prompt is None else ("chat_template" if has_template else "qa")
+        return {"text": ex.text, "prompt": ex.prompt, "format": fmt}
+    fmt = "chat_template" if has_template else "qa"
+    if isinstance(data, str):
+        p = render_prompt(data, tokenizer, system=system, date=date)
+        return {"text": p, "prompt": p, "format": fmt}
+    ex = render_chat(data, tokenizer, system=system, date=date)
+    return {"text": ex.text, "prompt": ex.prompt, "format": fmt}
 
 
 def pair_examples(pairs: Sequence[Pair], tokenizer: Any) -> tuple[list[Example], list[Example]]:

@@ -70,11 +70,13 @@ class FinetuneResult:
 
 
 def _decoder_layers(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
-    """The decoder's block list (first ModuleList with one entry per layer), for hooking."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise LatentlabError("cannot find the decoder layers of this model", "report the architecture")
+    """The decoder's block list, for hooking (found by :func:`latentlab.arch.decoder_blocks`)."""
+    from latentlab import arch
+
+    layers = arch.decoder_blocks(model)
+    if len(layers) != n_layers:  # pragma: no cover - arch checks against the text config
+        raise LatentlabError(f"the decoder has {len(layers)} blocks, not {n_layers}", "report the architecture")
+    return layers
 
 
 def resid_by_layer(
@@ -175,6 +177,7 @@ def finetune(
     device: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> FinetuneResult:
     """Train a LoRA adapter on chats; writes ``out/adapter`` (+ checkpoints, losses, monitor data).
 
@@ -194,21 +197,30 @@ def finetune(
         raise LatentlabError("the finetuning dataset is empty", "pass at least one chat")
     dev = resolve_device(device)
     name, source, base_fp = _resolve_source(model, progress)
-    hf, tok = _load_hf(source, torch.float32, trust_remote_code=False)
+    from latentlab import arch
+    from latentlab.models import resolve_dtype
+
+    dt = resolve_dtype(dtype, dev)
+    hf, tok = _load_hf(source, dt, trust_remote_code=False, device=dev)
     if base_fp is None:
         from latentlab.io import fingerprint_weights
 
         base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
     n_layers = int(hf.config.get_text_config().num_hidden_layers)
     torch.manual_seed(cfg.seed)
+    targets = cfg.target_modules or arch.default_lora_targets(hf)
+    if isinstance(targets, str) and targets != "all-linear" and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    arch.check_lora_targets(hf, targets)
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
+        fan_in_fan_out=arch.lora_fan_in_fan_out(hf),  # GPT-2's Conv1D stores weights (in, out)
         task_type="CAUSAL_LM",
     )
-    pm = get_peft_model(hf, lora).to(dev)
+    pm = get_peft_model(hf, lora, autocast_adapter_dtype=True).to(dev)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows = _tokenise(chats, tok, cfg.max_length)
