@@ -48,6 +48,12 @@ _EXPORTS = {
     "latent_shift": "latentlab.sae",
     "analyze_latent_shift": "latentlab.sae",
     "LatentShift": "latentlab.sae",
+    "SAETrainRunConfig": "latentlab.sae",
+    "SAELatentsConfig": "latentlab.sae",
+    "SAEShiftConfig": "latentlab.sae",
+    "run_sae_train": "latentlab.sae",
+    "run_sae_latents": "latentlab.sae",
+    "run_sae_shift": "latentlab.sae",
     "plots": "latentlab.plots",
 }
 

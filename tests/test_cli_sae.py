@@ -39,6 +39,10 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> dic
     g = torch.Generator().manual_seed(0)
     Direction(torch.randn(4, 64, generator=g), [0, 1, 2, 3], torch.ones(4), name="marker").save(root / "dir")
     Direction(torch.randn(4, 48, generator=g), [0, 1, 2, 3], torch.ones(4), name="narrow").save(root / "narrow")
+    nan = torch.randn(4, 64, generator=g)
+    nan[LAYER, 3] = float("nan")
+    Direction(nan, [0, 1, 2, 3], torch.ones(4), name="nan").save(root / "nan")
+    Direction(torch.zeros(4, 64), [0, 1, 2, 3], torch.ones(4), name="zero").save(root / "zero")
     make_lora_adapter(tiny_gemma_dir, root / "control-lora", seed=11)
     return {
         "root": root,
@@ -46,6 +50,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> dic
         "empty": root / "empty.jsonl",
         "direction": root / "dir.safetensors",
         "narrow": root / "narrow.safetensors",
+        "nan": root / "nan.safetensors",
+        "zero": root / "zero.safetensors",
         "control": root / "control-lora",
     }
 
@@ -122,6 +128,8 @@ def test_sae_shift(sae_run: dict[str, Any], files: dict[str, Path], tiny_gemma_d
     assert (out / "latent_shift.html").exists() and (out / "decomposition.html").exists()
     m = read(out, "manifest.json")
     assert m["status"] == "complete" and set(m["models"]) == {"base", "finetuned", "control"}
+    assert m["config"]["k"] == 5 and m["config"]["n_boot"] == 200 and m["config"]["control"] == str(files["control"])
+    assert set(m["config"]) >= {"finetuned", "sae", "base", "direction", "prompts", "layer", "seed", "device", "dtype"}
     assert m["models"]["control"]["adapter"] == str(files["control"])
     assert "SAE error" in stdout and f"#{res['top'][0]['latent']}" in stdout
 
@@ -130,8 +138,8 @@ def test_sae_shift_nan_activations_are_one_line(sae_run: dict[str, Any], files: 
                                                 tiny_gemma_dir: Path, gemma_lora_dir: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr("latentlab.sae.prompt_acts", lambda m, p, layer, progress=False: torch.full((len(p), 64),
-                                                                                                    float("nan")))
+    monkeypatch.setattr("latentlab.activations.last_token_acts",
+                        lambda m, p, layers, progress=False: torch.full((len(p), len(layers), 64), float("nan")))
     code, _, err = run_cli(monkeypatch, capsys, "sae", "shift", "--base", str(tiny_gemma_dir), "--finetuned",
                            str(gemma_lora_dir), "--sae", str(sae_run["out"]), "--prompts", str(files["prompts"]),
                            "--out", str(tmp_path / "o"), "--device", "cpu")
@@ -180,3 +188,78 @@ def test_sae_shift_on_a_model_of_another_width(sae_run: dict[str, Any], files: d
 def test_sae_help_lists_the_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(monkeypatch, capsys, "sae", "--help")
     assert code == 0 and all(c in out for c in ("train", "latents", "shift"))
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("latents_k0", ("k must be >= 1", "--k 1")),
+        ("latents_few_random", ("n_random must be >= 20",)),
+        ("latents_nan_direction", ("nan direction", "NaN")),
+        ("latents_zero_direction", ("zero direction", "all zero")),
+        ("shift_k0", ("k must be >= 1",)),
+        ("shift_few_boot", ("n_boot must be >= 100",)),
+        ("shift_nan_direction", ("nan direction", "NaN")),
+        ("shift_zero_direction", ("zero direction", "all zero")),
+        ("shift_narrow_direction", ("width 48", "width 64")),
+        ("shift_missing_control", ("no-control", "Fix:")),
+        ("shift_missing_finetuned", ("no-finetune", "Fix:")),
+        ("train_k0", ("k must be >= 1",)),
+        ("train_steps0", ("steps must be >= 1",)),
+        ("train_bad_eval_fraction", ("eval_fraction",)),
+        ("train_bad_device", ("unknown device",)),
+    ],
+)
+def test_bad_inputs_fail_before_a_model_loads_and_leave_out_alone(
+    case: str, needles: tuple[str, ...], sae_run: dict[str, Any], files: dict[str, Path], tiny_gemma_dir: Path,
+    gemma_lora_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One `error: ... Fix: ...` line, exit 2, no model loaded, and an existing --out folder as it was."""
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "results.json").write_text('{"kept": true}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def no_model(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("latentlab.models.load_model", no_model)
+    sae = str(sae_run["out"])
+    lat = ["sae", "latents", "--sae", sae, "--out", str(out), "--device", "cpu"]
+    shift = ["sae", "shift", "--base", str(tiny_gemma_dir), "--sae", sae, "--prompts", str(files["prompts"]),
+             "--out", str(out), "--device", "cpu"]
+    ft = ["--finetuned", str(gemma_lora_dir)]
+    train = ["sae", "train", "--model", str(tiny_gemma_dir), "--layer", "1", "--out", str(out), *TRAIN_ARGS]
+    args = {
+        "latents_k0": [*lat, "--direction", str(files["direction"]), "--k", "0"],
+        "latents_few_random": [*lat, "--direction", str(files["direction"]), "--n-random", "5"],
+        "latents_nan_direction": [*lat, "--direction", str(files["nan"])],
+        "latents_zero_direction": [*lat, "--direction", str(files["zero"])],
+        "shift_k0": [*shift, *ft, "--k", "0"],
+        "shift_few_boot": [*shift, *ft, "--n-boot", "10"],
+        "shift_nan_direction": [*shift, *ft, "--direction", str(files["nan"])],
+        "shift_zero_direction": [*shift, *ft, "--direction", str(files["zero"])],
+        "shift_narrow_direction": [*shift, *ft, "--direction", str(files["narrow"])],
+        "shift_missing_control": [*shift, *ft, "--control", str(tmp_path / "no-control")],
+        "shift_missing_finetuned": [*shift, "--finetuned", str(tmp_path / "no-finetune")],
+        "train_k0": [*train, "--k", "0"],
+        "train_steps0": [*train, "--steps", "0"],
+        "train_bad_eval_fraction": [*train, "--eval-fraction", "1.5"],
+        "train_bad_device": [*train[:-2], "--device", "tpu"],
+    }[case]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert_one_line_error(code, err, *needles)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_library_functions_run_a_command_from_a_notebook(sae_run: dict[str, Any], files: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """run_sae_latents is what `latentlab sae latents` calls: same config, same run folder."""
+    import latentlab as ll
+
+    cfg = ll.SAELatentsConfig(sae=str(sae_run["out"]), direction=str(files["direction"]), k=2, out=tmp_path / "nb",
+                              device="cpu")
+    res = ll.run_sae_latents(cfg, progress=False)
+    m = read(tmp_path / "nb", "manifest.json")
+    assert m["status"] == "complete" and m["config"]["k"] == 2 and m["config"]["n_random"] == 200
+    assert read(tmp_path / "nb", "results.json")["top_positive"] == json.loads(json.dumps(res.top_positive))

@@ -23,8 +23,12 @@ from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
 from latentlab.io import load_tensors, save_tensors
 from latentlab.sae import (
+    SAELatentsConfig,
+    SAEShiftConfig,
     SAETrainConfig,
     SAETraining,
+    SAETrainRunConfig,
+    analyze_latent_shift,
     check_sae,
     decoder_vectors,
     direction_latents,
@@ -381,9 +385,9 @@ def test_latent_shift_recovers_a_planted_change(tmp_path: Path) -> None:
 
 
 def test_projection_interval_is_the_one_latentlab_shift_reports() -> None:
-    """The decomposition's projection CI is steering.bootstrap_ci of the per-prompt projections (the
+    """The decomposition's projection CI is stats.bootstrap_ci of the per-prompt projections (the
     statistic `latentlab shift` reports), for the same seed: one resampler, not a copy of it."""
-    from latentlab.steering import bootstrap_ci
+    from latentlab.stats import bootstrap_ci
 
     p = planted(seed=3)
     sae, base, v = p["sae"], p["base"], p["v"]
@@ -429,6 +433,12 @@ def test_latent_shift_errors() -> None:
         latent_shift(sae, base, base[:, :48])
     with pytest.raises(LatentlabError, match="no prompts"):
         latent_shift(sae, base[:0], base[:0])
+    with pytest.raises(LatentlabError, match="one prompt gives no interval"):
+        latent_shift(sae, base[:1], base[:1])  # no CI from one prompt (it would be NaN in results.json)
+    with pytest.raises(LatentlabError, match="k must be >= 1.*--k 1"):
+        latent_shift(sae, base, base, k=0)
+    with pytest.raises(LatentlabError, match="n_boot must be >= 100"):
+        latent_shift(sae, base, base, n_boot=10)
     with pytest.raises(LatentlabError, match="not layer 3"):
         latent_shift(sae, base, base, layer=3)
 
@@ -456,14 +466,115 @@ def test_sae_plots_are_written(tmp_path: Path) -> None:
 
 def test_trained_sae_feeds_the_analyses(trained: SAETraining, tiny_gemma: Any, load_tiny: Callable[..., Any],
                                         tiny_gemma_dir: Path, gemma_lora_dir: Path) -> None:
-    """End to end on the tiny model: base vs LoRA activations at the SAE's layer through latent_shift."""
-    from latentlab.sae import prompt_acts
+    """End to end on the tiny model: base vs LoRA activations at the SAE's layer through latent_shift,
+    and analyze_latent_shift on the loaded base gives the same numbers."""
+    from latentlab.activations import last_token_acts
 
     prompts = phrases(12, seed=9)
-    base = prompt_acts(tiny_gemma, prompts, LAYER)
-    ft = prompt_acts(load_tiny(tiny_gemma_dir, adapter=gemma_lora_dir), prompts, LAYER)
-    res = latent_shift(trained.sae, base, ft, full_direction(torch.randn(D_IN)), k=5)
+    base = last_token_acts(tiny_gemma, prompts, [LAYER])[:, 0]
+    ft = last_token_acts(load_tiny(tiny_gemma_dir, adapter=gemma_lora_dir), prompts, [LAYER])[:, 0]
+    direction = full_direction(torch.randn(D_IN))
+    res = latent_shift(trained.sae, base, ft, direction, k=5)
     d = res.decomposition["finetuned"]
     assert d["latent_term"] + d["error_term"] == pytest.approx(d["projection"], rel=1e-4, abs=1e-4)
     assert len(res.top) == 5 and res.meta["n_prompts"] == 12
     assert res.meta["sae"]["base_fingerprint"] == tiny_gemma.info.base_fingerprint
+
+    again = analyze_latent_shift(tiny_gemma, gemma_lora_dir, trained.sae, prompts, direction, k=5, progress=False)
+    assert torch.allclose(again.mean_change["finetuned"], res.mean_change["finetuned"], atol=1e-5)
+    assert [r["latent"] for r in again.top] == [r["latent"] for r in res.top]
+    assert set(again.meta["models"]) == {"base", "finetuned"}
+    assert again.meta["models"]["finetuned"]["adapter"] == str(gemma_lora_dir)
+    assert again.meta["models"]["base"]["adapter"] is None and "warning" not in again.meta
+    with pytest.raises(LatentlabError, match="adapter"):
+        analyze_latent_shift(tiny_gemma, gemma_lora_dir, trained.sae, prompts, control=tiny_gemma_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs validate themselves; statistics come from latentlab.stats.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"k": 0}, "k must be >= 1"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be > 0"),
+        ({"eval_fraction": 1.0}, "eval_fraction"),
+        ({"eval_fraction": -0.1}, "eval_fraction"),
+        ({"architecture": "gated"}, "--architecture"),
+        ({"expansion": 0}, "expansion must be >= 1"),
+        ({"d_sae": 0}, "d_sae must be >= 1"),
+        ({"d_sae": 8, "k": 9}, "k=9"),
+        ({"l1_coefficient": -1.0}, "l1_coefficient"),
+        ({"device": "tpu"}, "unknown device"),
+    ],
+)
+def test_sae_train_config_validates_itself(kwargs: dict[str, Any], needle: str) -> None:
+    with pytest.raises(LatentlabError, match=needle) as e:
+        SAETrainConfig(**kwargs)
+    assert "Fix:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_command_configs_validate_themselves(tmp_path: Path) -> None:
+    with pytest.raises(LatentlabError, match="k must be >= 1"):
+        SAELatentsConfig(sae="s", direction="era", k=0)
+    with pytest.raises(LatentlabError, match="n_random must be >= 20.*--n-random 20"):
+        SAELatentsConfig(sae="s", direction="era", n_random=5)
+    with pytest.raises(LatentlabError, match="unknown dtype"):
+        SAELatentsConfig(sae="s", direction="era", dtype="float8")
+    with pytest.raises(LatentlabError, match="n_boot must be >= 100"):
+        SAEShiftConfig(finetuned=tmp_path, sae="s", n_boot=10)
+    with pytest.raises(LatentlabError, match="k must be >= 1"):
+        SAEShiftConfig(finetuned=tmp_path, sae="s", k=0)
+    with pytest.raises(LatentlabError, match="no data"):
+        SAETrainRunConfig(out=tmp_path, layer=1, data=[])
+    with pytest.raises(LatentlabError, match="steps must be >= 1"):
+        SAETrainRunConfig(out=tmp_path, layer=1, sae={"steps": 0})  # type: ignore[arg-type]
+    from dataclasses import asdict
+
+    cfg = SAETrainRunConfig(out=tmp_path, layer=1, sae=SAETrainConfig(d_sae=64))
+    rec = asdict(cfg)  # what the manifest records
+    assert rec["layer"] == 1 and rec["data"] == ["unrelated"] and rec["sae"]["d_sae"] == 64
+    assert SAETrainRunConfig(**rec) == cfg
+    assert asdict(SAEShiftConfig(finetuned=tmp_path, sae="s"))["control"] is None
+
+
+def test_random_directions_are_the_shared_seeded_draw() -> None:
+    """direction_latents' chance level uses stats.random_units: the old inline draw, bit for bit."""
+    sae = make_sae(d_sae=128, orthonormal=False, seed=4)
+    res = direction_latents(sae, torch.randn(D_IN), layer=LAYER, n_random=50, seed=3)
+    r = torch.randn(50, D_IN, generator=torch.Generator().manual_seed(3))
+    r = r / r.norm(dim=-1, keepdim=True)
+    dec = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=-1, keepdim=True)
+    assert res.null_max_abs_cos == float((r @ dec.T).abs().amax(-1).quantile(0.95))
+    with pytest.raises(LatentlabError, match="n_random must be >= 20"):
+        direction_latents(sae, torch.randn(D_IN), n_random=0)
+
+
+def test_intervals_are_stats_percentile_intervals() -> None:
+    from latentlab.stats import bootstrap_means
+
+    p = planted(seed=4)
+    sae, base, dec = p["sae"], p["base"], p["dec"]
+    ft = base + 0.3 * torch.randn(base.shape, generator=p["g"]) + dec[3]
+    res = latent_shift(sae, base, ft, k=3, seed=5, n_boot=200)
+    with torch.no_grad():
+        fa, fb = sae.encode(ft), sae.encode(base)
+    order = [r["latent"] for r in res.top]
+    means = bootstrap_means(fa[:, order] - fb[:, order], 200, 5)
+    q = torch.quantile(means, torch.tensor([0.025, 0.975]), dim=0)  # the old inline interval
+    for j, row in enumerate(res.top):
+        assert row["finetuned"]["ci"] == pytest.approx((float(q[0, j]), float(q[1, j])), abs=1e-6)
+
+
+def test_no_shift_gives_no_share_not_nan() -> None:
+    p = planted(seed=5)
+    sae, base = p["sae"], p["base"]
+    res = latent_shift(sae, base, base.clone(), p["dec"][1], k=2, layer=LAYER)
+    d = res.decomposition["finetuned"]
+    assert d["projection"] == 0.0 and d["top_k_share"] is None
+    json.dumps(res.to_dict(), allow_nan=False)

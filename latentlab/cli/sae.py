@@ -1,4 +1,9 @@
-"""``latentlab sae ...``: sparse-autoencoder latents (latentlab.sae)."""
+"""``latentlab sae ...``: sparse-autoencoder latents (latentlab.sae).
+
+Each command parses its options into the stage's config (which validates itself, so a bad option
+fails before any model loads or the --out folder is touched), calls the one library function that
+does the run (:func:`latentlab.sae.run_sae_train`, ``run_sae_latents``, ``run_sae_shift``), and prints.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,10 @@ from latentlab.cli._common import (
     ModelOpt,
     OutOpt,
     _command_line,
-    _direction_for,
-    _load,
     app,
     console,
     out_console,
 )
-from latentlab.errors import LatentlabError
 
 # --------------------------------------------------------------------------------------------
 # latentlab sae ...: sparse-autoencoder latents (latentlab.sae).
@@ -77,48 +79,34 @@ def sae_train(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Train a small SAE (sae-lens) on every token's residual stream at one layer; writes OUT/sae."""
-    from latentlab.data import read_jsonl
-    from latentlab.io import write_json
-    from latentlab.plots import loss_figure, save_figure
-    from latentlab.runs import Run
-    from latentlab.sae import SAETrainConfig, sae_texts, train_sae
+    from latentlab.sae import SAETrainConfig, SAETrainRunConfig, run_sae_train
 
-    if architecture not in ("topk", "standard"):
-        raise LatentlabError(f"--architecture {architecture!r} is not topk or standard", "use topk or standard")
-    sources = data or ["unrelated"]
-    for src in sources:
-        read_jsonl(src)  # missing or empty files fail before a model loads
-    cfg = SAETrainConfig(
-        architecture=architecture,  # type: ignore[arg-type]
-        expansion=expansion,
-        d_sae=d_sae,
-        k=k,
-        l1_coefficient=l1,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        eval_fraction=eval_fraction,
+    cfg = SAETrainRunConfig(
+        out=out,
+        layer=layer,
+        data=data or ["unrelated"],
+        model=model,
+        adapter=adapter,
         device=device,
+        dtype=dtype,
+        sae=SAETrainConfig(
+            architecture=architecture,  # type: ignore[arg-type]
+            expansion=expansion,
+            d_sae=d_sae,
+            k=k,
+            l1_coefficient=l1,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            eval_fraction=eval_fraction,
+            device=device,
+        ),
     )
-    run = Run.start(
-        out,
-        _command_line(),
-        {"data": sources, "model": model, "adapter": adapter, "layer": layer, "sae": cfg.__dict__},
-        seed=seed,
-    )
-    m = _load(model, adapter, device, dtype)
-    run.add_model("model", m.info)
-    layer = m.check_layers([layer])[0]
-    examples, prov = sae_texts(m, sources)
-    res = train_sae(m, examples, layer, config=cfg, out=run.out / "sae", meta=prov)
-    write_json(run.out / "results.json", {"stats": res.stats, "losses": res.losses, "sae": res.meta})
-    fig = loss_figure([r["loss"] for r in res.losses], len(res.losses), f"SAE training loss, layer {layer}")
-    fig.update_layout(yaxis_title="loss (MSE + sparsity/auxiliary, norm-scaled activations)")
-    save_figure(fig, run.out, "loss")
-    run.finish(results={"sae": str(res.path), "stats": res.stats})
+    res = run_sae_train(cfg, _command_line())
     table = Table(
-        title=f"SAE at layer {layer} of {m.info.name}: {res.meta['training']['d_sae']} latents ({architecture})"
+        title=f"SAE at layer {res.meta['layer']} of {res.meta['model']['name']}: "
+        f"{res.meta['training']['d_sae']} latents ({cfg.sae.architecture})"
     )
     table.add_column("statistic")
     split_names = [s for s in ("train", "eval") if s in res.stats]
@@ -130,12 +118,16 @@ def sae_train(
         ("l0", "L0"),
         ("n_tokens", "tokens"),
     ):
-        table.add_row(label, *[f"{res.stats[s][key]:.4g}" for s in split_names])
+        table.add_row(label, *[_fmt(res.stats[s][key]) for s in split_names])
     out_console.print(table)
     out_console.print(
         f"dead latents (never fire on any token): {res.stats['dead_fraction']:.1%}; loss "
         f"{res.stats['initial_loss']:.3g} -> {res.stats['final_loss']:.3g}; SAE -> {res.path}"
     )
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
 
 
 @sae_app.command("latents")
@@ -147,34 +139,28 @@ def sae_latents(
     out: OutOpt = Path("runs/sae-latents"),
     layer: SaeLayerOpt = None,
     k: Annotated[int, typer.Option(help="Top latents to report on each side.")] = 10,
-    n_random: Annotated[int, typer.Option(help="Random directions for the chance level of |cos|.")] = 200,
+    n_random: Annotated[int, typer.Option(help="Random directions for the chance level of |cos| (>= 20).")] = 200,
     model: ModelOpt = "gemma-3-270m",
     seed: Annotated[int, typer.Option(help="Seed for the random directions.")] = 0,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Which SAE latents write along a direction: decoder cosines, top latents, chance level."""
-    from latentlab.io import save_tensors, write_json
-    from latentlab.plots import sae_direction_figure, save_figure
-    from latentlab.runs import Run
-    from latentlab.sae import direction_latents, load_sae
+    from latentlab.sae import SAELatentsConfig, run_sae_latents
 
-    s = load_sae(sae, device=device, layer=layer)
-    run = Run.start(
-        out,
-        _command_line(),
-        {"sae": sae, "direction": direction, "layer": layer, "k": k, "n_random": n_random},
+    cfg = SAELatentsConfig(
+        sae=sae,
+        direction=direction,
+        out=out,
+        layer=layer,
+        k=k,
+        n_random=n_random,
+        model=model,
         seed=seed,
+        device=device,
+        dtype=dtype,
     )
-    d = _direction_for(lambda: _load(model, None, device, "float32"), direction, run.out)
-    res = direction_latents(s, d, layer, k=k, n_random=n_random, seed=seed)
-    write_json(run.out / "results.json", res.to_dict())
-    save_tensors(
-        run.out / "latents",
-        {"cosines": res.cosines, "encoder_cosines": res.encoder_cosines},
-        {"layer": res.layer, "direction": res.direction, "sae": sae},
-    )
-    save_figure(sae_direction_figure(res), run.out, "direction_latents")
-    run.finish(results={"layer": res.layer, "top_positive": res.top_positive[:3], "top_negative": res.top_negative[:3]})
+    res = run_sae_latents(cfg, _command_line())
     table = Table(
         title=f"SAE latents along the {res.direction} direction at layer {res.layer} ({res.d_sae} latents); "
         f"chance level of the best |cos|: {res.null_max_abs_cos:.2f}"
@@ -194,7 +180,7 @@ def sae_latents(
         )
     out_console.print(table)
     out_console.print(
-        f"* above the random-direction chance level; results.json, latents.safetensors and plot in {run.out}"
+        f"* above the random-direction chance level; results.json, latents.safetensors and plot in {cfg.out}"
     )
 
 
@@ -211,67 +197,34 @@ def sae_shift(
     prompts: Annotated[str, typer.Option(help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")] = "unrelated",
     layer: SaeLayerOpt = None,
     k: Annotated[int, typer.Option(help="Top latents to report.")] = 20,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs (>= 100).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap.")] = 0,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Which SAE latents a finetune moved on unrelated prompts (vs base and vs a control), and how much of
     its shift along a direction they carry."""
-    from latentlab.data import load_prompts
-    from latentlab.io import save_tensors, write_json
-    from latentlab.plots import latent_shift_figure, save_figure, shift_decomposition_figure
-    from latentlab.runs import Run
-    from latentlab.sae import analyze_latent_shift, load_sae
-    from latentlab.shift import resolve_adapter
+    from latentlab.sae import SAEShiftConfig, run_sae_shift
 
-    plist = load_prompts(prompts)
-    resolve_adapter(finetuned)
-    if control is not None:
-        resolve_adapter(control)
-    s = load_sae(sae, device=device, layer=layer)
-    run = Run.start(
-        out,
-        _command_line(),
-        {
-            "base": base,
-            "finetuned": finetuned,
-            "control": control,
-            "sae": sae,
-            "direction": direction,
-            "prompts": prompts,
-            "layer": layer,
-            "k": k,
-            "n_boot": n_boot,
-        },
-        seed=seed,
-    )
-    d = None
-    if direction is not None:
-        d = _direction_for(lambda: _load(base, None, device, "float32"), direction, run.out)
-    res = analyze_latent_shift(
-        base,
-        finetuned,
-        s,
-        plist,
-        d,
-        control,
-        layer,
+    cfg = SAEShiftConfig(
+        finetuned=finetuned,
+        sae=sae,
+        out=out,
+        base=base,
+        control=control,
+        direction=direction,
+        prompts=prompts,
+        layer=layer,
         k=k,
         n_boot=n_boot,
         seed=seed,
-        device=None if device == "auto" else device,
+        device=device,
+        dtype=dtype,
     )
-    write_json(run.out / "results.json", res.to_dict())
-    save_tensors(run.out / "latent_shift", res.tensors(), {"layer": res.layer, "comparisons": res.comparisons})
-    save_figure(latent_shift_figure(res), run.out, "latent_shift")
-    if res.decomposition:
-        save_figure(shift_decomposition_figure(res), run.out, "decomposition")
-    for role, info in res.meta["models"].items():
-        run.add_model(role, info)
-    run.finish(results={"layer": res.layer, "top": res.top[:5], "decomposition": res.decomposition})
+    res = run_sae_shift(cfg, _command_line())
     table = Table(
         title=f"SAE latents moved most at layer {res.layer} (ranked by {res.primary}; "
-        f"mean activation change \\[bootstrap 95% CI] over {len(plist)} prompts)"
+        f"mean activation change \\[bootstrap 95% CI] over {res.meta['n_prompts']} prompts)"
     )
     table.add_column("rank", justify="right")
     table.add_column("latent", justify="right")
@@ -297,6 +250,4 @@ def sae_shift(
         )
     if "warning" in res.meta:
         console.print(f"warning: {res.meta['warning']}")
-    out_console.print(f"results.json, latent_shift.safetensors and plots in {run.out}")
-
-
+    out_console.print(f"results.json, latent_shift.safetensors and plots in {cfg.out}")
