@@ -131,7 +131,7 @@ def run_resid(
         return hook
 
     hooks = [*extra_hooks, *((resid_hook_name(layer), make_hook(layer)) for layer in layers)]
-    with torch.inference_mode():
+    with torch.inference_mode(), model.forward_context():
         model.bridge.run_with_hooks(ids, fwd_hooks=hooks, attention_mask=mask, return_type=None, use_cache=False)
     missing = [layer for layer in layers if layer not in store]
     if missing:  # pragma: no cover - would mean the bridge renamed its hooks

@@ -21,6 +21,7 @@ from latentlab.data import Pair, dataset_hash, load_pairs, pair_examples
 from latentlab.errors import LatentlabError
 from latentlab.io import load_tensors, save_tensors
 from latentlab.models import LoadedModel
+from latentlab.stats import norm_matched
 
 Method = Literal["mean_diff", "pca"]
 
@@ -59,6 +60,39 @@ class Direction:
     def units(self) -> Float[Tensor, "n_layers d_model"]:
         return self.vectors / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
+    def validate(self, source: str | Path | None = None) -> Direction:
+        """Refuse NaN/inf or all-zero vectors (a broken fit or file): they would steer or project nothing."""
+        where = f" in {source}" if source is not None else ""
+        if not bool(torch.isfinite(self.vectors).all()):
+            raise LatentlabError(f"the {self.name} direction{where} holds NaN or infinite values", "refit it")
+        zero = [layer for layer, n in zip(self.layers, self.vectors.norm(dim=-1).tolist()) if n == 0.0]
+        if zero:
+            raise LatentlabError(
+                f"the {self.name} direction{where} is all zeros at layer(s) {zero[:6]}", "refit the direction"
+            )
+        if self.vectors.shape[0] != len(self.layers):
+            raise LatentlabError(f"the {self.name} direction{where} is malformed (vectors != layers)", "refit it")
+        return self
+
+    def check(self, model: Any, layers: Sequence[int] | None = None) -> Direction:
+        """Usable on ``model`` (a LoadedModel): same width, and every layer in ``layers`` (default: all)."""
+        self.validate()
+        d = self.vectors.shape[-1]
+        if d != model.d_model:
+            raise LatentlabError(
+                f"the {self.name} direction has width {d}, but {model.info.name} has d_model {model.d_model}",
+                "use a direction fitted on this model",
+            )
+        need = list(range(model.n_layers)) if layers is None else list(layers)
+        missing = [layer for layer in need if layer not in self.layers]
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise LatentlabError(
+                f"the {self.name} direction lacks layer(s) {shown} of {model.info.name}",
+                "fit it with --layers all, or choose layers it has",
+            )
+        return self
+
     def save(self, path: str | Path) -> Path:
         meta = {
             **self.meta,
@@ -86,7 +120,9 @@ class Direction:
         name, layers, position, method = (meta.pop(k) for k in ("name", "layers", "position", "method"))
         meta.pop("norms", None)
         meta.pop("resid_norms", None)
-        return cls(t["vectors"], layers, t["resid_norms"], name, position, method, meta)
+        if "vectors" not in t or "resid_norms" not in t:
+            raise LatentlabError(f"{p} is not a latentlab direction (no vectors tensor)", "pass a direction file")
+        return cls(t["vectors"], layers, t["resid_norms"], name, position, method, meta).validate(p)
 
 
 def fit_direction(
@@ -182,10 +218,7 @@ def find_direction(
 
 def random_directions(like: Direction, n: int, seed: int = 0) -> Float[Tensor, "n n_layers d_model"]:
     """``n`` random Gaussian directions per layer, norm-matched to ``like``'s vectors (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn((n, *like.vectors.shape), generator=g)
-    r = r / r.norm(dim=-1, keepdim=True)
-    return r * like.vectors.norm(dim=-1, keepdim=True).unsqueeze(0)
+    return norm_matched(like.vectors, n, seed)
 
 
 def source_name(source: str | Path) -> str:

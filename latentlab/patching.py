@@ -24,23 +24,39 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentlab.activations import pad_batch, pad_id_of, resid_hook_name, run_resid
+from latentlab.activations import pad_batch, pad_id_of, run_resid
 from latentlab.data import BatteryItem
 from latentlab.errors import LatentlabError
+from latentlab.interventions import Hook, hook_name, patch_hook
 from latentlab.models import LoadedModel
-from latentlab.steering import _sequences, bootstrap_ci, completion_logprobs
+from latentlab.scoring import battery_sequences, score_conditions, sequence_logprobs
+from latentlab.stats import bootstrap_ci, check_finite, random_units
 
 Component = Literal["resid", "attn", "mlp"]
 Mode = Literal["full", "direction", "random"]
 DEFAULT_POSITIONS = ("all", "prompt", "-1", "-2", "-3", "-4")
 
 
-def hook_name(component: str, layer: int) -> str:
-    if component == "resid":
-        return resid_hook_name(layer)
-    if component in ("attn", "mlp"):
-        return f"blocks.{layer}.hook_{component}_out"
-    raise LatentlabError(f"unknown component {component!r}", "use resid, attn or mlp")
+def check_positions(positions: Sequence[str]) -> list[str]:
+    """Validate position classes: ``all``, ``prompt`` or a negative offset from the prompt's end."""
+    out = [p.strip() for p in positions if p.strip()]
+    if not out:
+        raise LatentlabError("no positions to patch", "pass e.g. --positions all,prompt,-1")
+    for p in out:
+        if p in ("all", "prompt"):
+            continue
+        try:
+            k = int(p)
+        except ValueError:
+            raise LatentlabError(
+                f"unknown position {p!r}", "use all, prompt, or -1, -2, ... (from the prompt's end)"
+            ) from None
+        if k >= 0:
+            raise LatentlabError(
+                f"position {p!r} counts from the prompt's start, which patches nothing here",
+                "use negative offsets from the prompt's end: -1 is the last prompt token",
+            )
+    return out
 
 
 def _positions(spec: str, plen: int, length: int) -> list[int]:
@@ -54,7 +70,7 @@ def _positions(spec: str, plen: int, length: int) -> list[int]:
         raise LatentlabError(
             f"unknown position {spec!r}", "use all, prompt, or -1, -2, ... (from the prompt's end)"
         ) from None
-    if k >= 0 or plen + k < 0:
+    if plen + k < 0:
         return []  # prompt too short for this offset: the cell patches nothing for this item
     return [plen + k]
 
@@ -122,12 +138,8 @@ def _unit_vectors(mode: str, layers: Sequence[int], direction: Any, d_model: int
         if direction is None:
             raise LatentlabError("direction-only patching needs a direction", "pass --direction")
         return {layer: direction.unit(layer) for layer in layers}
-    g = torch.Generator().manual_seed(seed)
-    vecs = {}
-    for layer in layers:
-        r = torch.randn(d_model, generator=g)
-        vecs[layer] = r / r.norm()
-    return vecs
+    r = random_units((len(layers), d_model), seed)
+    return {layer: r[i] for i, layer in enumerate(layers)}
 
 
 def patch_grid(
@@ -152,20 +164,17 @@ def patch_grid(
     """
     from tqdm.auto import tqdm
 
-    if not items:
-        raise LatentlabError("the battery is empty", "pass a battery with at least one item")
+    positions = check_positions(positions)
+    if component not in ("resid", "attn", "mlp"):
+        raise LatentlabError(f"unknown component {component!r}", "use resid, attn or mlp")
     src_model = source or target
     src_items = source_items or items
     if len(src_items) != len(items):
         raise LatentlabError("clean and corrupted batteries differ in length", "pair every item")
     layer_list = target.check_layers(layers)
     n = len(items)
-    t_ids, t_plens = _sequences(
-        target, [i.prompt for i in items] * 2, [i.positive for i in items] + [i.negative for i in items]
-    )
-    s_ids, s_plens = _sequences(
-        src_model, [i.prompt for i in src_items] * 2, [i.positive for i in src_items] + [i.negative for i in src_items]
-    )
+    t_ids, t_plens = battery_sequences(target, items)
+    s_ids, s_plens = battery_sequences(src_model, src_items)
     for a, b, pa, pb in zip(t_ids, s_ids, t_plens, s_plens):
         if len(a) != len(b) or pa != pb:
             raise LatentlabError(
@@ -178,15 +187,10 @@ def patch_grid(
     rows = [(c, s) for c in range(len(cells)) for s in range(2 * n)]
     order = sorted(range(len(rows)), key=lambda r: len(t_ids[rows[r][1]]))
     logp = torch.zeros(len(rows))
-    pad = pad_id_of(target)
-    last = target.n_layers - 1
     bar = tqdm(total=len(rows), desc="patching", unit="seq", disable=not progress)
 
-    def score_batch(seq_idx: list[int], hooks: list[tuple[str, Callable[..., Any]]]) -> Tensor:
-        seqs = [t_ids[s] for s in seq_idx]
-        ids, mask = pad_batch(seqs, pad, target.device)
-        h = run_resid(target, ids, mask, [last], extra_hooks=hooks)[last]
-        return completion_logprobs(target, h, seqs, [t_plens[s] for s in seq_idx])
+    def score_batch(seq_idx: list[int], hooks: list[Hook]) -> Tensor:
+        return sequence_logprobs(target, [t_ids[s] for s in seq_idx], [t_plens[s] for s in seq_idx], hooks)
 
     for b0 in range(0, len(order), batch_size):
         batch = order[b0 : b0 + batch_size]
@@ -212,29 +216,14 @@ def patch_grid(
                     unit[j] = units[mode][layer]
                     use_unit[j] = True
 
-            def hook(
-                t: Tensor,
-                hook: Any,
-                src: Tensor = src,
-                pmask: Tensor = pmask,
-                unit: Tensor = unit,
-                use_unit: Tensor = use_unit,
-            ) -> Tensor:
-                s_ = src.to(t.device, t.dtype)
-                u = unit.to(t.device, t.dtype)[:, None, :]
-                along = t + ((s_ - t) * u).sum(-1, keepdim=True) * u
-                new = torch.where(use_unit.to(t.device)[:, None, None], along, s_)
-                return torch.where(pmask.to(t.device)[..., None], new, t)
-
-            hooks.append((hook_name(component, layer), hook))
+            hooks.append((hook_name(component, layer), patch_hook(src, pmask, unit, use_unit)))
         logp[torch.tensor(batch)] = score_batch(seq_idx, hooks)
         bar.update(len(batch))
     bar.close()
     t_lp = torch.cat([score_batch(list(range(b, min(2 * n, b + batch_size))), []) for b in range(0, 2 * n, batch_size)])
     target_scores = torch.sigmoid(t_lp[:n] - t_lp[n:])
-    from latentlab.steering import score_conditions
-
     source_scores = score_conditions(src_model, src_items, [(None, 0.0)], batch_size=batch_size)[0]
+    check_finite(logp, "patched log-probabilities", "patching")
     per = logp.view(len(cells), 2 * n)
     cell_scores = torch.sigmoid(per[:, :n] - per[:, n:]).mean(1)
     t_mean, s_mean = float(target_scores.mean()), float(source_scores.mean())

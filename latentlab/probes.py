@@ -7,7 +7,6 @@ fixed test split gets a Wilson 95% interval. Fitted probes are stored as safeten
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,7 @@ from jaxtyping import Float
 from latentlab.activations import ActivationSet
 from latentlab.errors import LatentlabError
 from latentlab.io import load_tensors, save_tensors
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (good at small n and near 0 or 1)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from latentlab.stats import wilson_interval
 
 
 def _xy(pos: ActivationSet, neg: ActivationSet, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

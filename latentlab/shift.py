@@ -22,8 +22,7 @@ same prompt.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +35,20 @@ from latentlab.activations import collect, last_token_acts
 from latentlab.data import BatteryItem, Chat, Example, render_chat
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
-from latentlab.models import LoadedModel, load_model
-from latentlab.steering import bootstrap_ci, generate, score_conditions
+from latentlab.generation import generate
+from latentlab.models import LoadedModel, resolve_adapter
+from latentlab.scoring import battery_score
+from latentlab.stats import against_random, bootstrap_ci, check_finite, random_units
 
-
-def resolve_adapter(path: str | Path) -> Path:
-    """An adapter folder, or a ``latentlab finetune`` run folder holding ``adapter/``."""
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        return p
-    if (p / "adapter" / "adapter_config.json").exists():
-        return p / "adapter"
-    raise LatentlabError(
-        f"{p} holds no LoRA adapter", "pass the --out folder of `latentlab finetune` or an adapter folder"
-    )
+__all__ = [
+    "ShiftResult",
+    "analyze_shift",
+    "battery_score",
+    "checkpoint_adapters",
+    "projection_stats",
+    "resolve_adapter",
+    "screen_dataset",
+]
 
 
 def checkpoint_adapters(run: str | Path) -> dict[str, Path]:
@@ -68,16 +67,14 @@ def projection_stats(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Per-layer projection of a shift on unit directions, against random unit directions."""
+    check_finite(diff, "activation differences", "shift")
     proj = (diff * units).sum(-1)  # [n, layers]
     mean_shift = diff.mean(0)  # [layers, d]
     cos = torch.nn.functional.cosine_similarity(mean_shift, units, dim=-1)
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn((n_random, *units.shape), generator=g)
-    r = r / r.norm(dim=-1, keepdim=True)
+    r = random_units((n_random, *units.shape), seed)
     rproj = (mean_shift.unsqueeze(0) * r).sum(-1)  # [n_random, layers]
     real = proj.mean(0)
-    z = (real - rproj.mean(0)) / rproj.std(0).clamp_min(1e-12)
-    pct = (rproj.abs() < real.abs().unsqueeze(0)).float().mean(0) * 100
+    z, pct = against_random(real, rproj)
     return {
         "projection": real.tolist(),
         "projection_ci": [bootstrap_ci(proj[:, i], seed=seed) for i in range(proj.shape[1])],
@@ -110,62 +107,50 @@ class ShiftResult:
         }
 
 
-def battery_score(model: LoadedModel, items: Sequence[BatteryItem]) -> dict[str, Any]:
-    s = score_conditions(model, items, [(None, 0.0)])[0]
-    return {"score": float(s.mean()), "ci": bootstrap_ci(s), "per_item": s.tolist()}
-
-
 def analyze_shift(
-    base: str,
-    finetuned: dict[str, str | Path],
+    base: LoadedModel,
+    finetuned: Mapping[str, str | Path],
     direction: Direction,
     prompts: Sequence[str],
     battery: Sequence[BatteryItem] | None = None,
+    controls: Mapping[str, str | Path] | None = None,
     n_random: int = 100,
     seed: int = 0,
-    device: str | None = None,
     progress: bool = True,
-    controls: dict[str, str | Path] | None = None,
 ) -> ShiftResult:
     """Shift of each finetune (``{label: adapter or finetune run folder}``) relative to ``base``.
 
     ``controls`` (``{label: folder}``) are measured the same way, and every finetune is also
     compared with every control on the same prompts, as ``"<finetune> - <control>"`` in ``stats``.
-    Controls are stored under labels starting with ``control`` (``"control"`` for a single one
-    labelled so, else ``"control:<label>"``); labels in ``finetuned`` that start with ``control``
-    count as controls too. Models are loaded one at a time, so memory holds one model plus the
-    activations.
+    Every adapter is switched on the one loaded base (:meth:`LoadedModel.with_adapter`), so memory
+    holds one model plus the activations, whatever the number of finetunes.
     """
-    finetuned = dict(finetuned)
-    for label, path in (controls or {}).items():
-        finetuned[label if label.startswith("control") else f"control:{label}"] = path
+    controls = dict(controls or {})
+    clash = sorted(set(finetuned) & set(controls))
+    if clash:
+        raise LatentlabError(f"labels used for both a finetune and a control: {clash}", "give each model its own label")
     if not prompts:
         raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
     if n_random < 20:
         raise LatentlabError(f"n_random={n_random} is too few for a percentile", "use at least 20 random directions")
-    m = load_model(base, device=device, progress=progress)
-    if m.n_layers != len(direction.layers) or direction.layers != list(range(m.n_layers)):
-        raise LatentlabError("the direction must cover every layer of the model", "fit it with --layers all")
-    h_base = last_token_acts(m, prompts, progress)
-    batt = {"base": battery_score(m, battery)} if battery else {}
-    info = {"base": m.info.to_dict()}
-    del m
+    check_direction(direction, base)
+    adapters = {label: resolve_adapter(p) for label, p in {**finetuned, **controls}.items()}
+    h_base = last_token_acts(base, prompts, progress=progress)
+    batt = {"base": battery_score(base, battery)} if battery else {}
+    info = {"base": base.info.to_dict()}
     units = direction.units()
     stats = {}
     acts: dict[str, Tensor] = {}
-    for label, adapter in finetuned.items():
-        ft = load_model(base, adapter=resolve_adapter(adapter), device=device, progress=progress)
+    for label, adapter in adapters.items():
+        ft = base.with_adapter(adapter, label=f"shift:{label}:{adapter}")
         info[label] = ft.info.to_dict()
-        h = last_token_acts(ft, prompts, progress)
+        h = last_token_acts(ft, prompts, progress=progress)
         stats[label] = projection_stats(h - h_base, units, n_random, seed)
         acts[label] = h
         if battery:
             batt[label] = battery_score(ft, battery)
-        del ft
-        gc.collect()
     # Paired comparison on the same prompts: what the finetune did beyond its control.
-    controls = [k for k in acts if k.startswith("control")]
-    for label in [k for k in acts if not k.startswith("control")]:
+    for label in finetuned:
         for c in controls:
             stats[f"{label} - {c}"] = projection_stats(acts[label] - acts[c], units, n_random, seed)
     return ShiftResult(
@@ -175,12 +160,18 @@ def analyze_shift(
         batt,
         {
             "models": info,
+            "controls": list(controls),
             "n_prompts": len(prompts),
             "n_random": n_random,
             "seed": seed,
             "direction_meta": direction.meta,
         },
     )
+
+
+def check_direction(direction: Direction, model: LoadedModel, layers: Sequence[int] | None = None) -> None:
+    """A direction usable on ``model``: its width, every needed layer, finite and non-zero vectors."""
+    direction.check(model, layers)
 
 
 def screen_dataset(

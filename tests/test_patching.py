@@ -24,8 +24,9 @@ import latentlab.patching as patching
 from latentlab.data import BatteryItem
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
-from latentlab.patching import capture, hook_name, patch_grid, prefixed
-from latentlab.steering import _sequences, score_conditions
+from latentlab.interventions import hook_name
+from latentlab.patching import capture, patch_grid, prefixed
+from latentlab.scoring import battery_sequences, score_conditions
 
 K = 2  # the perturbed layer of the Gemma pair (4 layers)
 K_L = 1  # the perturbed layer of the Llama pair (3 layers)
@@ -200,7 +201,7 @@ def test_direction_patch_along_the_exact_difference(llama_rank1: tuple[Any, Any,
 def test_mean_difference_direction_beats_random(llama_rank1: tuple[Any, Any, torch.Tensor]) -> None:
     """Patching along the exact mean (source - target) difference, measured, not known in advance."""
     base, changed, u = llama_rank1
-    ids, _ = _sequences(base, [i.prompt for i in ITEMS] * 2, [i.positive for i in ITEMS] + [i.negative for i in ITEMS])
+    ids, _ = battery_sequences(base, ITEMS)
     s, t = capture(changed, ids, [0, 1, 2]), capture(base, ids, [0, 1, 2])
     mean_diff = torch.stack([torch.cat([a - b for a, b in zip(s[layer], t[layer])]).mean(0) for layer in range(3)])
     assert torch.equal(mean_diff[:K_L], torch.zeros(K_L, 48))  # nothing differs before the planted layer

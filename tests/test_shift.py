@@ -133,9 +133,9 @@ def planted(trainable_gemma_dir: Path, marker_direction: Direction, load_tiny: C
     finetune(str(trainable_gemma_dir), control, root / "control", cfg, progress=False)
     tok = load_tiny(trainable_gemma_dir).tokenizer
     battery = [BatteryItem(render_prompt(q, tok), MARKER, c) for q, c in zip(UNRELATED[:6], "abcpqr")]
-    adapters = {"finetuned": root / "marker" / "adapter", "control": root / "control" / "adapter"}
-    res = analyze_shift(str(trainable_gemma_dir), adapters, marker_direction, UNRELATED, battery, n_random=100,
-                        seed=0, device="cpu", progress=False)
+    res = analyze_shift(load_tiny(trainable_gemma_dir), {"finetuned": root / "marker" / "adapter"}, marker_direction,
+                        UNRELATED, battery, controls={"control": root / "control" / "adapter"}, n_random=100,
+                        seed=0, progress=False)
     return {"root": root, "res": res}
 
 
@@ -175,36 +175,49 @@ def test_battery_scores_per_model(planted: dict[str, Any]) -> None:
     assert d["models"]["base"]["adapter"] is None
 
 
-def test_no_battery_no_scores(trainable_gemma_dir: Path, marker_direction: Direction, planted: dict[str, Any]) -> None:
-    res = analyze_shift(str(trainable_gemma_dir), {"ft": planted["root"] / "marker" / "adapter"}, marker_direction,
-                        UNRELATED[:3], n_random=20, progress=False)
+def test_no_battery_no_scores(trainable_gemma_dir: Path, marker_direction: Direction, planted: dict[str, Any],
+                              load_tiny: Callable[..., Any]) -> None:
+    ft = {"ft": planted["root"] / "marker" / "adapter"}
+    res = analyze_shift(load_tiny(trainable_gemma_dir), ft, marker_direction, UNRELATED[:3], n_random=20,
+                        progress=False)
     assert res.battery == {} and len(res.stats["ft"]["projection"]) == 4
     assert len(res.stats["ft"]["projection_ci"]) == 4
 
 
 def test_controls_argument_pairs_each_finetune_with_each_control(trainable_gemma_dir: Path,
                                                                   marker_direction: Direction,
-                                                                  planted: dict[str, Any]) -> None:
-    """controls= is the explicit form of the 'control' label convention; the numbers are the same."""
+                                                                  planted: dict[str, Any],
+                                                                  load_tiny: Callable[..., Any]) -> None:
+    """Controls are explicit (no label convention); each finetune is paired with each control."""
     root = planted["root"]
-    res = analyze_shift(str(trainable_gemma_dir), {"marker": root / "marker"}, marker_direction, UNRELATED[:5],
+    res = analyze_shift(load_tiny(trainable_gemma_dir), {"marker": root / "marker"}, marker_direction, UNRELATED[:5],
                         n_random=20, controls={"letters": root / "control"}, progress=False)
-    assert set(res.stats) == {"marker", "control:letters", "marker - control:letters"}
-    paired = res.stats["marker - control:letters"]["projection"]
-    want = [a - b for a, b in zip(res.stats["marker"]["projection"], res.stats["control:letters"]["projection"])]
+    assert set(res.stats) == {"marker", "letters", "marker - letters"}
+    assert res.meta["controls"] == ["letters"]
+    paired = res.stats["marker - letters"]["projection"]
+    want = [a - b for a, b in zip(res.stats["marker"]["projection"], res.stats["letters"]["projection"])]
     assert paired == pytest.approx(want, abs=1e-3)
 
 
 def test_analyze_shift_refuses_bad_input(trainable_gemma_dir: Path, marker_direction: Direction,
-                                         planted: dict[str, Any]) -> None:
+                                         planted: dict[str, Any], load_tiny: Callable[..., Any]) -> None:
     ft = {"ft": planted["root"] / "marker" / "adapter"}
+    base = load_tiny(trainable_gemma_dir)
     with pytest.raises(LatentlabError, match="no prompts"):
-        analyze_shift(str(trainable_gemma_dir), ft, marker_direction, [], progress=False)
+        analyze_shift(base, ft, marker_direction, [], progress=False)
     with pytest.raises(LatentlabError, match="n_random=19"):
-        analyze_shift(str(trainable_gemma_dir), ft, marker_direction, UNRELATED, n_random=19, progress=False)
+        analyze_shift(base, ft, marker_direction, UNRELATED, n_random=19, progress=False)
     partial = Direction(marker_direction.vectors[1:3], [1, 2], marker_direction.resid_norms[1:3], "partial")
-    with pytest.raises(LatentlabError, match="every layer"):
-        analyze_shift(str(trainable_gemma_dir), ft, partial, UNRELATED, progress=False)
+    with pytest.raises(LatentlabError, match="lacks layer"):
+        analyze_shift(base, ft, partial, UNRELATED, progress=False)
+    with pytest.raises(LatentlabError, match="both a finetune and a control"):
+        analyze_shift(base, ft, marker_direction, UNRELATED, controls=ft, progress=False)
+    nan = Direction(marker_direction.vectors * float("nan"), marker_direction.layers, marker_direction.resid_norms)
+    with pytest.raises(LatentlabError, match="NaN"):
+        analyze_shift(base, ft, nan, UNRELATED, progress=False)
+    wide = Direction(torch.ones(4, 7), [0, 1, 2, 3], marker_direction.resid_norms)
+    with pytest.raises(LatentlabError, match="width 7"):
+        analyze_shift(base, ft, wide, UNRELATED, progress=False)
 
 
 def test_resolve_adapter(planted: dict[str, Any], tmp_path: Path) -> None:
@@ -213,7 +226,7 @@ def test_resolve_adapter(planted: dict[str, Any], tmp_path: Path) -> None:
     assert resolve_adapter(run / "adapter") == run / "adapter"
     assert resolve_adapter(str(run)) == run / "adapter"
     for bad in (tmp_path, tmp_path / "missing"):
-        with pytest.raises(LatentlabError, match="holds no LoRA adapter"):
+        with pytest.raises(LatentlabError, match="holds no LoRA adapter|does not exist"):
             resolve_adapter(bad)
 
 

@@ -16,22 +16,15 @@ import pytest
 import torch
 
 from latentlab.activations import pad_batch, resid_hook_name, run_resid
+from latentlab.arch import final_logits
 from latentlab.data import BatteryItem
 from latentlab.directions import Direction, find_direction
 from latentlab.errors import LatentlabError
-from latentlab.steering import (
-    Condition,
-    Steer,
-    SweepResult,
-    _final_logits,
-    _steer_hooks,
-    bootstrap_ci,
-    candidate_layers,
-    generate,
-    score_conditions,
-    screen_layers,
-    sweep,
-)
+from latentlab.generation import generate
+from latentlab.interventions import Condition, Steer, condition_hooks
+from latentlab.scoring import score_conditions
+from latentlab.stats import bootstrap_ci
+from latentlab.steering import SweepResult, candidate_layers, screen_layers, sweep
 
 ITEMS = [  # completions of similar length, so a random model's scores are not saturated at 0 or 1
     BatteryItem("Q: the dog saw a", " cat", " cot"),
@@ -119,7 +112,7 @@ def test_final_logits_equal_the_bridge_logits(model_name: str, request: pytest.F
     with torch.inference_mode():
         full = model.bridge(ids, return_type="logits")[0].float()
         positions = [0, 5, ids.shape[1] - 1]
-        mine = _final_logits(model, h[0, positions])
+        mine = final_logits(model, h[0, positions])
     assert mine.shape == (3, model.info.d_vocab) and mine.dtype == torch.float32
     torch.testing.assert_close(mine, full[positions], rtol=1e-5, atol=1e-4)
 
@@ -171,7 +164,7 @@ def test_batched_sweep_equals_one_condition_at_a_time(tiny_gemma: Any, gemma_dir
 
 def _resid_with(model: Any, ids: list[int], steer: Steer | None, start: int, layers: list[int]) -> dict[int, Any]:
     tok, mask = pad_batch([ids], 0, model.device)
-    hooks = _steer_hooks([(steer, 1.0)], [0], torch.tensor([start]), model.device) if steer is not None else []
+    hooks = condition_hooks([(steer, 1.0)], [0], torch.tensor([start]), model.device) if steer is not None else []
     return run_resid(model, tok, mask, layers, extra_hooks=hooks)
 
 
@@ -195,9 +188,9 @@ def test_generated_mode_leaves_prompt_positions_alone(tiny_gemma: Any, gemma_dir
 
 def test_unsteered_layers_and_rows_are_untouched(tiny_gemma: Any, gemma_dir_direction: Direction) -> None:
     steer = Steer.from_direction(gemma_dir_direction, 2)
-    hooks = _steer_hooks([(None, 0.0), (steer, 1.0)], [0, 1], torch.tensor([3, 3]), tiny_gemma.device)
+    hooks = condition_hooks([(None, 0.0), (steer, 1.0)], [0, 1], torch.tensor([3, 3]), tiny_gemma.device)
     assert [name for name, _ in hooks] == [resid_hook_name(2)]  # one hook, only at the steered layer
-    assert _steer_hooks([(None, 0.0)], [0, 0], torch.tensor([1, 1]), tiny_gemma.device) == []
+    assert condition_hooks([(None, 0.0)], [0, 0], torch.tensor([1, 1]), tiny_gemma.device) == []
     ids = tiny_gemma.tokenizer("same text twice")["input_ids"]
     tok, mask = pad_batch([ids, ids], 0, tiny_gemma.device)
     out = run_resid(tiny_gemma, tok, mask, [1, 2], extra_hooks=hooks)

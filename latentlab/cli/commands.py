@@ -502,8 +502,14 @@ def shift(
     else:
         for f in finetuned:
             models[f"finetuned:{f.name}" if len(finetuned) > 1 else "finetuned"] = resolve_adapter(f)
+    ctrls: dict[str, Path] = {}
     for c in control or []:
-        models[f"control:{c.name}" if len(control or []) > 1 else "control"] = resolve_adapter(c)
+        ctrls[f"control:{c.name}" if len(control or []) > 1 else "control"] = resolve_adapter(c)
+    if len(models) + len(ctrls) != len(finetuned if not checkpoints else models) + len(control or []):
+        raise LatentlabError(
+            "two --finetuned or --control folders share a name, so their results would overwrite each other",
+            "give each run folder its own name",
+        )
     run = Run.start(
         out,
         _command_line(),
@@ -518,23 +524,16 @@ def shift(
         },
         seed=seed,
     )
-    d = _direction_for(lambda: _load(base, None, device, "float32"), direction, run.out)
-    res = analyze_shift(
-        base,
-        {k: str(v) for k, v in models.items()},
-        d,
-        plist,
-        items,
-        n_random=n_random,
-        seed=seed,
-        device=None if device == "auto" else device,
-    )
+    m = _load(base, None, device, "float32")
+    run.add_model("base", m.info)
+    d = _direction_for(m, direction, run.out)
+    res = analyze_shift(m, models, d, plist, items, controls=ctrls, n_random=n_random, seed=seed)
     write_json(run.out / "results.json", res.to_dict())
     save_figure(shift_figure(res), run.out, "shift")
     save_figure(cosine_figure(res), run.out, "cosine")
     if res.battery:
         save_figure(battery_figure(res.battery, f"{d.name} battery score by model"), run.out, "battery")
-    run.finish(results={"labels": list(models)})
+    run.finish(results={"labels": [*models, *ctrls]})
     table = Table(title=f"shift along {d.name} (mean projection [95% CI], z vs {n_random} random directions)")
     table.add_column("layer", justify="right")
     for label in res.stats:
@@ -645,7 +644,6 @@ def patch(
     from latentlab.patching import patch_grid, prefixed
     from latentlab.plots import patch_heatmap_figure, patch_modes_figure, save_figure
     from latentlab.runs import Run
-    from latentlab.shift import resolve_adapter
 
     items = load_battery(DEFAULT_BATTERY.get(battery, battery))[:n_items]
     pos = [p.strip() for p in positions.split(",") if p.strip()]
@@ -679,7 +677,7 @@ def patch(
         src_items, tgt_items = prefixed(items, clean_prefix or ""), prefixed(items, corrupt_prefix or "")
         labels = ("clean prompt", "corrupted prompt")
     else:
-        ft = _load(base, resolve_adapter(finetuned), device, "float32")  # type: ignore[arg-type]
+        ft = m.with_adapter(finetuned)  # type: ignore[arg-type]  # one base in memory, LoRA switched on
         run.add_model("finetuned", ft.info)
         src, tgt = (m, ft) if reverse else (ft, m)
         labels = ("base", "finetuned") if reverse else ("finetuned", "base")
