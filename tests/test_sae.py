@@ -465,7 +465,7 @@ def test_sae_plots_are_written(tmp_path: Path) -> None:
 
 
 def test_trained_sae_feeds_the_analyses(trained: SAETraining, tiny_gemma: Any, load_tiny: Callable[..., Any],
-                                        tiny_gemma_dir: Path, gemma_lora_dir: Path) -> None:
+                                        tiny_gemma_dir: Path, gemma_lora_dir: Path, tmp_path: Path) -> None:
     """End to end on the tiny model: base vs LoRA activations at the SAE's layer through latent_shift,
     and analyze_latent_shift on the loaded base gives the same numbers."""
     from latentlab.activations import last_token_acts
@@ -486,6 +486,15 @@ def test_trained_sae_feeds_the_analyses(trained: SAETraining, tiny_gemma: Any, l
     assert set(again.meta["models"]) == {"base", "finetuned"}
     assert again.meta["models"]["finetuned"]["adapter"] == str(gemma_lora_dir)
     assert again.meta["models"]["base"]["adapter"] is None and "warning" not in again.meta
+    # a second adapter on the same loaded base: its own numbers, and the first one as the control
+    from conftest import make_lora_adapter
+
+    other = make_lora_adapter(tiny_gemma_dir, tmp_path / "other-lora", seed=21)
+    both = analyze_latent_shift(tiny_gemma, other, trained.sae, prompts, direction, control=gemma_lora_dir, k=5,
+                                progress=False)
+    assert not torch.allclose(both.mean_change["finetuned"], res.mean_change["finetuned"], atol=1e-4)
+    assert torch.allclose(both.mean_change["control"], res.mean_change["finetuned"], atol=1e-5)
+    assert both.meta["models"]["control"]["adapter"] == str(gemma_lora_dir)
     with pytest.raises(LatentlabError, match="adapter"):
         analyze_latent_shift(tiny_gemma, gemma_lora_dir, trained.sae, prompts, control=tiny_gemma_dir)
 

@@ -275,12 +275,14 @@ def _decompose(
     }
 
 
-def with_adapter(base: LoadedModel, adapter: Path, label: str) -> LoadedModel:
+def with_adapter(base: LoadedModel, adapter: Path) -> LoadedModel:
     """``base`` with a LoRA adapter: ``base.with_adapter`` (a view sharing the base weights) where
     :class:`~latentlab.models.LoadedModel` has it, else a merged copy loaded like ``base``."""
     view = getattr(base, "with_adapter", None)
     if view is not None:
-        return cast("LoadedModel", view(adapter, label=label))
+        # No role label: a bank label names one adapter for the life of the base, and the same base
+        # may later be compared with another "finetuned" adapter; the default label is the adapter's path.
+        return cast("LoadedModel", view(adapter))
     from latentlab.models import BUILTINS, load_model
 
     source = base.info.name if base.info.name in BUILTINS else base.info.path
@@ -321,7 +323,7 @@ def analyze_latent_shift(
     info: dict[str, Any] = {"base": base.info.to_dict()}
     acts: dict[str, Tensor] = {"base": last_token_acts(base, prompts, [layer], progress)[:, 0]}
     for label, adapter in adapters.items():
-        m = with_adapter(base, adapter, label)
+        m = with_adapter(base, adapter)
         info[label] = m.info.to_dict()
         acts[label] = last_token_acts(m, prompts, [layer], progress)[:, 0]
         del m
