@@ -23,10 +23,57 @@ from safetensors.torch import load_file, save_file
 from latentlab.errors import LatentlabError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where possible (``/proc/self/status``).
+
+    Why: ``tempfile.mkstemp``/``mkdtemp`` create 0600 files and 0700 folders whatever the umask, so
+    everything renamed into place from them must be given the mode a plain ``open``/``mkdir`` would
+    have, or a team cannot share a model cache or read each other's runs.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # No /proc (macOS, old kernels): set and restore at once. Not thread-safe, but the window is
+    # two system calls, and 0o077 makes anything created meanwhile too private, never too open.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the current umask (0644 for 022)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the current umask (0755 for 022)."""
+    return 0o777 & ~current_umask()
+
+
 def _tmp_sibling(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     return Path(name)
+
+
+def make_temp_dir(parent: str | Path | None, prefix: str) -> Path:
+    """``tempfile.mkdtemp(prefix=prefix, dir=parent)`` with the umask's folder mode, not 0700.
+
+    For folders written in full and then moved into place (:func:`replace_dir`): converted models,
+    checkpoints, adapters. ``parent`` is created if missing; ``None`` means the system temp folder.
+    """
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=None if parent is None else str(parent)))
+    os.chmod(tmp, dir_mode())
+    return tmp
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -52,6 +99,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _tmp_sibling(target)
     try:
         yield tmp
+        # The writer may have replaced the file (or made a folder): give it the umask's mode now.
+        if tmp.exists():
+            os.chmod(tmp, dir_mode() if tmp.is_dir() else file_mode())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

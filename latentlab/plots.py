@@ -7,7 +7,7 @@ say so once and keep going, because the HTML holds the same figure.
 
 from __future__ import annotations
 
-import warnings
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,19 +17,64 @@ import plotly.graph_objects as go
 from latentlab.io import atomic_path
 
 _PNG_STATE: dict[str, Any] = {"ok": None, "why": ""}
+_PLOTLY_JS: dict[str, bytes] = {}  # the bundle, read once
 
 POS_COLOR, NEG_COLOR, RANDOM_COLOR = "#b5542c", "#2c6db5", "#8c8c8c"
 
 
+PNG_HINT = "for PNGs install a Chromium: `make png` (runs `apt-get install chromium`, as root)"
+
+
+def _plotly_js() -> bytes:
+    if "js" not in _PLOTLY_JS:
+        from plotly.offline import get_plotlyjs
+
+        _PLOTLY_JS["js"] = get_plotlyjs().encode("utf-8")
+    return _PLOTLY_JS["js"]
+
+
+def _ensure_plotly_js(folder: Path) -> Path:
+    """Write ``folder/plotly.min.js`` atomically unless a whole copy of this plotly's bundle is there.
+
+    Why not plotly's own copy (``write_html(include_plotlyjs="directory")``): it writes the bundle in
+    place, so an interrupted first plot leaves a truncated one that breaks every HTML in the folder.
+    A copy of another size (truncated by an older latentlab, or another plotly version) is replaced.
+    """
+    js = _plotly_js()
+    target = folder / "plotly.min.js"
+    try:
+        if target.stat().st_size == len(js):
+            return target
+    except OSError:
+        pass
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(js)
+    return target
+
+
+def _report_png_skipped(why: str) -> None:
+    """Say once per process, on stderr, that PNGs are skipped (a warning would be filtered out)."""
+    print(
+        f"latentlab: PNG plots skipped: no Chromium for plotly/kaleido ({why}). "
+        f"HTML plots are written; {PNG_HINT}.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def save_figure(fig: go.Figure, folder: str | Path, stem: str, png: bool = True) -> list[Path]:
-    """Write ``stem.html`` (and ``stem.png`` if possible) into ``folder``; returns the paths written."""
+    """Write ``stem.html`` (and ``stem.png`` if possible) into ``folder``; returns the paths written.
+
+    The list holds only files this call wrote: no PNG where the export failed or was skipped. The
+    first failed PNG export in a process is reported once on stderr; later figures skip PNG quietly.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    _ensure_plotly_js(folder)  # before the HTML, so an HTML on disk always has its bundle
     html = folder / f"{stem}.html"
     with atomic_path(html) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
-    written.append(html)
+        tmp.write_text(fig.to_html(include_plotlyjs="directory", full_html=True), encoding="utf-8")
+    written = [html]
     if png and _PNG_STATE["ok"] is not False:
         target = folder / f"{stem}.png"
         try:
@@ -38,17 +83,17 @@ def save_figure(fig: go.Figure, folder: str | Path, stem: str, png: bool = True)
             _PNG_STATE["ok"] = True
             written.append(target)
         except Exception as e:  # kaleido raises several types when Chromium is missing
-            _PNG_STATE.update(ok=False, why=str(e).splitlines()[0][:160])
-            warnings.warn(
-                "latentlab: PNG export skipped (plotly/kaleido needs a Chromium: `apt-get install chromium`); "
-                f"HTML plots are written. Cause: {_PNG_STATE['why']}",
-                stacklevel=2,
-            )
+            lines = str(e).strip().splitlines()
+            _PNG_STATE.update(ok=False, why=(lines[0] if lines else type(e).__name__)[:160])
+            _report_png_skipped(_PNG_STATE["why"])
     return written
 
 
 def png_available() -> bool | None:
-    """True/False once a PNG export was attempted in this process, None before."""
+    """True/False once a PNG export was attempted in this process, None before.
+
+    Commands print "plots (HTML/PNG)" only when this is True, "plots (HTML)" otherwise.
+    """
     return _PNG_STATE["ok"]
 
 

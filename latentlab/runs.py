@@ -46,6 +46,20 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def _gpu_names(devices: list[str]) -> str | None:
+    """The names of the CUDA devices among ``devices`` ("cuda" is the current one), or None."""
+    names: dict[str, None] = {}
+    for dev in devices:
+        try:
+            d = torch.device(dev)
+            if d.type == "cuda":
+                index = d.index if d.index is not None else torch.cuda.current_device()
+                names[torch.cuda.get_device_name(index)] = None
+        except (RuntimeError, ValueError, AssertionError):  # an unknown device string or index
+            continue
+    return ", ".join(names) or None
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -80,8 +94,21 @@ class Run:
     def finish(self, **extra: Any) -> Path:
         return self._write(status="complete", **extra)
 
+    def devices(self) -> list[str]:
+        """The devices the recorded models ran on (their ``device`` and any device-map entries)."""
+        seen: dict[str, None] = {}
+        for info in self.models.values():
+            if not isinstance(info, dict):
+                continue
+            if info.get("device"):
+                seen[str(info["device"])] = None
+            for dev in (info.get("device_map") or {}).values():
+                seen[str(dev)] = None
+        return list(seen)
+
     def _write(self, status: str, **extra: Any) -> Path:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        devices = self.devices()
+        cuda_available = torch.cuda.is_available()
         manifest = {
             "command": self.command,
             "argv": sys.argv,
@@ -89,8 +116,10 @@ class Run:
             "config": self.config,
             "seed": self.seed,
             "models": self.models,
-            "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            # the device the models ran on (None before a model is added); several: comma-separated
+            "device": ",".join(devices) if devices else None,
+            "cuda_available": cuda_available,
+            "gpu": _gpu_names(devices) if cuda_available else None,
             "started": datetime.fromtimestamp(self.started, tz=timezone.utc).isoformat(),
             "wall_seconds": round(time.time() - self.started, 2),
             "python": platform.python_version(),

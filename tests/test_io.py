@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,9 +13,11 @@ import torch
 from latentlab.errors import LatentlabError
 from latentlab.io import (
     atomic_path,
+    current_umask,
     ensure_writable_dir,
     fingerprint_weights,
     load_tensors,
+    make_temp_dir,
     read_json,
     replace_dir,
     save_tensors,
@@ -125,3 +130,67 @@ def test_replace_dir(tmp_path: Path) -> None:
     replace_dir(new, final)
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_current_umask_reads_without_changing(umask: int) -> None:
+    assert current_umask() == umask
+    assert current_umask() == umask  # still the same: reading it did not reset it
+
+
+def test_written_files_respect_umask(tmp_path: Path, umask: int) -> None:
+    """Results and tensors get the mode a plain open() would give (0644 / 0664), not mkstemp's 0600."""
+    want = 0o666 & ~umask
+    (tmp_path / "plain.txt").write_text("x")
+    assert _mode(tmp_path / "plain.txt") == want  # what "respect the umask" means
+    write_json(tmp_path / "results.json", {"a": 1})
+    write_text(tmp_path / "notes.txt", "hi")
+    save_tensors(tmp_path / "probe", {"w": torch.zeros(3)}, {"layer": 1})
+    for name in ("results.json", "notes.txt", "probe.safetensors", "probe.json"):
+        assert _mode(tmp_path / name) == want, (name, oct(_mode(tmp_path / name)))
+    with atomic_path(tmp_path / "raw.bin") as tmp:
+        tmp.unlink()  # a writer that replaces the file instead of writing into it
+        tmp.write_bytes(b"\0")
+    assert _mode(tmp_path / "raw.bin") == want
+    assert _leftovers(tmp_path) == []
+
+
+def test_make_temp_dir_respects_umask_and_moves_into_place(tmp_path: Path, umask: int) -> None:
+    tmp = make_temp_dir(tmp_path / "cache", ".model.tmp-")  # the parent is created
+    assert tmp.parent == tmp_path / "cache" and tmp.name.startswith(".model.tmp-") and tmp.is_dir()
+    assert _mode(tmp) == 0o777 & ~umask  # 0755 / 0775, not mkdtemp's 0700
+    (tmp / "weights.bin").write_bytes(b"\0")
+    replace_dir(tmp, tmp_path / "cache" / "model")
+    assert _mode(tmp_path / "cache" / "model") == 0o777 & ~umask
+    assert _mode(tmp_path / "cache" / "model" / "weights.bin") == 0o666 & ~umask
+    other = make_temp_dir(None, ".sae-")  # the system temp folder, as for an SAE without --out
+    try:
+        assert _mode(other) == 0o777 & ~umask
+    finally:
+        other.rmdir()
+
+
+def test_current_umask_without_proc(monkeypatch: pytest.MonkeyPatch, umask: int) -> None:
+    """Where /proc is missing, the umask is read by setting and restoring it."""
+    real_open = open
+
+    def no_proc(path: object, *a: object, **kw: object) -> object:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert current_umask() == umask
+    assert current_umask() == umask

@@ -1,4 +1,4 @@
-"""Plots: HTML always (sharing one plotly.min.js per folder), PNG when possible, one warning when not."""
+"""Plots: HTML always (sharing one plotly.min.js per folder), PNG when possible, one stderr line when not."""
 
 from __future__ import annotations
 
@@ -51,19 +51,53 @@ def test_html_and_shared_plotly_js(tmp_path: Path) -> None:
     assert plots.png_available() is None  # png=False never tries
 
 
-def test_png_failure_keeps_html_and_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_png_failure_keeps_html_and_says_so_once_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without Chromium: one plain stderr line (not a warning, which the CLI filters), HTML only."""
     attempts = png_fails(monkeypatch)
-    with pytest.warns(UserWarning, match="PNG export skipped") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the CLI does without --debug: the message still shows
         written = plots.save_figure(small_figure(), tmp_path, "a")
-    assert len(record) == 1 and "Chrome" in str(record[0].message) and "second line" not in str(record[0].message)
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "PNG plots skipped" in lines[0] and "Chrome" in lines[0] and "second line" not in lines[0]
+    assert "make png" in lines[0] and "apt-get install chromium" in lines[0] and "HTML plots are written" in lines[0]
     assert written == [tmp_path / "a.html"] and (tmp_path / "a.html").exists()
     assert not (tmp_path / "a.png").exists()
     assert plots.png_available() is False and len(attempts) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a second figure: no new warning, no new attempt
+        warnings.simplefilter("error")  # a second figure: no warning, no new attempt, no new message
         assert plots.save_figure(small_figure(), tmp_path, "b") == [tmp_path / "b.html"]
-    assert len(attempts) == 1
+    assert len(attempts) == 1 and capsys.readouterr().err == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", "plotly.min.js"]  # no temp files
+
+
+def test_plotly_js_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted first plot leaves no plotly.min.js at all (never a truncated one), and a
+    truncated bundle left by an older version is replaced by a whole one."""
+    from latentlab import io as llio
+
+    def dying_replace(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # Ctrl-C just before the bundle is renamed into place
+
+    monkeypatch.setattr(llio.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        plots.save_figure(small_figure(), tmp_path, "first", png=False)
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temp file, no HTML without its bundle
+    monkeypatch.undo()
+    monkeypatch.setitem(plots._PNG_STATE, "ok", None)
+
+    (tmp_path / "plotly.min.js").write_text("/* truncated by a killed run */", encoding="utf-8")
+    plots.save_figure(small_figure(), tmp_path, "first", png=False)
+    js = (tmp_path / "plotly.min.js").read_bytes()
+    assert js == plots._plotly_js() and len(js) > 100_000
+    mtime = (tmp_path / "plotly.min.js").stat().st_mtime_ns
+    plots.save_figure(small_figure(), tmp_path, "second", png=False)
+    assert (tmp_path / "plotly.min.js").stat().st_mtime_ns == mtime  # a whole bundle is left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.html", "plotly.min.js", "second.html"]
 
 
 def test_png_written_when_export_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,15 +175,14 @@ def test_layer_screen_figure(probe_acc: list[float] | None, tmp_path: Path) -> N
     assert plots.save_figure(fig, tmp_path, "screen", png=False)[0].exists()
 
 
-def test_real_export_never_fails(tmp_path: Path) -> None:
-    """With the real kaleido: a PNG where a Chromium is found, otherwise HTML plus one warning; never an error."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        written = plots.save_figure(small_figure(), tmp_path, "real")
+def test_real_export_never_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With the real kaleido: a PNG where a Chromium is found, otherwise HTML plus one stderr line; never an error."""
+    written = plots.save_figure(small_figure(), tmp_path, "real")
+    err = capsys.readouterr().err
     assert written[0] == tmp_path / "real.html" and written[0].exists()
     if plots.png_available():
         assert written == [tmp_path / "real.html", tmp_path / "real.png"]
         assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert written == [tmp_path / "real.html"]
-        assert sum("PNG export skipped" in str(w.message) for w in caught) == 1
+        assert err.count("PNG plots skipped") == 1 and "make png" in err
