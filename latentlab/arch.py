@@ -134,6 +134,27 @@ def language_model_of(hf_model: Any) -> Any:
     return lm
 
 
+def patch_bridge(bridge: Any, dtype: torch.dtype) -> None:
+    """Work around bridge components that leave the model's dtype (TransformerLens 3.9).
+
+    OLMo 2 in bfloat16: the bridge's rotary attention multiplies bf16 queries/keys by float32
+    cos/sin and, unlike HF's ``apply_rotary_pos_emb``, does not cast back, so the next matmul fails.
+    A permanent hook casts the rotated queries and keys back to the model dtype, which is exactly
+    what the HF forward does.
+    """
+    if dtype == torch.float32:
+        return
+
+    def cast(t: Tensor, hook: Any) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    for name, mod in bridge.named_modules():
+        if name.endswith(("hook_rot_q", "hook_rot_k")) and callable(getattr(mod, "add_hook", None)):
+            if not getattr(mod, "_latentlab_cast", False):
+                mod.add_hook(cast, is_permanent=True)
+                mod._latentlab_cast = True
+
+
 # --------------------------------------------------------------------------------------------
 # Blocks, final norm, unembedding.
 # --------------------------------------------------------------------------------------------

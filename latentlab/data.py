@@ -319,14 +319,33 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generati
         text = tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **kwargs)
     if date is None:  # no date by default: drop the date lines the template wrote itself
-        written = "\n".join(m.get("content", "") for m in messages)
-        text = _TEMPLATE_DATE_LINES.sub(lambda m: "" if m.group(0).strip() not in written else m.group(0), text)
+        text = _strip_template_dates(str(text), messages)
     return str(text)
 
 
-def _warn_injected_date(text: str, messages: Sequence[dict[str, str]], tokenizer: Any) -> None:
-    """Warn once per template when a rendered prompt holds a date that no message contains."""
-    written = " ".join(m.get("content", "") for m in messages)
+def _strip_template_dates(text: str, messages: Sequence[dict[str, str]]) -> str:
+    """Remove the template's own date lines, never text inside a message."""
+    protected, at = [], 0
+    for m in messages:
+        content = m.get("content", "")
+        i = text.find(content, at) if content else -1
+        if i >= 0:
+            protected.append((i, i + len(content)))
+            at = i + len(content)
+    out, last = [], 0
+    for m in _TEMPLATE_DATE_LINES.finditer(text):
+        if any(a < m.end() and m.start() < b for a, b in protected):
+            continue
+        out.append(text[last:m.start()])
+        last = m.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _warn_injected_date(text: str, messages: Sequence[dict[str, str]], tokenizer: Any,
+                        date: str | None = None) -> None:
+    """Warn once per template when a rendered prompt holds a date that no message (nor ``date``) contains."""
+    written = " ".join(m.get("content", "") for m in messages) + " " + (date or "")
     injected = sorted({d for d in _DATE_PATTERN.findall(text) if d not in written})
     key = str(getattr(tokenizer, "chat_template", "") or "")[:2000]
     if injected and key not in _warned_templates:
@@ -360,7 +379,7 @@ def render_chat(chat: Chat | Sequence[dict[str, str]], tokenizer: Any, *, system
         full = _apply_template(tokenizer, [*msgs, {"role": "assistant", "content": chat.response}], False, date)
         if not full.startswith(prompt):  # templates that rewrite history: fall back to concatenation
             full = prompt + chat.response
-        _warn_injected_date(prompt, msgs, tokenizer)
+        _warn_injected_date(prompt, msgs, tokenizer, date)
         return Example(full, prompt, meta)
     prompt = render_prompt(chat.prompt_messages, tokenizer, system=system, date=date)
     return Example(prompt + " " + chat.response, prompt, meta)
@@ -377,7 +396,7 @@ def render_prompt(messages: Sequence[dict[str, str]] | str, tokenizer: Any, *, s
     msgs = _with_system(messages, system)
     if getattr(tokenizer, "chat_template", None):
         text = _apply_template(tokenizer, msgs, True, date)
-        _warn_injected_date(text, msgs, tokenizer)
+        _warn_injected_date(text, msgs, tokenizer, date)
         return text
     lines = []
     for m in msgs:

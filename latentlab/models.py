@@ -436,7 +436,14 @@ def resolve_device_map(device_map: str | dict[str, Any] | None) -> str | dict[st
         if isinstance(v, int) or (isinstance(v, str) and v.isdigit()):
             i = int(v)
             ok, shown = i < n_gpu, f"cuda:{i}"
-        elif isinstance(v, (str, torch.device)) and str(v) in ("cpu", "disk", "meta"):
+        elif isinstance(v, (str, torch.device)) and str(v) in ("disk", "meta"):
+            raise LatentlabError(
+                f"the device map offloads part of the model to {v}, which TransformerBridge hooks cannot see "
+                "(the bridge computes from the modules' own weights)",
+                "use --dtype bfloat16, more or bigger GPUs (--device-map auto spreads over all of them), or an "
+                "all-CPU map (--device cpu)",
+            )
+        elif isinstance(v, (str, torch.device)) and str(v) == "cpu":
             continue
         else:
             try:
@@ -709,12 +716,15 @@ def load_model(
     except torch.OutOfMemoryError as e:
         raise _oom_error(e, f"placing {name} on {dev}") from None
     placed = getattr(model, "hf_device_map", None)
-    if placed:
+    if dmap is not None:
         dev = _first_device(model)
+        if not placed:  # transformers records no map when everything landed on one device
+            placed = dict(dmap) if isinstance(dmap, dict) else {"": str(dmap)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(str(source), hf_model=model, tokenizer=tok, dtype=dt)
     bridge.eval()
+    arch.patch_bridge(bridge, dt)
     cfg = arch.text_config(model.config)
     source_arch = getattr(model.config, "latentlab_source_architecture", None)
     info = ModelInfo(
