@@ -20,6 +20,7 @@ import torch
 
 from latentlab.activations import Example, encode, pad_id_of
 from latentlab.arch import stop_token_ids
+from latentlab.compat import patch_bridge_kv_cache
 from latentlab.errors import LatentlabError
 from latentlab.interventions import Condition, condition_hooks
 from latentlab.models import LoadedModel
@@ -54,6 +55,7 @@ def generate_samples(
     end-of-sequence token (the model's generation config and end-of-turn markers).
     """
     _check(max_new_tokens, temperature, top_p, n)
+    patch_bridge_kv_cache()
     if not prompts:
         return [[] for _ in conditions]
     enc = encode(model, [Example(p) for p in prompts])
