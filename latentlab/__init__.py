@@ -54,6 +54,9 @@ _EXPORTS = {
     "run_sae_train": "latentlab.sae",
     "run_sae_latents": "latentlab.sae",
     "run_sae_shift": "latentlab.sae",
+    "export_gguf": "latentlab.vectors",
+    "import_vector": "latentlab.vectors",
+    "sidecar_fields": "latentlab.vectors",
     "plots": "latentlab.plots",
 }
 
