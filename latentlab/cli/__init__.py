@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
+from latentlab.cli import info as _info  # noqa: F401
 from latentlab.cli import sae as _sae  # noqa: F401
 from latentlab.cli import vectors as _vectors  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console

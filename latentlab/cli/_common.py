@@ -29,8 +29,22 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA wh
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from latentlab import __version__
+
+        typer.echo(f"latentlab {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     _DEBUG["on"] = debug
     if not debug:
         warnings.filterwarnings("ignore")

@@ -29,28 +29,6 @@ from latentlab.errors import LatentlabError
 
 
 @app.command()
-def models() -> None:
-    """List the built-in models, whether each is ready, and its size."""
-    from latentlab.models import latentlab_home, list_models
-
-    table = Table(title=f"built-in models (cache: {latentlab_home()})")
-    for col in ("name", "ready", "status", "GGUF MB", "cache MB", "chat", "description"):
-        table.add_column(col)
-    for r in list_models():
-        ready = "yes" if r["status"] == "ready" else "no"
-        table.add_row(
-            r["name"],
-            ready,
-            r["status"],
-            str(r["gguf_mb"]),
-            str(r["cache_mb"]),
-            "yes" if r["chat"] else "no",
-            r["description"],
-        )
-    out_console.print(table)
-
-
-@app.command()
 def collect(
     data: Annotated[str, typer.Option(help="JSONL file ({'text'} or chat lines) or a built-in dataset name.")],
     out: Annotated[Path, typer.Option(help="Run folder to write.")],
