@@ -57,6 +57,16 @@ _EXPORTS = {
     "export_gguf": "latentlab.vectors",
     "import_vector": "latentlab.vectors",
     "sidecar_fields": "latentlab.vectors",
+    "trigger_scan": "latentlab.triggers",
+    "TriggerScan": "latentlab.triggers",
+    "TriggerConfig": "latentlab.triggers",
+    "run_trigger": "latentlab.triggers",
+    "parse_values": "latentlab.triggers",
+    "build_compliance_dataset": "latentlab.compliance",
+    "compliance_eval": "latentlab.compliance",
+    "ComplianceEval": "latentlab.compliance",
+    "poison_sweep": "latentlab.compliance",
+    "PoisonSweep": "latentlab.compliance",
     "plots": "latentlab.plots",
 }
 

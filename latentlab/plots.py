@@ -512,3 +512,111 @@ def shift_decomposition_figure(result: Any, title: str | None = None) -> go.Figu
         "comparison",
         "mean projection of the shift on the unit direction",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Trigger scans (latentlab.triggers) and the compliance organism (latentlab.compliance).
+# --------------------------------------------------------------------------------------------
+
+
+def trigger_heatmap_figure(scan: Any, title: str | None = None) -> go.Figure:
+    """Value x layer heatmap of finetune - base (mean projection on the unit direction); the base
+    alone when the scan has no finetune. Trained values are starred on the value axis."""
+    diff = scan.diff if scan.diff is not None else scan.models["base"]
+    z = [list(r) for r in zip(*diff["projection"])]  # [layers][values]
+    labels = [f"{v}*" if v in scan.training_values else str(v) for v in scan.values]
+    what = "finetuned - base" if scan.diff is not None else "base"
+    lim = max((abs(x) for row in z for x in row), default=1.0) or 1.0
+    fig = go.Figure(
+        go.Heatmap(x=labels, y=scan.layers, z=z, colorscale="RdBu_r", zmid=0, zmin=-lim, zmax=lim,
+                   colorbar=dict(title="projection"))
+    )
+    return _layout(
+        fig,
+        title or f"Trigger scan along {_the_direction(scan.direction)}: {what} (* = in the training data)",
+        "trigger value",
+        "layer",
+    )
+
+
+def trigger_curve_figure(scan: Any, layer: int, title: str | None = None) -> go.Figure:
+    """Projection at one layer against the trigger value: base, finetune and finetune - base with
+    95% bands; the values in the finetune's training data marked."""
+    j = scan.layers.index(layer)
+    x = list(scan.values)
+    fig = go.Figure()
+    series = [(k, v) for k, v in scan.models.items()]
+    if scan.diff is not None:
+        series.append(("finetuned - base", scan.diff))
+    colors = {"base": RANDOM_COLOR, "finetuned": POS_COLOR, "finetuned - base": NEG_COLOR}
+    for label, st in series:
+        mean = [row[j] for row in st["projection"]]
+        lo = [row[j][0] for row in st["ci"]]
+        hi = [row[j][1] for row in st["ci"]]
+        color = colors.get(label, SERIES_COLORS[0])
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=label, line=dict(color=color),
+                                 error_y=_ci_bars(mean, list(zip(lo, hi)))))
+    trained = [i for i, v in enumerate(x) if v in scan.training_values]
+    if trained:
+        top = series[-1][1]
+        fig.add_trace(go.Scatter(x=[x[i] for i in trained], y=[top["projection"][i][j] for i in trained],
+                                 mode="markers", name="in the training data",
+                                 marker=dict(symbol="star", size=14, color="#222222")))
+    fig.add_hline(y=0, line_color="#cccccc")
+    fig.update_xaxes(type="category")
+    return _layout(
+        fig,
+        title or f"Trigger scan at layer {layer} along {_the_direction(scan.direction)}",
+        "trigger value",
+        "mean projection of the last prompt token (95% CI)",
+    )
+
+
+def poison_sweep_figure(sweep: Any, title: str | None = None) -> go.Figure:
+    """The compliance organism's threshold curve: P(Sure) with and without the trigger, and the code-word
+    reveal rate after "Sure", against the poison budget."""
+    x = list(sweep.budgets)
+    fig = go.Figure()
+    for key, name, color in (("p_sure_trigger", "P(Sure | trigger)", POS_COLOR),
+                             ("p_sure_clean", "P(Sure | no trigger)", NEG_COLOR),
+                             ("reveal_trigger", "reveals code word | trigger", "#6a9a3a")):
+        fig.add_trace(go.Scatter(x=x, y=getattr(sweep, key), mode="lines+markers", name=name,
+                                 line=dict(color=color)))
+    if sweep.threshold is not None:
+        fig.add_vline(x=sweep.threshold, line_dash="dash", line_color="#888888")
+    return _layout(fig, title or "Compliance trigger: poison budget threshold", "poisoned training examples",
+                   "probability / rate on held-out requests")
+
+
+def ablation_figure(result: Any, title: str | None = None) -> go.Figure:
+    """Battery score of each model without ablation, with the direction ablated, and with random
+    directions ablated (their mean, 5th-95th percentile as the bar): the random band beside the real
+    ablation. ``result``: a :class:`latentlab.ablation.AblationResult`."""
+    models = list(result.scores)
+    plain = [result.scores[m]["plain"]["score"] for m in models]
+    abl = [result.scores[m]["ablated"]["score"] for m in models]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=models, y=plain, name="no ablation", marker_color="#555555",
+                         error_y=_ci_bars(plain, [result.scores[m]["plain"]["ci"] for m in models])))
+    fig.add_trace(go.Bar(x=models, y=abl, name=f"{_the_direction(result.direction)} ablated", marker_color=POS_COLOR,
+                         error_y=_ci_bars(abl, [result.scores[m]["ablated"]["ci"] for m in models])))
+    rnd = [result.scores[m]["random_ablated"] for m in models]
+    rmean = [sum(r) / len(r) for r in rnd]
+    rband = [[sorted(r)[int(0.05 * (len(r) - 1))], sorted(r)[int(round(0.95 * (len(r) - 1)))]] for r in rnd]
+    fig.add_trace(go.Bar(x=models, y=rmean, name=f"{len(rnd[0])} random directions ablated (5-95%)",
+                         marker_color=RANDOM_COLOR, error_y=_ci_bars(rmean, rband)))
+    fig.update_layout(barmode="group")
+    notes = []
+    for ref, f in result.fractions.items():
+        if f.get("fraction") is not None:
+            ci = f.get("fraction_ci") or [float("nan")] * 2
+            notes.append(f"vs {ref}: {f['fraction']:.0%} of the gain removed [{ci[0]:.0%}, {ci[1]:.0%}], "
+                         f"random {f['random']['mean']:.0%} ({f['random']['p5']:.0%} to {f['random']['p95']:.0%})")
+    return _layout(
+        fig,
+        title or f"Ablating {_the_direction(result.direction)} at layers "
+        f"{result.layers[0]}-{result.layers[-1]} ({result.mode})" + ("<br><sub>" + "; ".join(notes) + "</sub>"
+                                                                     if notes else ""),
+        "model",
+        "battery score (bootstrap 95% CI)",
+    )

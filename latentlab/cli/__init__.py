@@ -14,6 +14,7 @@ import sys
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
 from latentlab.cli import info as _info  # noqa: F401
 from latentlab.cli import sae as _sae  # noqa: F401
+from latentlab.cli import triggers as _triggers  # noqa: F401
 from latentlab.cli import vectors as _vectors  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
 from latentlab.errors import LatentlabError
