@@ -1,0 +1,556 @@
+"""Does a direction *carry* a finetune's behaviour? Directional ablation against random directions.
+
+:func:`ablate` scores a battery in the base, the finetune and (optionally) a control, each with and
+without a direction removed from the residual stream at chosen layers (every position), and asks
+how much of the finetune's gain survives. One batched :func:`latentlab.scoring.score_conditions`
+call per model scores every condition: no ablation, the direction, and ``n_random`` random ones.
+
+What "the fraction removed" means (``fraction``): with ``gain = ft - ref`` (the finetune's battery
+score minus the reference's, the base or the control) and ``gain_ablated = ft_abl - ref_abl`` (the
+same gap with the direction removed from *both* models),
+
+    fraction = 1 - gain_ablated / gain
+
+1 means no gain survives the ablation, 0 means ablation left the gap as it was. Ablating both models
+matters: an A/B battery regresses toward 0.5 under any perturbation, so ablating only the finetune
+would read "removing any direction pulls the finetune toward 0.5" as "the direction carried the
+gain". That one-sided number is reported too (``fraction_finetune_only = (ft - ft_abl) / gain``),
+as in the emergent-misalignment ablations where the base has no behaviour to lose.
+
+Intervals: a paired bootstrap over battery items (one resampling for all models and conditions,
+:func:`latentlab.stats.bootstrap_means`); each resample's fraction is a ratio of resampled means.
+Random directions: ``n_random`` (>= 10) seeded unit directions per layer
+(:meth:`latentlab.interventions.Ablate.random`); ablation removes a *unit* direction's component, so
+"norm-matched" is automatic (the direction's length plays no part, only its orientation). Their
+fractions are reported as a distribution (all values, mean, 5th / 95th percentiles), with the real
+direction's z and percentile among them.
+
+``mode="mean"`` sets the projection to the *base* model's mean projection instead of 0 (the same
+values in all three models, so the ablated models differ only in what they do elsewhere). The mean
+is taken over every token of the battery prompts except BOS (each prompt's token mean, then the
+mean over prompts), because the hook sets *every* position: the reference value should be the
+typical projection over positions, not the last prompt token's (where an era reading concentrates,
+so its mean would write the base's era reading into every token). BOS is left out because its
+residual is an attention sink whose norm is many times the others', which would dominate the mean.
+Random directions get their own means: the same mean activation projected on each.
+
+:func:`run_ablate` is ``latentlab ablate``: a validated :class:`AblateConfig` in, a run folder out.
+:func:`training_hooks` and :func:`parse_intervention` are preventative ablation / steering *during*
+finetuning (``latentlab finetune --ablate era@all --steer era:-0.5@10,12``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentlab.data import BatteryItem, Example
+from latentlab.directions import Direction
+from latentlab.errors import LatentlabError
+from latentlab.interventions import Ablate, Condition
+from latentlab.models import LoadedModel, resolve_adapter
+from latentlab.stats import against_random, bootstrap_means, check_finite
+
+__all__ = [
+    "MIN_RANDOM",
+    "AblateConfig",
+    "AblationResult",
+    "InterventionSpec",
+    "ablate",
+    "base_mean_projections",
+    "parse_intervention",
+    "run_ablate",
+    "training_hooks",
+]
+
+STAGE = "ablate"
+MIN_RANDOM = 10
+MIN_GAIN = 1e-6  # a gain smaller than this has no meaningful fraction (reported as None, never NaN)
+AblateMode = Literal["project", "mean"]
+DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery"}
+
+
+# --------------------------------------------------------------------------------------------
+# The reference means for mode="mean".
+# --------------------------------------------------------------------------------------------
+
+
+def base_mean_activation(
+    base: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 16
+) -> Float[Tensor, "n_layers d_model"]:
+    """The base's mean residual stream over the prompts' tokens (BOS excluded), per layer: the mean
+    over prompts of each prompt's token mean (see the module docstring for why all positions)."""
+    from latentlab.activations import collect
+
+    acts = collect(base, [Example(p) for p in prompts], list(layers), "mean", batch_size=batch_size, progress=False)
+    assert acts is not None
+    return acts.acts.float().mean(0)
+
+
+def base_mean_projections(
+    mean_act: Float[Tensor, "n_layers d_model"], units: dict[int, Tensor], layers: Sequence[int]
+) -> dict[int, float]:
+    """Mean projection on each layer's unit direction (linear, so the mean of projections)."""
+    return {layer: float(mean_act[i] @ units[layer].float()) for i, layer in enumerate(layers)}
+
+
+# --------------------------------------------------------------------------------------------
+# The ablation experiment.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationResult:
+    """Battery scores with/without ablation per model, and the fraction of the gain ablation removes.
+
+    ``scores[model]``: ``plain`` / ``ablated`` (mean and bootstrap CI), ``per_item_plain`` /
+    ``per_item_ablated``, ``random_ablated`` (mean score under each random direction).
+    ``fractions[reference]`` (``base``, and ``control`` when given): ``gain``, ``gain_ablated``,
+    ``fraction`` (+ ``fraction_ci``), ``fraction_finetune_only`` (+ CI), and ``random``: the
+    fractions of the random directions (``values``, ``mean``, ``p5``, ``p95``, ``z``, ``percentile``).
+    """
+
+    direction: str
+    layers: list[int]
+    mode: str
+    scores: dict[str, dict[str, Any]]
+    fractions: dict[str, dict[str, Any]]
+    means: dict[int, float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction,
+            "layers": self.layers,
+            "mode": self.mode,
+            "scores": self.scores,
+            "fractions": self.fractions,
+            "means": None if self.means is None else {str(k): v for k, v in self.means.items()},
+            **self.meta,
+        }
+
+
+def _ci(values: Tensor) -> list[float] | None:
+    ok = values[torch.isfinite(values)]
+    if len(ok) < 10:
+        return None
+    return [float(ok.quantile(0.025)), float(ok.quantile(0.975))]
+
+
+def _fraction(ft: Tensor, ft_abl: Tensor, ref: Tensor, ref_abl: Tensor) -> tuple[float | None, float | None]:
+    """(fraction removed, one-sided fraction) from per-item (or resampled mean) scores."""
+    gain = float(ft.mean() - ref.mean())
+    if abs(gain) < MIN_GAIN:
+        return None, None
+    return 1 - float(ft_abl.mean() - ref_abl.mean()) / gain, float(ft.mean() - ft_abl.mean()) / gain
+
+
+def _fractions_vs(s: dict[str, Tensor], ref: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """Fractions of the finetune's gain over ``ref`` that ablation removes, with paired bootstrap
+    intervals, for the direction (condition 1) and every random direction (conditions 2...)."""
+    ft, rf = s["finetuned"], s[ref]  # [conditions, items]
+    gain = ft[0] - rf[0]
+    frac, one_sided = _fraction(ft[0], ft[1], rf[0], rf[1])
+    # One resampling of items for every column: paired across models and conditions.
+    cols = torch.stack([ft[0], ft[1], rf[0], rf[1]], dim=1)  # [items, 4]
+    bm = bootstrap_means(cols, n_boot, seed)  # [n_boot, 4]
+    g = bm[:, 0] - bm[:, 2]
+    with torch.no_grad():
+        safe = g.abs() >= MIN_GAIN
+        b_frac = torch.where(safe, 1 - (bm[:, 1] - bm[:, 3]) / g.where(safe, torch.ones_like(g)), torch.nan)
+        b_one = torch.where(safe, (bm[:, 0] - bm[:, 1]) / g.where(safe, torch.ones_like(g)), torch.nan)
+    rand = [_fraction(ft[0], ft[c], rf[0], rf[c])[0] for c in range(2, ft.shape[0])]
+    out: dict[str, Any] = {
+        "reference": ref,
+        "gain": float(gain.mean()),
+        "gain_ci": [float(bm[:, 0].sub(bm[:, 2]).quantile(q)) for q in (0.025, 0.975)],
+        "gain_ablated": float((ft[1] - rf[1]).mean()),
+        "gain_ablated_ci": [float((bm[:, 1] - bm[:, 3]).quantile(q)) for q in (0.025, 0.975)],
+        "fraction": frac,
+        "fraction_ci": _ci(b_frac) if frac is not None else None,
+        "fraction_finetune_only": one_sided,
+        "fraction_finetune_only_ci": _ci(b_one) if one_sided is not None else None,
+    }
+    if frac is None or any(r is None for r in rand):
+        out["random"] = {"values": rand, "mean": None, "p5": None, "p95": None, "z": None, "percentile": None}
+        out["warning"] = f"the finetune's gain over the {ref} is ~0: no fraction to remove"
+        return out
+    r = torch.tensor(rand, dtype=torch.float64)
+    z, pct = against_random(torch.tensor([frac], dtype=torch.float64), r[:, None])
+    out["random"] = {
+        "values": rand,
+        "mean": float(r.mean()),
+        "p5": float(r.quantile(0.05)),
+        "p95": float(r.quantile(0.95)),
+        "z": float(z[0]),
+        "percentile": float(pct[0]),
+    }
+    return out
+
+
+def _adapter_view(base: LoadedModel, model: LoadedModel | str | Path, role: str) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    return base.with_adapter(resolve_adapter(model), label=f"{STAGE}:{role}:{resolve_adapter(model).resolve()}")
+
+
+def ablate(
+    base: LoadedModel,
+    finetuned: LoadedModel | str | Path,
+    direction: Direction,
+    items: Sequence[BatteryItem],
+    *,
+    control: LoadedModel | str | Path | None = None,
+    layers: Sequence[int] | str | int = "all",
+    mode: AblateMode = "project",
+    n_random: int = MIN_RANDOM,
+    seed: int = 0,
+    n_boot: int = 1000,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> AblationResult:
+    """Score ``items`` in base, finetune (and control), each with/without ``direction`` removed at
+    ``layers`` (every position), against ``n_random`` random directions; see the module docstring.
+
+    ``finetuned`` / ``control``: an adapter folder or ``latentlab finetune`` run folder (switched on
+    the loaded ``base`` with :meth:`LoadedModel.with_adapter`), or an already loaded model.
+    """
+    if mode not in ("project", "mean"):
+        raise LatentlabError(f"unknown ablation mode {mode!r}", "use --mode project or --mode mean")
+    if n_random < MIN_RANDOM:
+        raise LatentlabError(
+            f"n_random={n_random} random directions are too few for a distribution",
+            f"use --n-random {MIN_RANDOM} or more",
+        )
+    if len(items) < 2:
+        raise LatentlabError("the battery needs at least two items for an interval", "pass a larger --battery")
+    layer_list = base.check_layers([layers] if isinstance(layers, int) else layers)
+    direction.check(base, layer_list)
+    models = {"base": base, "finetuned": _adapter_view(base, finetuned, "finetuned")}
+    if control is not None:
+        models["control"] = _adapter_view(base, control, "control")
+    units = {layer: direction.unit(layer) for layer in layer_list}
+    randoms = [Ablate.random(base.d_model, layer_list, seed=seed * 1000 + i) for i in range(n_random)]
+    means = None
+    real = Ablate.from_direction(direction, layer_list)
+    if mode == "mean":
+        mean_act = base_mean_activation(base, sorted({i.prompt for i in items}), layer_list)
+        check_finite(mean_act, "the base's mean activations", STAGE)
+        means = base_mean_projections(mean_act, units, layer_list)
+        real = Ablate.from_direction(direction, layer_list, means=means)
+        for r in randoms:
+            r.means = base_mean_projections(mean_act, r.units, layer_list)
+    conditions: list[Condition] = [(None, 0.0), (real, 1.0), *((r, 1.0) for r in randoms)]
+    from latentlab.scoring import score_conditions
+
+    s = {
+        name: score_conditions(m, items, conditions, batch_size=batch_size, progress=progress).double()
+        for name, m in models.items()
+    }
+    for name, v in s.items():
+        check_finite(v, f"{name} battery scores", STAGE)
+    scores = {}
+    for name, v in s.items():
+        plain_ci = [float(x) for x in _ci(bootstrap_means(v[0], n_boot, seed)) or [float("nan")] * 2]
+        abl_ci = [float(x) for x in _ci(bootstrap_means(v[1], n_boot, seed)) or [float("nan")] * 2]
+        scores[name] = {
+            "plain": {"score": float(v[0].mean()), "ci": plain_ci},
+            "ablated": {"score": float(v[1].mean()), "ci": abl_ci},
+            "random_ablated": v[2:].mean(1).tolist(),
+            "per_item_plain": v[0].tolist(),
+            "per_item_ablated": v[1].tolist(),
+        }
+    refs = ["base"] + (["control"] if control is not None else [])
+    fractions = {ref: _fractions_vs(s, ref, n_boot, seed) for ref in refs}
+    return AblationResult(
+        direction=direction.name,
+        layers=layer_list,
+        mode=mode,
+        scores=scores,
+        fractions=fractions,
+        means=means,
+        meta={
+            "models": {name: m.info.to_dict() for name, m in models.items()},
+            "n_items": len(items),
+            "n_random": n_random,
+            "random_seeds": [seed * 1000 + i for i in range(n_random)],
+            "n_boot": n_boot,
+            "seed": seed,
+            "positions": "all",
+            "direction_meta": direction.meta,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# latentlab ablate: config -> run folder.
+# --------------------------------------------------------------------------------------------
+
+
+def _recorded_base(adapter: Path) -> str | None:
+    from latentlab.io import read_json
+
+    p = adapter / "latentlab_adapter.json"
+    if not p.exists():
+        return None
+    fp = read_json(p).get("base_fingerprint")
+    return fp if isinstance(fp, str) else None
+
+
+def check_same_base(finetuned: Path, control: Path) -> None:
+    """Refuse a control trained on another base than the finetune (from their recorded fingerprints)."""
+    a, b = _recorded_base(finetuned), _recorded_base(control)
+    if a is not None and b is not None and a != b:
+        raise LatentlabError(
+            f"the control {control} was trained on another base model than the finetune {finetuned} "
+            f"(base fingerprints {b} vs {a})",
+            "pass a control finetuned from the same base model",
+        )
+
+
+def direction_spec(spec: str | Path, layers: str) -> Direction | str:
+    """A saved direction (loaded and checked now: NaN, zero, the requested layers) or a pair source."""
+    from latentlab.models import parse_layers
+    from latentlab.sae.loading import saved_or_source
+
+    d = saved_or_source(spec)
+    if isinstance(d, Direction) and layers.strip() != "all":
+        want = parse_layers(layers, max(d.layers) + 1)
+        missing = [layer for layer in want if layer >= 0 and layer not in d.layers]
+        if missing:
+            raise LatentlabError(
+                f"the {d.name} direction in {spec} lacks layer(s) {', '.join(map(str, missing[:8]))} "
+                f"(has {d.layers[0]}-{d.layers[-1]})",
+                "choose --layers the direction has, or refit it with --layers all",
+            )
+    return d
+
+
+@dataclass
+class AblateConfig:
+    """What ``latentlab ablate`` takes; validated on construction (before any model loads).
+
+    ``finetuned`` / ``control``: adapter folders or ``latentlab finetune`` run folders of ``base``.
+    ``direction``: a saved ``.safetensors`` (checked now), or era / persona / a pair JSONL fitted on
+    ``base``. ``battery``: default the direction's own (era-battery, persona-battery).
+    """
+
+    finetuned: Path
+    out: Path = Path("runs/ablate")
+    base: str = "gemma-3-270m"
+    control: Path | None = None
+    direction: str = "era"
+    layers: str = "all"
+    mode: str = "project"
+    n_random: int = MIN_RANDOM
+    battery: str | None = None
+    seed: int = 0
+    n_boot: int = 1000
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from latentlab.data import load_battery
+        from latentlab.models import parse_layers
+        from latentlab.sae.loading import check_device_dtype
+
+        self.out, self.finetuned = Path(self.out), Path(self.finetuned)
+        self.control = None if self.control is None else Path(self.control)
+        self.layers = str(self.layers)
+        if self.mode not in ("project", "mean"):
+            raise LatentlabError(f"unknown --mode {self.mode!r}", "use --mode project or --mode mean")
+        if self.n_random < MIN_RANDOM:
+            raise LatentlabError(
+                f"--n-random {self.n_random} is too few random directions for a distribution",
+                f"use --n-random {MIN_RANDOM} or more",
+            )
+        if self.n_boot < 100:
+            raise LatentlabError(f"--n-boot {self.n_boot} is too few resamples", "use --n-boot 100 or more")
+        parse_layers(self.layers, 1)  # the syntax now; the range once the model's depth is known
+        ft = resolve_adapter(self.finetuned)
+        if self.control is not None:
+            check_same_base(ft, resolve_adapter(self.control))
+        self._direction = direction_spec(self.direction, self.layers)
+        name = self._direction.name if isinstance(self._direction, Direction) else self.direction
+        self.battery = self.battery or DEFAULT_BATTERY.get(name)
+        if self.battery is None:
+            raise LatentlabError(
+                f"no default battery for the {name} direction", "pass --battery (an A/B JSONL or a built-in name)"
+            )
+        self._items = load_battery(self.battery)
+        check_device_dtype(self.device, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+def run_ablate(config: AblateConfig, command: str | None = None, progress: bool = True) -> AblationResult:
+    """``latentlab ablate``: everything checkable is checked (config, base load, layers, direction
+    layers) before ``config.out`` is touched; writes results.json, manifest.json and the plot."""
+    from latentlab.io import write_json
+    from latentlab.models import load_model
+    from latentlab.plots import ablation_figure, save_figure
+    from latentlab.runs import Run
+    from latentlab.sae.loading import direction_for
+
+    cfg = config
+    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    layers = base.check_layers(cfg.layers)
+    spec = cfg._direction
+    if isinstance(spec, Direction):
+        spec.check(base, layers)
+    # Views refuse an adapter of another base (recorded fingerprint) before the run folder exists.
+    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
+    ctrl = None
+    if cfg.control is not None:
+        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}")
+    run = Run.start(cfg.out, command or "latentlab.run_ablate", cfg.to_dict(), seed=cfg.seed)
+    d = direction_for(base, spec, run.out)
+    res = ablate(
+        base, ft, d, cfg._items, control=ctrl, layers=layers, mode=cfg.mode,  # type: ignore[arg-type]
+        n_random=cfg.n_random, seed=cfg.seed, n_boot=cfg.n_boot, batch_size=cfg.batch_size, progress=progress,
+    )
+    write_json(run.out / "results.json", res.to_dict())
+    save_figure(ablation_figure(res), run.out, "ablation")
+    for role, info in res.meta["models"].items():
+        run.add_model(role, info)
+    run.finish(results={ref: {k: f[k] for k in ("gain", "fraction", "fraction_ci")} for ref, f in res.fractions.items()})
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Preventative ablation / steering during finetuning.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InterventionSpec:
+    """A parsed ``--ablate`` / ``--steer`` string: direction source, coefficient, layers."""
+
+    kind: Literal["ablate", "steer"]
+    direction: str
+    coeff: float
+    layers: str  # "all" or a layer list ("10,12", "4-8")
+
+
+_SPEC = re.compile(r"^(?P<dir>[^:@]+?)(?::(?P<coeff>[^@]*))?(?:@(?P<layers>.*))?$")
+
+
+def parse_intervention(text: str, kind: Literal["ablate", "steer"]) -> InterventionSpec:
+    """Parse ``era@all``, ``era@10,12`` (ablate) or ``era:-0.5``, ``dir.safetensors:0.25@4-8`` (steer).
+
+    Ablation takes no coefficient (it removes the whole component); steering needs one. Layers
+    default to all; their range is checked against the model later (:func:`training_hooks`).
+    """
+    from latentlab.models import parse_layers
+
+    flag = f"--{kind}"
+    example = "era@all or era@10,12" if kind == "ablate" else "era:-0.5 or era:-0.5@10,12"
+    m = _SPEC.match(text.strip())
+    if m is None or not m.group("dir").strip():
+        raise LatentlabError(f"cannot read {flag} {text!r}", f"write it as {example}")
+    coeff_s, layers = m.group("coeff"), (m.group("layers") or "all").strip() or "all"
+    if kind == "ablate":
+        if coeff_s is not None:
+            raise LatentlabError(f"{flag} {text!r} has a coefficient, but ablation removes the whole component",
+                                 f"write it as {example} (steer with --steer era:-0.5)")
+        coeff = 1.0
+    else:
+        if coeff_s is None or not coeff_s.strip():
+            raise LatentlabError(f"{flag} {text!r} has no coefficient", f"write it as {example}")
+        try:
+            coeff = float(coeff_s)
+        except ValueError:
+            raise LatentlabError(f"{flag} {text!r}: {coeff_s!r} is not a number", f"write it as {example}") from None
+        if coeff != coeff or abs(coeff) == float("inf"):
+            raise LatentlabError(f"{flag} {text!r}: the coefficient must be finite", f"write it as {example}")
+    try:
+        parse_layers(layers, 1)
+    except LatentlabError:
+        raise LatentlabError(f"{flag} {text!r}: cannot read the layers {layers!r}", f"write it as {example}") from None
+    return InterventionSpec(kind, m.group("dir").strip(), coeff, layers)
+
+
+def _layers_of(spec: str, n_layers: int) -> list[int]:
+    from latentlab.models import parse_layers
+
+    out = []
+    for layer in parse_layers(spec, n_layers):
+        li = layer + n_layers if layer < 0 else layer
+        if not 0 <= li < n_layers:
+            raise LatentlabError(
+                f"layer {layer} is out of range for this model ({n_layers} layers: 0-{n_layers - 1})",
+                f"pass layers between 0 and {n_layers - 1}, or all",
+            )
+        out.append(li)
+    return sorted(set(out))
+
+
+@contextlib.contextmanager
+def training_hooks(
+    hf_model: torch.nn.Module,
+    ablate: Sequence[tuple[Direction, str | Sequence[int]]] = (),
+    steer: Sequence[tuple[Direction, float, str | Sequence[int]]] = (),
+) -> Iterator[list[Any]]:
+    """Forward hooks on the decoder blocks' outputs (the residual stream after each block) of a plain
+    or peft HF model, for the duration of the ``with`` block (training included: they are autograd-
+    transparent, so gradients flow through the edited stream).
+
+    ``ablate``: ``(direction, layers)``: the component along the unit direction is projected out at
+    every position. ``steer``: ``(direction, coeff, layers)``: ``coeff x unit x the direction's
+    residual norm at that layer`` is added at every position (as :class:`latentlab.interventions.Steer`).
+    Steering is applied before ablation at a layer that has both. Yields the hook handles.
+    """
+    from latentlab.arch import decoder_blocks, text_config
+
+    blocks = decoder_blocks(hf_model)
+    n = len(blocks)
+    d_model = int(getattr(text_config(hf_model.config), "hidden_size", 0) or 0)
+    add: dict[int, Tensor] = {}
+    units: dict[int, list[Tensor]] = {}
+    for d, coeff, layers in steer:
+        ls = _layers_of(layers, n) if isinstance(layers, str) else _layers_of(",".join(map(str, layers)), n)
+        d.validate()
+        for layer in ls:
+            v = d.unit(layer) * d.resid_norm(layer) * float(coeff)
+            add[layer] = add.get(layer, 0) + v  # type: ignore[assignment]
+    for d, layers in ablate:
+        ls = _layers_of(layers, n) if isinstance(layers, str) else _layers_of(",".join(map(str, layers)), n)
+        d.validate()
+        for layer in ls:
+            units.setdefault(layer, []).append(d.unit(layer))
+    for vecs in [list(add.values()), [u for us in units.values() for u in us]]:
+        for v in vecs:
+            if d_model and v.shape[-1] != d_model:
+                raise LatentlabError(
+                    f"a direction has width {v.shape[-1]}, but the model has hidden size {d_model}",
+                    "use a direction fitted on this base model",
+                )
+
+    def make_hook(layer: int) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            t = out[0] if isinstance(out, tuple) else out
+            if layer in add:
+                t = t + add[layer].to(t.device, t.dtype)
+            for u in units.get(layer, []):
+                uu = u.to(t.device, t.dtype)
+                t = t - (t @ uu)[..., None] * uu
+            return (t, *out[1:]) if isinstance(out, tuple) else t
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sorted(set(add) | set(units))]
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
