@@ -423,7 +423,8 @@ def run_ablate(config: AblateConfig, command: str | None = None, progress: bool 
     save_figure(ablation_figure(res), run.out, "ablation")
     for role, info in res.meta["models"].items():
         run.add_model(role, info)
-    run.finish(results={ref: {k: f[k] for k in ("gain", "fraction", "fraction_ci")} for ref, f in res.fractions.items()})
+    summary = {ref: {k: f[k] for k in ("gain", "fraction", "fraction_ci")} for ref, f in res.fractions.items()}
+    run.finish(results=summary)
     return res
 
 

@@ -1,0 +1,314 @@
+"""What did a finetune change? The logit lens of its mean shift, and per-token KL(base || finetune).
+
+Two model-diffing reads of the same unrelated prompts (the finetune never saw them):
+
+- **Logit lens of the mean shift**, per layer: which tokens the mean activation difference at the
+  last prompt token (finetuned - base, and finetuned - control) promotes and suppresses through the
+  final norm + unembedding. A difference vector cannot go through the final norm alone (the norm
+  divides by the norm of the *whole* residual, so a lone difference would be inflated to the size
+  of an activation and lose its scale), so the shift is applied where it acts, at the reference's
+  mean activation ``m``: ``final_logits(m + shift) - final_logits(m)``, i.e. the lens of the
+  finetune's mean minus the lens of the reference's mean. Values are centred over the vocabulary
+  (the common offset says nothing about which token is preferred). The base's final norm and
+  unembedding are used for every comparison (LoRA on linear layers leaves both untouched).
+- **Per-token KL(reference || finetune)** of the next-token distributions at every position of the
+  rendered prompts (the last position predicts the first response token), with the prompts and the
+  positions where it is highest: where base and finetune disagree most.
+
+:func:`run_diff` is ``latentlab diff``: a validated :class:`DiffConfig` in, a run folder out with
+results.json and ``diff.html`` (small tables, written atomically).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latentlab.errors import LatentlabError
+from latentlab.models import LoadedModel, resolve_adapter
+from latentlab.stats import check_finite
+
+__all__ = ["DiffConfig", "DiffResult", "diff_models", "kl_per_token", "logit_lens_of_shift", "run_diff"]
+
+STAGE = "diff"
+
+
+def _tok(model: LoadedModel, i: int) -> str:
+    return str(model.tokenizer.decode([int(i)]))
+
+
+def logit_lens_of_shift(
+    model: LoadedModel, ref_mean: Float[Tensor, " d_model"], shift: Float[Tensor, " d_model"], k: int = 10
+) -> dict[str, Any]:
+    """Top ``k`` promoted / suppressed tokens of ``final_logits(ref + shift) - final_logits(ref)``."""
+    from latentlab.arch import final_logits
+
+    dev = model.device
+    with torch.inference_mode():
+        x = torch.stack([ref_mean, ref_mean + shift]).to(dev)
+        logits = final_logits(model, x).float().cpu()
+    delta = logits[1] - logits[0]
+    delta = delta - delta.mean()
+    check_finite(delta, "logit-lens changes", STAGE)
+    kk = min(k, int(delta.shape[0]))
+    up = torch.topk(delta, kk)
+    down = torch.topk(-delta, kk)
+    return {
+        "shift_norm": float(shift.norm()),
+        "promoted": [{"token_id": int(i), "token": _tok(model, i), "logit_change": float(v)}
+                     for v, i in zip(up.values, up.indices)],
+        "suppressed": [{"token_id": int(i), "token": _tok(model, i), "logit_change": float(-v)}
+                       for v, i in zip(down.values, down.indices)],
+    }
+
+
+def _prompt_logprobs(model: LoadedModel, seqs: Sequence[Sequence[int]], batch_size: int) -> list[Tensor]:
+    """Next-token log-probabilities at every position of each sequence: [len, vocab] per sequence."""
+    from latentlab.activations import pad_batch, pad_id_of, run_resid
+    from latentlab.arch import final_logits
+
+    out: list[Tensor] = [torch.empty(0)] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    last = model.n_layers - 1
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0 : b0 + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id_of(model), model.device)
+        h = run_resid(model, ids, mask, [last])[last]
+        with torch.inference_mode():
+            for j, i in enumerate(idx):
+                out[i] = torch.log_softmax(final_logits(model, h[j, : len(seqs[i])]), -1).cpu()
+    return out
+
+
+def kl_per_token(
+    ref: Sequence[Tensor], other: Sequence[Tensor]
+) -> list[Float[Tensor, " seq"]]:
+    """KL(ref || other) per position, from matching lists of [len, vocab] log-probabilities."""
+    return [(r.exp() * (r - o)).sum(-1).clamp_min(0.0) for r, o in zip(ref, other)]
+
+
+def _kl_summary(
+    model: LoadedModel, prompts: Sequence[str], seqs: Sequence[Sequence[int]], kl: Sequence[Tensor],
+    ref_lp: Sequence[Tensor], other_lp: Sequence[Tensor], k: int,
+) -> dict[str, Any]:
+    per_prompt = [float(x.mean()) for x in kl]
+    flat = [(float(v), p, t) for p, x in enumerate(kl) for t, v in enumerate(x.tolist())]
+    flat.sort(key=lambda r: -r[0])
+    top_positions = []
+    for v, p, t in flat[:k]:
+        ids = seqs[p]
+        top_positions.append({
+            "prompt_index": p,
+            "position": t,
+            "token": _tok(model, ids[t]),
+            "context": str(model.tokenizer.decode(ids[max(0, t - 8) : t + 1])),
+            "kl": v,
+            "reference_top": _tok(model, int(ref_lp[p][t].argmax())),
+            "finetuned_top": _tok(model, int(other_lp[p][t].argmax())),
+        })
+    order = sorted(range(len(prompts)), key=lambda i: -per_prompt[i])[:k]
+    all_kl = torch.cat([x for x in kl])
+    return {
+        "mean": float(all_kl.mean()),
+        "last_position_mean": float(torch.stack([x[-1] for x in kl]).mean()),
+        "per_prompt_mean": per_prompt,
+        "per_prompt_max": [float(x.max()) for x in kl],
+        "top_prompts": [{"prompt_index": i, "prompt": prompts[i], "mean_kl": per_prompt[i],
+                         "max_kl": float(kl[i].max())} for i in order],
+        "top_positions": top_positions,
+    }
+
+
+@dataclass
+class DiffResult:
+    """``logit_lens[comparison][i]`` for ``layers[i]``; ``kl[comparison]`` (``finetuned`` =
+    KL(base || finetune), ``control`` = KL(base || control), ``finetuned vs control`` =
+    KL(control || finetune))."""
+
+    layers: list[int]
+    logit_lens: dict[str, list[dict[str, Any]]]
+    kl: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "logit_lens": self.logit_lens, "kl": self.kl, **self.meta}
+
+
+def diff_models(
+    base: LoadedModel,
+    finetuned: LoadedModel | str | Path,
+    prompts: Sequence[str],
+    *,
+    control: LoadedModel | str | Path | None = None,
+    layers: Sequence[int] | str = "all",
+    k: int = 10,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> DiffResult:
+    """Logit lens of the mean shift per layer, and per-token KL, of a finetune (and a control) on
+    ``prompts`` (rendered for the model, as ``latentlab shift`` reads them); see the module docstring."""
+    from latentlab.activations import Example, encode, last_token_acts
+    from latentlab.data import render_prompt
+
+    if not prompts:
+        raise LatentlabError("no prompts to compare the models on", "pass --prompts with at least one prompt")
+    if k < 1:
+        raise LatentlabError(f"k={k} tokens to report", "pass --k 1 or more")
+    layer_list = base.check_layers(layers)
+
+    def view(m: LoadedModel | str | Path, role: str) -> LoadedModel:
+        if isinstance(m, LoadedModel):
+            return m
+        path = resolve_adapter(m)
+        return base.with_adapter(path, label=f"{STAGE}:{role}:{path.resolve()}")
+
+    models = {"base": base, "finetuned": view(finetuned, "finetuned")}
+    if control is not None:
+        models["control"] = view(control, "control")
+    acts = {name: last_token_acts(m, prompts, layer_list, progress, batch_size).float() for name, m in models.items()}
+    for name, a in acts.items():
+        check_finite(a, f"{name} activations", STAGE)
+    means = {name: a.mean(0) for name, a in acts.items()}  # [layers, d]
+    pairs = {"finetuned - base": ("finetuned", "base")}
+    if control is not None:
+        pairs["finetuned - control"] = ("finetuned", "control")
+        pairs["control - base"] = ("control", "base")
+    lens = {
+        label: [
+            {"layer": layer, **logit_lens_of_shift(base, means[b][i], means[a][i] - means[b][i], k)}
+            for i, layer in enumerate(layer_list)
+        ]
+        for label, (a, b) in pairs.items()
+    }
+    rendered = [render_prompt(p, base.tokenizer) for p in prompts]
+    seqs = encode(base, [Example(r) for r in rendered]).ids
+    lp = {name: _prompt_logprobs(m, seqs, batch_size) for name, m in models.items()}
+    kl_pairs = {"finetuned": ("base", "finetuned")}
+    if control is not None:
+        kl_pairs |= {"control": ("base", "control"), "finetuned vs control": ("control", "finetuned")}
+    kl = {}
+    for label, (r, o) in kl_pairs.items():
+        per = kl_per_token(lp[r], lp[o])
+        check_finite(torch.cat(per), f"KL({r} || {o})", STAGE)
+        kl[label] = {"reference": r, "model": o, **_kl_summary(base, prompts, seqs, per, lp[r], lp[o], k)}
+    return DiffResult(
+        layer_list, lens, kl,
+        {"models": {n: m.info.to_dict() for n, m in models.items()}, "n_prompts": len(prompts), "k": k,
+         "position": "last prompt token (logit lens); every prompt position (KL)"},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The HTML view.
+# --------------------------------------------------------------------------------------------
+
+
+def _cells(rows: Sequence[dict[str, Any]], n: int = 5) -> str:
+    return " ".join(f"<code>{html.escape(repr(r['token']))}</code>&nbsp;{r['logit_change']:+.2f}" for r in rows[:n])
+
+
+def diff_html(res: DiffResult, title: str = "What the finetune changed") -> str:
+    """A small self-contained HTML page of the logit-lens and KL tables."""
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             "th{background:#f4f4f4}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    for label, rows in res.logit_lens.items():
+        parts.append(f"<h2>Logit lens of the mean shift: {e(label)}</h2><p>final_logits(mean + shift) - "
+                     "final_logits(mean) at the last prompt token, centred over the vocabulary.</p>")
+        parts.append("<table><tr><th>layer</th><th>|shift|</th><th>promoted</th><th>suppressed</th></tr>")
+        for r in rows:
+            parts.append(f"<tr><td>{r['layer']}</td><td>{r['shift_norm']:.3g}</td><td>{_cells(r['promoted'])}</td>"
+                         f"<td>{_cells(r['suppressed'])}</td></tr>")
+        parts.append("</table>")
+    for kl in res.kl.values():
+        parts.append(f"<h2>KL({e(kl['reference'])} || {e(kl['model'])}) per token</h2>"
+                     f"<p>mean {kl['mean']:.4g} nats per position; at the last prompt token "
+                     f"{kl['last_position_mean']:.4g}</p>")
+        parts.append("<table><tr><th>prompt</th><th>mean KL</th><th>max KL</th></tr>")
+        for r in kl["top_prompts"]:
+            parts.append(f"<tr><td>{e(r['prompt'])}</td><td>{r['mean_kl']:.4g}</td><td>{r['max_kl']:.4g}</td></tr>")
+        parts.append("</table><table><tr><th>context (position)</th><th>KL</th><th>reference's top</th>"
+                     "<th>finetune's top</th></tr>")
+        for r in kl["top_positions"]:
+            parts.append(f"<tr><td><code>{e(repr(r['context']))}</code> ({r['position']})</td><td>{r['kl']:.4g}</td>"
+                         f"<td><code>{e(repr(r['reference_top']))}</code></td>"
+                         f"<td><code>{e(repr(r['finetuned_top']))}</code></td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# latentlab diff: config -> run folder.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffConfig:
+    """What ``latentlab diff`` takes; validated on construction (before any model loads)."""
+
+    finetuned: Path
+    out: Path = Path("runs/diff")
+    base: str = "gemma-3-270m"
+    control: Path | None = None
+    prompts: str = "unrelated"
+    layers: str = "all"
+    k: int = 10
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from latentlab.ablation import check_same_base
+        from latentlab.data import load_prompts
+        from latentlab.models import parse_layers
+        from latentlab.sae.loading import check_device_dtype
+
+        self.out, self.finetuned = Path(self.out), Path(self.finetuned)
+        self.control = None if self.control is None else Path(self.control)
+        if self.k < 1:
+            raise LatentlabError(f"--k {self.k} tokens to report", "pass --k 1 or more")
+        parse_layers(str(self.layers), 1)
+        ft = resolve_adapter(self.finetuned)
+        if self.control is not None:
+            check_same_base(ft, resolve_adapter(self.control))
+        self._prompts = load_prompts(self.prompts)
+        if not self._prompts:
+            raise LatentlabError(f"{self.prompts} holds no prompts", "pass --prompts with at least one prompt")
+        check_device_dtype(self.device, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_diff(config: DiffConfig, command: str | None = None, progress: bool = True) -> DiffResult:
+    """``latentlab diff``: writes results.json, diff.html and manifest.json into ``config.out``."""
+    from latentlab.io import write_json, write_text
+    from latentlab.models import load_model
+    from latentlab.runs import Run
+
+    cfg = config
+    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    layers = base.check_layers(cfg.layers)
+    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
+    ctrl = None
+    if cfg.control is not None:
+        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}")
+    run = Run.start(cfg.out, command or "latentlab.run_diff", cfg.to_dict())
+    res = diff_models(base, ft, cfg._prompts, control=ctrl, layers=layers, k=cfg.k, batch_size=cfg.batch_size,
+                      progress=progress)
+    write_json(run.out / "results.json", res.to_dict())
+    write_text(run.out / "diff.html", diff_html(res))
+    for role, info in res.meta["models"].items():
+        run.add_model(role, info)
+    run.finish(results={"kl_mean": {k: v["mean"] for k, v in res.kl.items()}})
+    return res
