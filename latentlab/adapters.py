@@ -33,6 +33,20 @@ from latentlab.io import read_json
 _WRAPPED = "._original_component"
 
 
+class AdapterNeedsMerge(LatentlabError):
+    """The adapter adapts layers the bridge does not call as modules (a fused QKV the bridge splits),
+    so hooks cannot switch it on: the caller falls back to a merged copy."""
+
+
+def _fused_attention_prefixes(hf_model: torch.nn.Module) -> list[str]:
+    """HF names of attention blocks the bridge computes from fused weights without calling them."""
+    out = []
+    for name, mod in hf_model.named_modules():
+        if "JointQKV" in type(mod).__name__:
+            out.append(name.replace(_WRAPPED, "") + ".")
+    return out
+
+
 def _leaf_modules(hf_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Leaf modules by their HF name (the bridge's ``_original_component`` hops removed)."""
     out = {}
@@ -96,11 +110,13 @@ class LoraBank:
             parts.setdefault(mod, {})[ab] = t
         modules = self.modules()
         missing = sorted(m for m in parts if m not in modules)
-        if missing:
-            raise LatentlabError(
-                f"adapter {path} targets modules this model does not have: {', '.join(missing[:4])}"
-                + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""),
-                "load the adapter with the base model it was trained on",
+        fused = _fused_attention_prefixes(self.hf_model)
+        unhookable = sorted(m for m in parts if any(m.startswith(f) for f in fused))
+        if missing or unhookable:
+            shown = (missing or unhookable)[:4]
+            raise AdapterNeedsMerge(
+                f"adapter {path} adapts modules the bridge does not call as modules: {', '.join(shown)}",
+                "it is merged into a copy instead",
             )
         r_default, a_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
         rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}

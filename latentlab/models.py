@@ -288,10 +288,20 @@ class LoadedModel:
             raise LatentlabError(
                 f"{self.info.name} already carries adapter {self.info.adapter}", "call with_adapter on the base model"
             )
+        from latentlab.adapters import AdapterNeedsMerge
+
         if self.lora is None:
             self.lora = LoraBank(self.hf_model)
         label = label or f"{path.resolve()}"
-        self.lora.add(label, path)
+        try:
+            self.lora.add(label, path)
+        except AdapterNeedsMerge as e:
+            # Fused-QKV families (GPT-2, Phi-3, GPT-NeoX): the bridge computes q/k/v from the fused
+            # weight, so a hook on it never fires. A merged copy is exact; it costs a second copy.
+            warnings.warn(f"latentlab: {e.problem}; merging it into a second copy of the weights", stacklevel=2)
+            return load_model(
+                self.info.path, adapter=path, device=self.info.device, dtype=self.info.dtype, progress=False
+            )
         info = ModelInfo(
             **{**self.info.to_dict(), "adapter": str(path), "adapter_fingerprint": adapter_fingerprint(path)}
         )
