@@ -67,6 +67,16 @@ _EXPORTS = {
     "ComplianceEval": "latentlab.compliance",
     "poison_sweep": "latentlab.compliance",
     "PoisonSweep": "latentlab.compliance",
+    "ablate": "latentlab.ablation",
+    "AblateConfig": "latentlab.ablation",
+    "AblationResult": "latentlab.ablation",
+    "run_ablate": "latentlab.ablation",
+    "training_hooks": "latentlab.ablation",
+    "parse_intervention": "latentlab.ablation",
+    "diff_models": "latentlab.diff",
+    "DiffConfig": "latentlab.diff",
+    "DiffResult": "latentlab.diff",
+    "run_diff": "latentlab.diff",
     "plots": "latentlab.plots",
 }
 
