@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from latentlab.errors import LatentlabError, first_line
-from latentlab.io import fingerprint_weights, read_json, replace_dir, sha256_file, write_json
+from latentlab.io import fingerprint_weights, make_temp_dir, read_json, replace_dir, sha256_file, write_json
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -171,7 +170,7 @@ def _convert_builtin(spec: BuiltinSpec, final: Path, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=final.parent))
+    tmp = make_temp_dir(final.parent, f".{spec.name}.tmp-")  # umask-respecting, unlike mkdtemp
     steps = ["locate GGUF", "tokenizer", "dequantise weights", "save float32 folder"]
     bar = tqdm(total=len(steps), desc=f"converting {spec.name} (once)", disable=not progress)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentlab.errors import LatentlabError
-from latentlab.io import replace_dir, sha256_text, write_json
+from latentlab.io import make_temp_dir, replace_dir, sha256_text, write_json
 from latentlab.sae.loading import SIDECAR, check_device_dtype, require_at_least
 from latentlab.stats import check_finite
 
@@ -279,7 +278,7 @@ def train_sae_on_activations(
     seconds = time.time() - t0
 
     # Save in sae-lens' inference format, reload it (what you get is what is on disk), then measure.
-    tmp_root = Path(tempfile.mkdtemp(prefix=".sae-", dir=None if out is None else _parent(out)))
+    tmp_root = make_temp_dir(None if out is None else _parent(out), ".sae-")
     try:
         training_sae.save_inference_model(str(tmp_root))
         from sae_lens import SAE
