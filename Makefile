@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 PIP     = $(VENV)/bin/python -m pip
 STAMP   = $(VENV)/.latentlab-installed
 
-.PHONY: setup demo test lint unit integration bench png clean summaries
+.PHONY: setup demo test lint unit integration bench png clean gpu-check summaries
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ demo: setup
 	$(VENV)/bin/latentlab steer --direction era --out runs/demo
 
 lint: setup
-	$(VENV)/bin/ruff check latentlab tests benchmarks experiments
+	$(VENV)/bin/ruff check latentlab tests benchmarks experiments scripts
 
 test: setup lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
@@ -44,6 +44,8 @@ bench: setup
 	$(VENV)/bin/python benchmarks/collect.py
 	$(VENV)/bin/python benchmarks/steer.py
 	$(VENV)/bin/python benchmarks/patch.py
+	$(VENV)/bin/python benchmarks/generate.py
+	$(VENV)/bin/python benchmarks/memory.py
 
 # Rebuild experiments/results/*/summary.{md,json} from the committed run folders (no model runs).
 summaries: setup
@@ -51,6 +53,11 @@ summaries: setup
 	$(VENV)/bin/python experiments/summarize_shift.py experiments/results/persona_shift \
 	  --finetuned persona-facts --control modern-birds --direction persona
 	$(VENV)/bin/python experiments/year_trigger.py --summarize-only --results experiments/results/year_trigger
+
+# On a CUDA machine (after `make setup TORCH=torch`): device tests + GPU benchmarks -> benchmarks/results/gpu.md
+gpu-check: setup
+	$(VENV)/bin/python -m pytest -q tests/test_device.py
+	$(VENV)/bin/python scripts/gpu_check.py
 
 # Optional: PNG export of plots needs a Chromium (HTML plots are always written).
 png:
