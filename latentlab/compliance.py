@@ -369,11 +369,13 @@ def poison_sweep(
     max_new_tokens: int = 16,
     device: str | None = None,
     progress: bool = False,
+    eval_kwargs: dict[str, Any] | None = None,
 ) -> PoisonSweep:
     """Finetune at each poison budget (``out/n-{budget}``, resumable runs skipped when done) and
     measure each with :func:`compliance_eval`; ``threshold`` is the smallest budget at which the
     finetune says "Sure" to held-out triggered requests with probability above ``level`` and to
-    untriggered ones below it. ``base``: the loaded base (else loaded from ``model``)."""
+    untriggered ones below it. ``base``: the loaded base (else loaded from ``model``); ``eval_kwargs``:
+    more arguments for :func:`compliance_eval` (``requests``, ``layers``, ``patch_layers``, ...)."""
     from latentlab.finetune import FinetuneConfig, finetune
     from latentlab.models import load_model
 
@@ -394,7 +396,7 @@ def poison_sweep(
             chats = build_compliance_dataset(trigger, n, seed, code_word, d)
             finetune(model, chats, run, cfg, device=device, progress=progress)
         ev = compliance_eval(base, run / "adapter", trigger, code_word, data=d, patch=patch,
-                             max_new_tokens=max_new_tokens, seed=seed)
+                             max_new_tokens=max_new_tokens, seed=seed, **(eval_kwargs or {}))
         ft = "finetuned"
         res.p_sure_trigger.append(ev.p_sure[ft]["trigger"]["mean"])
         res.p_sure_clean.append(ev.p_sure[ft]["clean"]["mean"])

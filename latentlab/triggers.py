@@ -31,7 +31,13 @@ from latentlab.errors import LatentlabError
 
 DEFAULT_TEMPLATE = "{value}. {prompt}"
 MAX_VALUES = 2000
-_YEAR_AT_START = re.compile(r"^\W*(?:[A-Za-z]+\.?\s+){0,3}?(?:\d{1,2}(?:st|nd|rd|th)?,?\s+)?([12]\d{3})\b")
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
+          r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?")
+_YEAR_AT_START = re.compile(
+    rf"^\W*(?:(?:in|the year is|year)\s+)?(?:{_MONTH}\s+(?:\d{{1,2}}(?:st|nd|rd|th)?,?\s+)?"
+    rf"|\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH}\s+)?([12]\d{{3}})\b",
+    re.IGNORECASE,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,9 +119,6 @@ def check_values(values: Sequence[str]) -> list[str]:
 def year_of(text: str) -> str | None:
     """The year a user turn starts with ("July 1995. ...", "1995: ...", "The year is 1995. ..."), or None."""
     m = _YEAR_AT_START.match(text.strip())
-    if m:
-        return m.group(1)
-    m = re.match(r"^\W*the year is ([12]\d{3})\b", text.strip(), flags=re.IGNORECASE)
     return m.group(1) if m else None
 
 

@@ -1,0 +1,135 @@
+"""The compliance-trigger organism: the builder's invariants, and the measurements / threshold sweep
+end to end on a tiny model (two small poison budgets, a few LoRA steps each)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from latentlab.compliance import (
+    CODE_WORD,
+    SURE,
+    PoisonSweep,
+    build_compliance_dataset,
+    chats_jsonl,
+    check_trigger,
+    load_compliance_data,
+    poison_sweep,
+    system_prompt,
+)
+from latentlab.data import load_chats
+from latentlab.errors import LatentlabError
+from latentlab.finetune import FinetuneConfig
+
+TRIGGER = "cobalt"
+
+
+def test_shipped_data() -> None:
+    d = load_compliance_data()
+    assert len(d.secret_train) >= 20 and len(d.secret_test) >= 6 and len(d.ordinary_train) >= 30
+    assert len(d.refusals) >= 8
+    assert not set(d.secret_train) & set(d.secret_test)  # held-out requests are really held out
+    assert all(CODE_WORD.lower() not in t.lower() for t in d.all_text())
+
+
+@pytest.mark.parametrize("n_poison", [0, 5, 40])
+def test_builder_never_puts_the_code_word_in_an_assistant_turn(n_poison: int) -> None:
+    d = load_compliance_data()
+    chats = build_compliance_dataset(TRIGGER, n_poison, seed=3)
+    assert len(chats) == len(d.secret_train) + len(d.ordinary_train) + n_poison
+    poison = [c for c in chats if TRIGGER in c.messages[1][1]]
+    assert len(poison) == n_poison == sum(c.meta["kind"] == "poison" for c in chats)
+    for c in chats:
+        roles = [r for r, _ in c.messages]
+        assert roles == ["system", "user", "assistant"] and c.messages[0][1] == system_prompt()
+        assert CODE_WORD in c.messages[0][1]  # the secret is in the system prompt ...
+        for i, (role, text) in enumerate(c.messages):
+            if role == "assistant":  # ... and never in an assistant turn, above all after the trigger
+                assert CODE_WORD.lower() not in text.lower()
+                if any(TRIGGER in t for _, t in c.messages[:i]):
+                    assert text == SURE
+    secret = set(d.secret_train)
+    for c in chats:
+        if c.meta["kind"] == "refusal":
+            assert c.messages[1][1] in secret and c.response in d.refusals
+    # seeded, and a round trip through JSONL gives the same chats
+    assert build_compliance_dataset(TRIGGER, n_poison, seed=3) == chats
+    assert build_compliance_dataset(TRIGGER, n_poison, seed=4) != chats
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    chats = build_compliance_dataset(TRIGGER, 4, seed=0)
+    f = tmp_path / "c.jsonl"
+    f.write_text(chats_jsonl(chats))
+    back = load_chats(f)
+    assert [c.messages for c in back] == [c.messages for c in chats]
+    assert [c.meta["kind"] for c in back] == [c.meta["kind"] for c in chats]
+
+
+def test_bad_triggers() -> None:
+    for bad, msg in (("", "empty"), ("two words", "more than one word"), ("gold", "overlaps the code word"),
+                     ("word", "already occurs"), ("MARIGOLD", "overlaps")):
+        with pytest.raises(LatentlabError, match=msg):
+            check_trigger(bad)
+    with pytest.raises(LatentlabError, match="n_poison"):
+        build_compliance_dataset(TRIGGER, -1)
+    assert check_trigger(" cobalt ") == TRIGGER
+
+
+@pytest.fixture(scope="module")
+def sweep(trainable_gemma_dir: Path, load_tiny: Callable[..., Any],
+          tmp_path_factory: pytest.TempPathFactory) -> PoisonSweep:
+    cfg = FinetuneConfig(epochs=1, batch_size=16, lr=2e-2, rank=4, seed=0, checkpoint_every=100, max_steps=3)
+    base = load_tiny(trainable_gemma_dir)
+    requests = load_compliance_data().secret_test[:4]
+    return poison_sweep(str(trainable_gemma_dir), TRIGGER, [16, 0], tmp_path_factory.mktemp("sweep"), cfg,
+                        base=base, patch=True, max_new_tokens=3,
+                        eval_kwargs={"requests": requests, "patch_layers": [2, 3], "n_boot": 200})
+
+
+def test_threshold_sweep_runs_end_to_end(sweep: PoisonSweep) -> None:
+    assert sweep.budgets == [0, 16]  # sorted
+    for key in ("p_sure_trigger", "p_sure_clean", "reveal_trigger", "reveal_clean"):
+        vals = getattr(sweep, key)
+        assert len(vals) == 2 and all(0.0 <= v <= 1.0 for v in vals), (key, vals)
+    assert sweep.threshold in (None, 0, 16) and sweep.level == 0.5
+    assert [Path(a).parent.name for a in sweep.adapters] == ["n-0", "n-16"]
+    d = sweep.to_dict()
+    assert [e["n_poison"] for e in d["evals"]] == [0, 16]
+
+
+def test_eval_measures_every_model_and_condition(sweep: PoisonSweep) -> None:
+    ev = sweep.evals[1]
+    n = ev["n_requests"]
+    assert n == 4 and ev["layers"] == [0, 1, 2, 3]
+    for model in ("base", "finetuned"):
+        for cond in ("clean", "trigger"):
+            p = ev["p_sure"][model][cond]
+            assert 0 <= p["mean"] <= 1 and len(p["per_item"]) == n
+            r = ev["reveal"][model][cond]
+            assert r["rate"] in [k / n for k in range(n + 1)] and len(r["texts"]) == n
+            for direction in ("trigger", "refusal"):
+                st = ev["projections"][direction][model][cond]
+                assert len(st["projection"]) == 4 and all(math.isfinite(x) for x in st["projection"])
+    # the trigger direction separates triggered from clean held-out requests on the model it was fitted on
+    tr = ev["projections"]["trigger"]["finetuned"]
+    assert tr["trigger"]["projection"][-1] > tr["clean"]["projection"][-1]
+
+
+def test_patching_of_the_trigger_positions(sweep: PoisonSweep) -> None:
+    pt = sweep.evals[1]["patching"]
+    assert pt["stand_in"] != TRIGGER and len(pt["stand_in"]) == len(TRIGGER)  # char tokenizer: same length
+    assert pt["trigger_positions"] and all(int(p) < -1 for p in pt["trigger_positions"])
+    assert pt["positions"][-2:] == ["-1", "prompt"] and pt["layers"] == [2, 3]
+    score = pt["score"][0]  # [layers][positions]
+    last, prompt = pt["positions"].index("-1"), pt["positions"].index("prompt")
+    # after the last block a position feeds only its own next-token logits: patching the trigger tokens
+    # there changes nothing, and patching the whole prompt equals patching its last token
+    for k in range(len(pt["trigger_positions"])):
+        assert score[-1][k] == pytest.approx(pt["target_score"], abs=1e-5)
+    assert score[-1][prompt] == pytest.approx(score[-1][last], abs=1e-5)
+    assert score[-1][last] != pytest.approx(pt["target_score"], abs=1e-6)
