@@ -94,8 +94,13 @@ class Direction:
         return self
 
     def save(self, path: str | Path) -> Path:
+        """Tensors + sidecar; the sidecar says how to use them (hook point, add/ablate, scale, layer map)
+        so a file taken to another tool cannot be applied at the wrong site silently."""
+        from latentlab.vectors import sidecar_fields  # lazy: latentlab.vectors imports this module
+
         meta = {
             **self.meta,
+            **sidecar_fields(self),
             "name": self.name,
             "layers": self.layers,
             "position": self.position,
@@ -118,8 +123,8 @@ class Direction:
                     "pass a file written by `latentlab direction`",
                 )
         name, layers, position, method = (meta.pop(k) for k in ("name", "layers", "position", "method"))
-        meta.pop("norms", None)
-        meta.pop("resid_norms", None)
+        for key in ("norms", "resid_norms", "hook_point", "operation", "scale_convention", "layer_map"):
+            meta.pop(key, None)  # bookkeeping the sidecar carries for readers; save() rewrites it
         if "vectors" not in t or "resid_norms" not in t:
             raise LatentlabError(f"{p} is not a latentlab direction (no vectors tensor)", "pass a direction file")
         return cls(t["vectors"], layers, t["resid_norms"], name, position, method, meta).validate(p)
@@ -267,3 +272,160 @@ def direction_and_probes(
     report = fit_probes(tp, tn, hp, hn)
     report.meta.update(prov)
     return direction, report
+
+
+# --------------------------------------------------------------------------------------------
+# What the commands share: a --direction option, resolved before a model loads.
+# --------------------------------------------------------------------------------------------
+
+
+def direction_spec(spec: str | Path) -> Direction | str:
+    """A saved direction (``.safetensors``, loaded and validated now) or a contrast-pair source to fit
+    on the model later (a built-in name or a ``.jsonl``, read now so a bad file fails before a model loads)."""
+    from latentlab.config import check_direction_spec
+
+    s = check_direction_spec(spec)
+    if Path(s).suffix == ".safetensors":
+        return Direction.load(s)
+    resolve_pairs(s)
+    return s
+
+
+def fit_or_use(model: LoadedModel, spec: Direction | str) -> tuple[Direction, Any]:
+    """``spec`` as a Direction usable on ``model``: a saved one checked (width), a source fitted on
+    every layer. Returns (direction, probe report or None)."""
+    if isinstance(spec, Direction):
+        d = spec
+        d.validate()
+        if d.vectors.shape[-1] != model.d_model:
+            raise LatentlabError(
+                f"the {d.name} direction has width {d.vectors.shape[-1]}, but {model.info.name} has d_model "
+                f"{model.d_model}",
+                "use a direction fitted on this model",
+            )
+        return d, None
+    return direction_and_probes(model, spec, "all")
+
+
+# --------------------------------------------------------------------------------------------
+# latentlab direction / probe: config -> run folder.
+# --------------------------------------------------------------------------------------------
+
+METHODS = ("mean_diff", "pca")
+FIT_POSITIONS = ("last", "mean")
+
+
+@dataclass
+class DirectionConfig:
+    """What ``latentlab direction`` takes; validated on construction, recorded whole in the manifest."""
+
+    direction: str = "era"
+    out: Path = Path("runs/direction")
+    model: str = "gemma-3-270m"
+    adapter: Path | None = None
+    layers: str = "all"
+    position: str = "last"
+    method: str = "mean_diff"
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from latentlab.config import check_choice, check_device_dtype, check_direction_spec, check_layer_spec, check_out
+
+        self.adapter = None if self.adapter is None else Path(self.adapter)
+        check_choice(self.method, METHODS, "--method", "method")
+        check_choice(self.position, FIT_POSITIONS, "--position", "position")
+        check_layer_spec(self.layers)
+        check_device_dtype(self.device, self.dtype)
+        check_direction_spec(self.direction)
+        if Path(self.direction).suffix == ".safetensors":
+            raise LatentlabError(
+                "--direction is a saved direction; this command fits one", "pass era, persona or a pair FILE.jsonl"
+            )
+        self.out = check_out(self.out, self.overwrite)
+
+
+@dataclass
+class ProbeConfig:
+    """What ``latentlab probe`` takes: as :class:`DirectionConfig` (mean_diff), plus an optional extra test file."""
+
+    direction: str = "era"
+    out: Path = Path("runs/probe")
+    model: str = "gemma-3-270m"
+    adapter: Path | None = None
+    layers: str = "all"
+    position: str = "last"
+    test: Path | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        DirectionConfig(
+            self.direction, self.out, self.model, self.adapter, self.layers, self.position, "mean_diff",
+            self.device, self.dtype, self.overwrite,
+        )
+        self.out = Path(self.out).expanduser()
+        self.adapter = None if self.adapter is None else Path(self.adapter)
+        self.test = None if self.test is None else Path(self.test)
+
+
+@dataclass
+class FitRun:
+    """A fitted direction and its probes, and the run folder they were written to."""
+
+    direction: Direction
+    report: Any
+    out: Path
+    model: str
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def _fit(cfg: DirectionConfig | ProbeConfig, method: str, command: str | None, name: str, progress: bool):  # noqa: ANN202
+    from dataclasses import asdict
+
+    from latentlab.models import load_model
+    from latentlab.runs import Run
+
+    spec = direction_spec(cfg.direction)
+    m = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    layers = m.check_layers(cfg.layers)
+    d, report = direction_and_probes(m, spec, layers, cfg.position, method, progress=progress)  # type: ignore[arg-type]
+    from latentlab.stats import check_finite
+
+    check_finite(d.vectors, "the direction vectors", name)
+    run = Run.start(cfg.out, command or f"latentlab.run_{name}", asdict(cfg))
+    run.add_model("model", m.info)
+    return run, m, d, report
+
+
+def run_direction(config: DirectionConfig, command: str | None = None, progress: bool = True) -> FitRun:
+    """``latentlab direction``: fit a direction and probes; writes ``out/direction.safetensors``."""
+    run, m, d, report = _fit(config, config.method, command, "direction", progress)
+    d.save(run.out / "direction")
+    results = {"layers": d.layers, "norms": d.vectors.norm(dim=-1).tolist(), "best_probe_layer": report.best_layer}
+    run.finish(results=results)
+    return FitRun(d, report, run.out, m.info.name, results)
+
+
+def run_probe(config: ProbeConfig, command: str | None = None, progress: bool = True) -> FitRun:
+    """``latentlab probe``: per-layer probes (k-fold and held-out accuracy), results.json, probes and plot."""
+    from latentlab.io import write_json
+    from latentlab.plots import probe_accuracy_figure, save_figure
+
+    extra = load_pairs(config.test) if config.test is not None else None
+    run, m, d, report = _fit(config, "mean_diff", command, "probe", progress)
+    results = report.to_dict()
+    if extra is not None:
+        ep, en = collect_pairs(m, extra, d.layers, config.position)
+        results["user_test"] = [
+            {"layer": layer, "acc": a, "ci": ci} for layer, (a, ci) in zip(d.layers, report.score(ep, en))
+        ]
+    report.save(run.out / "probes")
+    write_json(run.out / "results.json", results)
+    save_figure(
+        probe_accuracy_figure(report, f"{d.name} probe accuracy by layer ({m.info.name})"), run.out, "probe_accuracy"
+    )
+    run.finish(results={"best_layer": report.best_layer})
+    return FitRun(d, report, run.out, m.info.name, results)

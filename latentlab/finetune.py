@@ -59,6 +59,26 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_steps: int | None = None  # stop after this many steps (a quick demo run); None: all epochs
 
+    def __post_init__(self) -> None:
+        from latentlab.config import finite_float, positive_int
+
+        for name in ("rank", "alpha", "epochs", "batch_size", "checkpoint_every", "max_length"):
+            positive_int(name, getattr(self, name))
+        if self.max_steps is not None:
+            positive_int("max_steps", self.max_steps)
+        if finite_float("lr", self.lr) <= 0:
+            raise LatentlabError(f"--lr must be > 0, got {self.lr}", "pass a positive --lr, e.g. 2e-4")
+        if not 0.0 <= finite_float("dropout", self.dropout) < 1.0:
+            raise LatentlabError(f"dropout must be in [0, 1), got {self.dropout}", "pass a dropout between 0 and 1")
+        if finite_float("weight_decay", self.weight_decay) < 0:
+            raise LatentlabError(f"weight_decay must be >= 0, got {self.weight_decay}", "pass 0 or more")
+        t = self.target_modules
+        if isinstance(t, str) and t != "all-linear":
+            t = [x.strip() for x in t.split(",") if x.strip()]
+        if not t:
+            raise LatentlabError("--target-modules is empty", "pass all-linear or e.g. q_proj,v_proj")
+        self.target_modules = t if isinstance(t, str) else list(t)
+
 
 @dataclass
 class FinetuneResult:
@@ -178,6 +198,7 @@ def finetune(
     progress: bool = True,
     stop_after: int | None = None,
     dtype: str | torch.dtype | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> FinetuneResult:
     """Train a LoRA adapter on chats; writes ``out/adapter`` (+ checkpoints, losses, monitor data).
 
@@ -258,7 +279,9 @@ def finetune(
         t, meta = load_tensors(ck / "optimizer")
         _load_optimizer(opt, t, meta)
         step, losses, mon = state["step"], state["losses"], state["monitor"]
-    elif (out / "checkpoints").exists() and not resume:
+    if on_start is not None:
+        on_start()  # every check has passed: the caller may now write into ``out`` (run manifest)
+    if ck is None and (out / "checkpoints").exists() and not resume:
         shutil.rmtree(out / "checkpoints")  # a fresh run must not mix with an older one's checkpoints
 
     def record_monitor() -> None:
@@ -347,3 +370,133 @@ def _cfg_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     if d["max_steps"] is None:
         d.pop("max_steps")  # checkpoints written before the field existed still resume
     return d
+
+
+# --------------------------------------------------------------------------------------------
+# latentlab finetune: config -> run folder.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneRunConfig:
+    """What ``latentlab finetune`` takes: data, base model and run folder around the LoRA
+    hyper-parameters (``finetune``, a :class:`FinetuneConfig`). Validated on construction, recorded
+    whole in the manifest.
+
+    A fresh run into a folder that already holds a run (finished or interrupted: its manifest,
+    checkpoints or adapter) is refused unless ``overwrite``; ``resume`` needs a complete checkpoint.
+    """
+
+    data: str
+    out: Path
+    model: str = "gemma-3-270m"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    resume: bool = False
+    monitor: str | None = None
+    monitor_prompts: str = "unrelated"
+    n_monitor: int = DEFAULT_MONITOR_PROMPTS
+    device: str = "auto"
+    dtype: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from latentlab.config import check_device_dtype, check_out, positive_int, run_holds
+
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
+        positive_int("n_monitor", self.n_monitor)
+        check_device_dtype(self.device, self.dtype)
+        self.data = str(self.data)
+        out = Path(self.out).expanduser()
+        if self.monitor is not None and not [n for n in self.monitor.split(",") if n.strip()]:
+            raise LatentlabError("--monitor is empty", "pass e.g. --monitor era,persona")
+        if self.resume:
+            if latest_checkpoint(out) is None:
+                raise LatentlabError(
+                    f"nothing to resume in {out} (no complete checkpoint under {out / 'checkpoints'})",
+                    "drop --resume to start a fresh run there, or pass the --out of the interrupted run",
+                )
+            self.out = check_out(out, overwrite=True)  # resuming a finished run only re-copies its adapter
+            return
+        held = [x for x in ("checkpoints", "adapter") if (out / x).exists()]
+        status = run_holds(out) if out.is_dir() else None
+        if (held or status) and not self.overwrite:
+            what = "a finished" if status == "complete" else "an unfinished"
+            raise LatentlabError(
+                f"--out {out} already holds {what} finetune run ({', '.join(held) or 'manifest.json'}); "
+                "a fresh run would delete its checkpoints",
+                "continue it with --resume, choose a new --out, or pass --overwrite to replace it",
+            )
+        self.out = check_out(out, overwrite=True)
+
+
+def run_finetune(config: FinetuneRunConfig, command: str | None = None, progress: bool = True) -> FinetuneResult:
+    """``latentlab finetune``: data and monitor directions are read first; nothing is written into
+    ``config.out`` until the base model loaded and the LoRA targets, checkpoint and config checks passed.
+    Writes ``out/adapter``, checkpoints, results.json and the loss (and monitor) plots."""
+    from latentlab.data import load_prompts
+    from latentlab.directions import direction_spec, fit_or_use
+    from latentlab.plots import loss_figure, monitor_figure, save_figure
+    from latentlab.runs import Run
+    from latentlab.stats import check_finite
+
+    cfg = config
+    chats = load_chats(cfg.data)
+    dirs: dict[str, Direction] | None = None
+    fitted: list[Direction] = []
+    prompts = None
+    if cfg.monitor:
+        specs = [direction_spec(name.strip()) for name in cfg.monitor.split(",") if name.strip()]
+        prompts = load_prompts(cfg.monitor_prompts)[: cfg.n_monitor]
+        model = None
+        found = []
+        for spec in specs:
+            if isinstance(spec, Direction):
+                found.append(spec.validate())
+                continue
+            if model is None:
+                from latentlab.models import load_model
+
+                model = load_model(cfg.model, device=cfg.device, dtype="float32", progress=progress)
+            d, _ = fit_or_use(model, spec)
+            fitted.append(d)
+            found.append(d)
+        del model
+        dirs = {d.name: d for d in found}
+    holder: dict[str, Run] = {}
+
+    def start() -> None:
+        from dataclasses import asdict
+
+        run = Run.start(cfg.out, command or "latentlab.run_finetune", asdict(cfg), seed=cfg.finetune.seed)
+        for d in fitted:
+            d.save(run.out / f"direction-{d.name}")
+        holder["run"] = run
+
+    res = finetune(
+        cfg.model,
+        chats,
+        cfg.out,
+        cfg.finetune,
+        resume=cfg.resume,
+        monitor=dirs,
+        monitor_prompts=prompts,
+        device=None if cfg.device == "auto" else cfg.device,
+        progress=progress,
+        dtype=cfg.dtype,
+        on_start=start,
+    )
+    run = holder["run"]
+    check_finite(res.losses, "training losses", "finetune")
+    spe = res.steps_per_epoch or -(-len(chats) // cfg.finetune.batch_size)
+    save_figure(loss_figure(res.losses, spe, f"LoRA loss on {cfg.data} ({cfg.model})"), run.out, "loss")
+    for name, d in (dirs or {}).items():
+        check_finite(res.monitor["projections"][name], f"monitor projections on {name}", "finetune")
+        save_figure(
+            monitor_figure(res.monitor["steps"], res.monitor["projections"][name], d.layers, name),
+            run.out,
+            f"monitor-{name}",
+        )
+    write_json(run.out / "results.json", {"losses": res.losses, "monitor": res.monitor, "seconds": res.seconds})
+    run.finish(results={"final_loss": res.losses[-1], "steps": len(res.losses), "adapter": str(res.adapter)})
+    return res

@@ -252,3 +252,149 @@ def patch_grid(
 def prefixed(items: Sequence[BatteryItem], prefix: str) -> list[BatteryItem]:
     """The battery with a context prefix (e.g. 'The year is 1850.') before every prompt."""
     return [BatteryItem(f"{prefix} {i.prompt}", i.positive, i.negative, i.topic, i.meta) for i in items]
+
+
+# --------------------------------------------------------------------------------------------
+# latentlab patch: config -> run folder.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchConfig:
+    """What ``latentlab patch`` takes; validated on construction, recorded whole in the manifest.
+
+    Model-to-model: ``finetuned`` (a finetune run or adapter folder of ``base``) patched into the base
+    (``reverse``: base into finetuned). Prompt pairs: ``clean_prefix`` and ``corrupt_prefix`` on ``base``.
+    ``positions``: ``all``, ``prompt`` and negative offsets from the prompt's end ('-1' = last prompt token).
+    """
+
+    out: Any = "runs/patch"
+    base: str = "gemma-3-270m"
+    finetuned: Any = None
+    battery: str = "era"
+    direction: str | None = None
+    reverse: bool = False
+    clean_prefix: str | None = None
+    corrupt_prefix: str | None = None
+    layers: str = "all"
+    positions: Any = DEFAULT_POSITIONS
+    component: str = "resid"
+    n_items: int = 24
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from pathlib import Path
+
+        from latentlab.config import (
+            check_choice,
+            check_device_dtype,
+            check_direction_spec,
+            check_layer_spec,
+            check_out,
+            positive_int,
+        )
+
+        pos = self.positions.split(",") if isinstance(self.positions, str) else [str(p) for p in self.positions]
+        self.positions = check_positions(pos)
+        check_choice(self.component, ("resid", "attn", "mlp"), "--component", "component")
+        positive_int("n_items", self.n_items)
+        check_layer_spec(self.layers)
+        check_device_dtype(self.device, self.dtype)
+        pair_mode = self.clean_prefix is not None or self.corrupt_prefix is not None
+        if pair_mode and (self.clean_prefix is None or self.corrupt_prefix is None):
+            raise LatentlabError("prompt-pair patching needs both --clean-prefix and --corrupt-prefix", "pass both")
+        if not pair_mode and self.finetuned is None:
+            raise LatentlabError(
+                "nothing to patch from", "pass --finetuned DIR, or --clean-prefix and --corrupt-prefix"
+            )
+        if self.direction is not None:
+            check_direction_spec(self.direction)
+        self.finetuned = None if self.finetuned is None else Path(self.finetuned)
+        self.out = check_out(self.out, self.overwrite)
+
+    @property
+    def pair_mode(self) -> bool:
+        return self.clean_prefix is not None
+
+
+@dataclass
+class PatchRun:
+    """The full-activation grid, the direction-only grid (with ``direction``), and who was patched into whom."""
+
+    full: PatchResult
+    along: PatchResult | None
+    source: str
+    target: str
+    layers: list[int]
+    out: Any
+
+
+def run_patch(config: PatchConfig, command: str | None = None, progress: bool = True) -> PatchRun:
+    """``latentlab patch``: battery, adapter and a saved direction are read before the base loads;
+    layers and direction are checked before ``config.out`` is touched."""
+    from dataclasses import asdict
+
+    from latentlab.config import DEFAULT_BATTERY
+    from latentlab.data import load_battery
+    from latentlab.directions import Direction, direction_spec, fit_or_use
+    from latentlab.io import write_json
+    from latentlab.models import load_model, resolve_adapter
+    from latentlab.plots import patch_heatmap_figure, patch_modes_figure, save_figure
+    from latentlab.runs import Run
+
+    cfg = config
+    items = load_battery(DEFAULT_BATTERY.get(cfg.battery, cfg.battery))[: cfg.n_items]
+    adapter = None if cfg.pair_mode else resolve_adapter(cfg.finetuned)
+    spec = None if cfg.direction is None else direction_spec(cfg.direction)
+    pos = list(cfg.positions)
+    m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    layer_list = m.check_layers(cfg.layers)
+    if isinstance(spec, Direction):
+        spec.check(m, layer_list)
+    d = None if spec is None else fit_or_use(m, spec)[0]
+    # the manifest records the items used (the first n_items of the battery)
+    run = Run.start(cfg.out, command or "latentlab.run_patch", {**asdict(cfg), "n_items": len(items)}, seed=cfg.seed)
+    run.add_model("base", m.info)
+    if d is not None and not isinstance(spec, Direction):
+        d.save(run.out / f"direction-{d.name}")
+    src, tgt, src_items, tgt_items = None, m, None, items
+    if cfg.pair_mode:
+        src_items, tgt_items = prefixed(items, cfg.clean_prefix or ""), prefixed(items, cfg.corrupt_prefix or "")
+        labels = ("clean prompt", "corrupted prompt")
+    else:
+        ft = m.with_adapter(adapter)  # type: ignore[arg-type]  # one base in memory, LoRA switched on
+        run.add_model("finetuned", ft.info)
+        src, tgt = (m, ft) if cfg.reverse else (ft, m)
+        labels = ("base", "finetuned") if cfg.reverse else ("finetuned", "base")
+    component = cfg.component
+    full = patch_grid(
+        tgt, tgt_items, source=src, source_items=src_items, layers=layer_list, positions=pos,
+        component=component, seed=cfg.seed, progress=progress,  # type: ignore[arg-type]
+    )
+    check_finite(full.score, "the patched battery scores", "patch")
+    results: dict[str, Any] = {"full": full.to_dict(), "source": labels[0], "target": labels[1]}
+    save_figure(
+        patch_heatmap_figure(
+            full, "full", f"Patching {labels[0]} -> {labels[1]} ({component}): 0 = {labels[1]}, 1 = {labels[0]}"
+        ),
+        run.out,
+        "heatmap",
+    )
+    parts = [full]
+    along = None
+    if d is not None:
+        along = patch_grid(
+            tgt, tgt_items, source=src, source_items=src_items, layers=layer_list,
+            positions=[p for p in ("all", "prompt") if p in pos] or pos[:1], modes=("direction", "random"),
+            direction=d, component=component, seed=cfg.seed, progress=progress,  # type: ignore[arg-type]
+        )
+        check_finite(along.score, "the direction-only patched scores", "patch")
+        results["direction_only"] = along.to_dict()
+        parts.append(along)
+    save_figure(patch_modes_figure(parts, "all" if "all" in pos else pos[0]), run.out, "by_layer")
+    write_json(run.out / "results.json", results)
+    run.finish(results={"target_score": full.target_score, "source_score": full.source_score})
+    return PatchRun(full, along, labels[0], labels[1], layer_list, run.out)

@@ -208,3 +208,200 @@ def screen_dataset(
         "responses": [c.response for c in chats],
         "prompts": [c.messages[-2][1] if len(c.messages) > 1 else "" for c in chats],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# latentlab shift / screen: config -> run folder.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShiftConfig:
+    """What ``latentlab shift`` takes; validated on construction, recorded whole in the manifest.
+
+    ``finetuned`` / ``control``: adapter folders or ``latentlab finetune`` run folders of ``base``;
+    with ``checkpoints``, every complete checkpoint of the one ``finetuned`` run. ``battery``: None =
+    the direction's built-in battery (none for a pair file or saved direction of another name).
+    """
+
+    finetuned: list[Path]
+    out: Path = Path("runs/shift")
+    base: str = "gemma-3-270m"
+    control: list[Path] = field(default_factory=list)
+    direction: str = "era"
+    prompts: str = "unrelated"
+    battery: str | None = None
+    checkpoints: bool = False
+    n_random: int = 100
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from latentlab.config import DEFAULT_BATTERY, check_device_dtype, check_direction_spec, check_out, positive_int
+
+        one = (str, Path)
+        self.finetuned = [Path(f) for f in ([self.finetuned] if isinstance(self.finetuned, one) else self.finetuned)]
+        self.control = [Path(c) for c in ([self.control] if isinstance(self.control, one) else self.control or [])]
+        if not self.finetuned:
+            raise LatentlabError("no --finetuned folder", "pass --finetuned with a finetune run or adapter folder")
+        if self.checkpoints and len(self.finetuned) != 1:
+            raise LatentlabError("--checkpoints takes exactly one --finetuned run", "pass one finetune run folder")
+        positive_int("n_random", self.n_random)
+        if self.n_random < 20:
+            raise LatentlabError(
+                f"--n-random {self.n_random} is too few for a percentile", "pass --n-random 20 or more (default 100)"
+            )
+        check_device_dtype(self.device, self.dtype)
+        names = [p.name for p in self.finetuned] + [p.name for p in self.control]
+        if len(self.finetuned) + len(self.control) > 1:
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise LatentlabError(
+                    f"two --finetuned or --control folders share the name {', '.join(dup)}, so their results "
+                    "would overwrite each other",
+                    "give each run folder its own name",
+                )
+        check_direction_spec(self.direction)
+        self.battery = self.battery or DEFAULT_BATTERY.get(self.direction)
+        self.out = check_out(self.out, self.overwrite)
+
+    def labels(self) -> tuple[dict[str, Path], dict[str, Path]]:
+        """``({label: adapter}, {label: adapter})`` of the finetunes and controls (folders checked)."""
+        if self.checkpoints:
+            models = checkpoint_adapters(self.finetuned[0])
+        else:
+            many = len(self.finetuned) > 1
+            models = {f"finetuned:{f.name}" if many else "finetuned": resolve_adapter(f) for f in self.finetuned}
+        many = len(self.control) > 1
+        ctrls = {f"control:{c.name}" if many else "control": resolve_adapter(c) for c in self.control}
+        return models, ctrls
+
+
+def run_shift(config: ShiftConfig, command: str | None = None, progress: bool = True) -> ShiftResult:
+    """``latentlab shift``: prompts, battery, adapters and a saved direction are read before the base
+    loads; the direction is checked on the base (width, every layer) before ``config.out`` is touched."""
+    from dataclasses import asdict
+
+    from latentlab.data import load_battery, load_prompts
+    from latentlab.directions import direction_spec, fit_or_use
+    from latentlab.io import write_json
+    from latentlab.models import load_model
+    from latentlab.plots import battery_figure, cosine_figure, save_figure, shift_figure
+    from latentlab.runs import Run
+
+    cfg = config
+    spec = direction_spec(cfg.direction)
+    plist = load_prompts(cfg.prompts)
+    items = load_battery(cfg.battery) if cfg.battery else None
+    models, ctrls = cfg.labels()
+    m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    if isinstance(spec, Direction):
+        check_direction(spec, m)
+    d, _ = fit_or_use(m, spec)
+    run = Run.start(cfg.out, command or "latentlab.run_shift", asdict(cfg), seed=cfg.seed)
+    run.add_model("base", m.info)
+    if not isinstance(spec, Direction):
+        d.save(run.out / f"direction-{d.name}")
+    res = analyze_shift(m, models, d, plist, items, controls=ctrls, n_random=cfg.n_random, seed=cfg.seed,
+                        progress=progress)
+    for label, st in res.stats.items():
+        check_finite(st["projection"], f"the projections of {label}", "shift")
+    for label, b in res.battery.items():
+        check_finite(b["score"], f"the battery score of {label}", "shift")
+    write_json(run.out / "results.json", res.to_dict())
+    save_figure(shift_figure(res), run.out, "shift")
+    save_figure(cosine_figure(res), run.out, "cosine")
+    if res.battery:
+        save_figure(battery_figure(res.battery, f"{d.name} battery score by model"), run.out, "battery")
+    run.finish(results={"labels": [*models, *ctrls]})
+    return res
+
+
+@dataclass
+class ScreenConfig:
+    """What ``latentlab screen`` takes; validated on construction, recorded whole in the manifest.
+    ``layer``: where examples are ranked (None: the middle layer)."""
+
+    data: str
+    out: Path = Path("runs/screen")
+    model: str = "gemma-3-270m"
+    direction: str = "era"
+    layer: int | None = None
+    top: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from latentlab.config import check_device_dtype, check_direction_spec, check_out, nonnegative_int
+
+        self.data = str(self.data)
+        check_direction_spec(self.direction)
+        nonnegative_int("top", self.top)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise LatentlabError(f"--layer must be an integer, got {self.layer!r}", "pass e.g. --layer 9")
+        check_device_dtype(self.device, self.dtype)
+        self.out = check_out(self.out, self.overwrite)
+
+
+@dataclass
+class ScreenRun:
+    """The screen's results (``results.json``) and where examples were ranked."""
+
+    results: dict[str, Any]
+    layer: int
+    order: list[int]
+    scores: list[float]
+    direction: str
+    out: Path
+
+
+def run_screen(config: ScreenConfig, command: str | None = None, progress: bool = True) -> ScreenRun:
+    """``latentlab screen``: the data and a saved direction are read before a model loads; the layer
+    and the direction (width, every layer) are checked before the screen runs or ``config.out`` is touched."""
+    from dataclasses import asdict
+
+    from latentlab.data import load_chats
+    from latentlab.directions import direction_spec, fit_or_use
+    from latentlab.io import write_json
+    from latentlab.models import load_model
+    from latentlab.plots import save_figure, screen_figure
+    from latentlab.runs import Run
+
+    cfg = config
+    chats = load_chats(cfg.data)
+    spec = direction_spec(cfg.direction)
+    m = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    li = m.check_layers([cfg.layer if cfg.layer is not None else m.n_layers // 2])[0]
+    if isinstance(spec, Direction):
+        check_direction(spec, m)
+    d, _ = fit_or_use(m, spec)
+    run = Run.start(cfg.out, command or "latentlab.run_screen", asdict(cfg))
+    run.add_model("model", m.info)
+    if not isinstance(spec, Direction):
+        d.save(run.out / f"direction-{d.name}")
+    res = screen_dataset(m, chats, d, progress=progress)
+    check_finite(res["per_example"], "the per-example projection differences", "screen")
+    col = d.layers.index(li)
+    scores = [row[col] for row in res["per_example"]]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    res["ranked_at_layer"] = li
+    res["ranking"] = [
+        {
+            "score": scores[i],
+            "prompt": res["prompts"][i],
+            "response": res["responses"][i],
+            "own_response": res["own_responses"][i],
+        }
+        for i in order
+    ]
+    write_json(run.out / "results.json", res)
+    save_figure(
+        screen_figure({cfg.data: res}, f"{cfg.data}: push along {d.name} before training ({m.info.name})"),
+        run.out,
+        "screen",
+    )
+    run.finish(results={"layer": li, "dataset_mean": res["mean"][col], "ci": res["ci"][col]})
+    return ScreenRun(res, li, order, scores, d.name, run.out)

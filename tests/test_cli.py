@@ -71,7 +71,7 @@ def test_bad_layer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     code, _, err = run_cli(monkeypatch, capsys, "collect", "--data", str(texts_file), "--out", str(tmp_path / "r"),
                            "--model", str(tiny_gemma_dir), "--layers", "0,12")
     assert_one_line_error(code, err, "layer 12 is out of range", "0-3", "Fix:")
-    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["status"] != "complete"
+    assert not (tmp_path / "r").exists()  # refused after the model loaded, before the run folder
 
     code, _, err = run_cli(monkeypatch, capsys, "collect", "--data", str(texts_file), "--out", str(tmp_path / "r2"),
                            "--model", str(tiny_gemma_dir), "--layers", "two")

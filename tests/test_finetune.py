@@ -296,7 +296,7 @@ def test_max_steps_stops_early_with_a_complete_adapter(runs: dict[str, Any], tin
     ck2 = runs["root"] / "straight" / "checkpoints" / "step-000002" / "adapter"
     a, b = adapter_tensors(res.adapter), adapter_tensors(ck2)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(LatentlabError, match="max_steps"):
+    with pytest.raises(LatentlabError, match="max.steps"):
         finetune(str(tiny_gemma_dir), runs["data"], tmp_path / "bad", cfg(max_steps=0), progress=False)
 
 

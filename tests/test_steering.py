@@ -387,3 +387,18 @@ def test_sampling_is_seeded(tiny_gemma: Any, decoded: Callable[[Any], list[list[
     seen.clear()
     generate(tiny_gemma, PROMPTS[:2], max_new_tokens=8, temperature=5.0, seed=2)
     assert seen != first  # a hot random model: a different seed draws different tokens
+
+
+def test_choose_layer_screens_dev_items_and_reports_the_rest(tiny_gemma: Any, gemma_dir_direction: Direction) -> None:
+    from latentlab.steering import choose_layer, dev_eval_split
+
+    items = ITEMS * 2
+    choice = choose_layer(tiny_gemma, gemma_dir_direction, items)
+    dev, ev = dev_eval_split(items)
+    assert choice.dev_items == dev and choice.eval_items == ev and len(dev) + len(ev) == len(items)
+    assert list(choice.screen) == [c for c in candidate_layers(tiny_gemma.n_layers) if c in gemma_dir_direction.layers]
+    assert choice.screen == screen_layers(tiny_gemma, gemma_dir_direction, dev, list(choice.screen))
+    assert choice.layer == max(choice.screen, key=lambda k: choice.screen[k])
+    partial = Direction(gemma_dir_direction.vectors[:1], [0], gemma_dir_direction.resid_norms[:1], "partial")
+    with pytest.raises(LatentlabError, match="no candidate layer"):
+        choose_layer(tiny_gemma, partial, items)

@@ -11,8 +11,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from latentlab.errors import LatentlabError
-
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -63,39 +61,6 @@ DirectionOpt = Annotated[
     str, typer.Option(help="era, persona, a contrast-pair JSONL, or a saved direction .safetensors.")
 ]
 OutOpt = Annotated[Path, typer.Option(help="Run folder to write.")]
-DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery"}
-
-
-def _pairs_source(direction: str) -> str:
-    from latentlab.data import BUILTIN_DATASETS
-
-    if direction in BUILTIN_DATASETS or Path(direction).suffix == ".jsonl":
-        return direction
-    raise LatentlabError(
-        f"--direction {direction!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
-        "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
-    )
-
-
-def _load(model: str, adapter: Path | None, device: str, dtype: str):  # noqa: ANN202
-    from latentlab.models import load_model
-
-    return load_model(model, adapter=adapter, device=device, dtype=dtype)
-
-
-
-
-def _direction_for(get_model, direction: str, out: Path):  # noqa: ANN001, ANN202
-    """A saved direction, or fit one (all layers) on ``get_model()`` and save it into the run folder.
-
-    ``get_model`` is a model or a zero-argument loader, so a saved direction costs no model load.
-    """
-    from latentlab.directions import Direction, direction_and_probes
-
-    if Path(direction).suffix == ".safetensors":
-        return Direction.load(direction)
-    m = get_model() if callable(get_model) else get_model
-    d, _ = direction_and_probes(m, _pairs_source(direction), "all")
-    d.save(out / f"direction-{d.name}")
-    return d
-
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Replace a finished run already in --out (refused without it).")
+]
