@@ -46,6 +46,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/patch.py
 	$(VENV)/bin/python benchmarks/generate.py
 	$(VENV)/bin/python benchmarks/memory.py
+	$(VENV)/bin/python benchmarks/finetune.py
 
 # Rebuild experiments/results/*/summary.{md,json} from the committed run folders (no model runs).
 summaries: setup
