@@ -92,7 +92,8 @@ def main() -> None:
 def markdown(r: dict[str, Any]) -> str:
     m, w = r["machine"], r["workload"]
     return (
-        f"# Finetuning throughput ({w['model']}, LoRA {w['lora']}, batch {w['batch_size']}, {w['steps']} steps, CPU)\n\n"
+        f"# Finetuning throughput ({w['model']}, LoRA {w['lora']}, batch {w['batch_size']}, "
+        f"{w['steps']} steps, CPU)\n\n"
         f"Load average before/after: {m['load_average_before']} / {m['load_average_after']}.\n\n"
         "| loop | seconds | steps/s |\n|---|---:|---:|\n"
         f"| plain peft + torch | {r['seconds']['plain']} | {r['steps_per_s']['plain']} |\n"
