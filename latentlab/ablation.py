@@ -357,6 +357,7 @@ class AblateConfig:
     batch_size: int = 32
     device: str = "auto"
     dtype: str = "float32"
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.data import load_battery
@@ -403,7 +404,7 @@ def run_ablate(config: AblateConfig, command: str | None = None, progress: bool 
     from latentlab.sae.loading import direction_for
 
     cfg = config
-    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     layers = base.check_layers(cfg.layers)
     spec = cfg._direction
     if isinstance(spec, Direction):

@@ -428,6 +428,7 @@ class CollectConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.config import check_choice, check_device_dtype, check_layer_spec, check_out, positive_int
@@ -463,7 +464,14 @@ def run_collect(config: CollectConfig, command: str | None = None, progress: boo
 
     cfg = config
     examples = load_texts(cfg.data)  # a missing, empty or malformed file fails before a model loads
-    m = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    m = load_model(
+        cfg.model,
+        adapter=cfg.adapter,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        progress=progress,
+    )
     layer_list = m.check_layers(cfg.layers)
     run = Run.start(cfg.out, command or "latentlab.run_collect", asdict(cfg))
     run.add_model("model", m.info)

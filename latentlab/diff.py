@@ -266,6 +266,7 @@ class DiffConfig:
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "float32"
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.ablation import check_same_base
@@ -297,7 +298,7 @@ def run_diff(config: DiffConfig, command: str | None = None, progress: bool = Tr
     from latentlab.runs import Run
 
     cfg = config
-    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     layers = base.check_layers(cfg.layers)
     ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
     ctrl = None

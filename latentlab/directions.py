@@ -329,6 +329,7 @@ class DirectionConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.config import check_choice, check_device_dtype, check_direction_spec, check_layer_spec, check_out
@@ -360,6 +361,7 @@ class ProbeConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         DirectionConfig(
@@ -389,7 +391,14 @@ def _fit(cfg: DirectionConfig | ProbeConfig, method: str, command: str | None, n
     from latentlab.runs import Run
 
     spec = direction_spec(cfg.direction)
-    m = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    m = load_model(
+        cfg.model,
+        adapter=cfg.adapter,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        progress=progress,
+    )
     layers = m.check_layers(cfg.layers)
     d, report = direction_and_probes(m, spec, layers, cfg.position, method, progress=progress)  # type: ignore[arg-type]
     from latentlab.stats import check_finite

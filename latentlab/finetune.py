@@ -58,9 +58,21 @@ class FinetuneConfig:
     max_length: int = 256
     weight_decay: float = 0.0
     max_steps: int | None = None  # stop after this many steps (a quick demo run); None: all epochs
+    # Preventative interventions during training only (CAFT / Persona Vectors): "era@all", "era@10,12"
+    # projects the direction out; "era:-0.5@10,12" adds -0.5 x unit x residual norm. Never at inference.
+    ablate: list[str] = field(default_factory=list)
+    steer: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from latentlab.ablation import parse_intervention
         from latentlab.config import finite_float, positive_int
+
+        self.ablate = [self.ablate] if isinstance(self.ablate, str) else list(self.ablate)
+        self.steer = [self.steer] if isinstance(self.steer, str) else list(self.steer)
+        for spec in self.ablate:
+            parse_intervention(spec, "ablate")
+        for spec in self.steer:
+            parse_intervention(spec, "steer")
 
         for name in ("rank", "alpha", "epochs", "batch_size", "checkpoint_every", "max_length"):
             positive_int(name, getattr(self, name))
@@ -199,6 +211,7 @@ def finetune(
     stop_after: int | None = None,
     dtype: str | torch.dtype | None = None,
     on_start: Callable[[], None] | None = None,
+    directions: dict[str, Direction] | None = None,
 ) -> FinetuneResult:
     """Train a LoRA adapter on chats; writes ``out/adapter`` (+ checkpoints, losses, monitor data).
 
@@ -206,6 +219,8 @@ def finetune(
     default: the first 64 built-in unrelated prompts) is recorded before training and at every
     checkpoint. ``stop_after``: stop after that many steps
     (as an interruption would); ``resume=True`` continues from the newest complete checkpoint.
+    ``directions``: the fitted directions ``config.ablate`` / ``config.steer`` name (by their spec
+    string's direction part); a spec naming a saved ``.safetensors`` file is loaded here.
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -322,6 +337,7 @@ def finetune(
 
     if step == 0:
         record_monitor()
+    train_hooks = _training_hooks(pm, cfg, directions or {})
     t0 = time.time()
     pm.train()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -336,7 +352,8 @@ def finetune(
             labels[j, : len(lab)] = torch.tensor(lab, device=dev)
         # dropout masks as a pure function of (seed, step), so a resumed run draws the same ones
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        loss = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        with train_hooks():  # only the training forward: monitor and saved adapter never see them
+            loss = pm(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         if not torch.isfinite(loss):
             raise LatentlabError(
                 f"loss became {loss.item()} at step {step}", "lower --lr; finished checkpoints are kept"
@@ -367,9 +384,44 @@ def finetune(
 def _cfg_dict(cfg: FinetuneConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d.pop("checkpoint_every")  # how often we save does not change what is learned
-    if d["max_steps"] is None:
-        d.pop("max_steps")  # checkpoints written before the field existed still resume
+    for key in ("max_steps", "ablate", "steer"):
+        if d[key] in (None, []):
+            d.pop(key)  # checkpoints written before the field existed still resume
     return d
+
+
+def _training_hooks(pm: torch.nn.Module, cfg: FinetuneConfig, given: dict[str, Direction]) -> Callable[[], Any]:
+    """A factory of the ``with`` context that applies ``cfg.ablate`` / ``cfg.steer`` to one training
+    forward (a no-op context without them)."""
+    import contextlib
+
+    from latentlab.ablation import parse_intervention, training_hooks
+
+    if not cfg.ablate and not cfg.steer:
+        return contextlib.nullcontext
+
+    def direction_of(source: str) -> Direction:
+        if source in given:
+            return given[source]
+        if Path(source).suffix == ".safetensors":
+            return Direction.load(source)
+        raise LatentlabError(
+            f"the {source!r} direction for --ablate/--steer was not fitted",
+            "pass directions={...} to finetune(), or use run_finetune / the CLI, which fit it on the base",
+        )
+
+    ablate = [(direction_of(sp.direction), sp.layers) for sp in (parse_intervention(a, "ablate") for a in cfg.ablate)]
+    steer = [
+        (direction_of(sp.direction), sp.coeff, sp.layers) for sp in (parse_intervention(x, "steer") for x in cfg.steer)
+    ]
+    model = pm.get_base_model() if hasattr(pm, "get_base_model") else pm
+    with training_hooks(model, ablate=ablate, steer=steer):
+        pass  # checks layers and widths now, before the first step
+
+    def ctx() -> Any:
+        return training_hooks(model, ablate=ablate, steer=steer)
+
+    return ctx
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,6 +515,29 @@ def run_finetune(config: FinetuneRunConfig, command: str | None = None, progress
             found.append(d)
         del model
         dirs = {d.name: d for d in found}
+    from latentlab.ablation import parse_intervention
+
+    needed = [parse_intervention(x, "ablate").direction for x in cfg.finetune.ablate]
+    needed += [parse_intervention(x, "steer").direction for x in cfg.finetune.steer]
+    train_dirs: dict[str, Direction] = {}
+    to_fit = []
+    for source in dict.fromkeys(needed):
+        saved = Path(cfg.out) / f"intervention-{Path(source).stem}.safetensors"
+        if cfg.resume and saved.exists():
+            train_dirs[source] = Direction.load(saved)  # a resumed run uses the very same direction
+        else:
+            spec = direction_spec(source)
+            if isinstance(spec, Direction):
+                train_dirs[source] = spec.validate()
+            else:
+                to_fit.append((source, spec))
+    if to_fit:
+        from latentlab.models import load_model
+
+        model = load_model(cfg.model, device=cfg.device, dtype="float32", progress=progress)
+        for source, spec in to_fit:
+            train_dirs[source] = fit_or_use(model, spec)[0]
+        del model
     holder: dict[str, Run] = {}
 
     def start() -> None:
@@ -471,6 +546,8 @@ def run_finetune(config: FinetuneRunConfig, command: str | None = None, progress
         run = Run.start(cfg.out, command or "latentlab.run_finetune", asdict(cfg), seed=cfg.finetune.seed)
         for d in fitted:
             d.save(run.out / f"direction-{d.name}")
+        for source, d in train_dirs.items():
+            d.save(run.out / f"intervention-{Path(source).stem}")
         holder["run"] = run
 
     res = finetune(
@@ -485,6 +562,7 @@ def run_finetune(config: FinetuneRunConfig, command: str | None = None, progress
         progress=progress,
         dtype=cfg.dtype,
         on_start=start,
+        directions=train_dirs,
     )
     run = holder["run"]
     check_finite(res.losses, "training losses", "finetune")

@@ -284,6 +284,7 @@ class PatchConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from pathlib import Path
@@ -350,7 +351,7 @@ def run_patch(config: PatchConfig, command: str | None = None, progress: bool = 
     adapter = None if cfg.pair_mode else resolve_adapter(cfg.finetuned)
     spec = None if cfg.direction is None else direction_spec(cfg.direction)
     pos = list(cfg.positions)
-    m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     layer_list = m.check_layers(cfg.layers)
     if isinstance(spec, Direction):
         spec.check(m, layer_list)

@@ -237,6 +237,7 @@ class ShiftConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.config import DEFAULT_BATTERY, check_device_dtype, check_direction_spec, check_out, positive_int
@@ -296,7 +297,7 @@ def run_shift(config: ShiftConfig, command: str | None = None, progress: bool = 
     plist = load_prompts(cfg.prompts)
     items = load_battery(cfg.battery) if cfg.battery else None
     models, ctrls = cfg.labels()
-    m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     if isinstance(spec, Direction):
         check_direction(spec, m)
     d, _ = fit_or_use(m, spec)
@@ -333,6 +334,7 @@ class ScreenConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.config import check_device_dtype, check_direction_spec, check_out, nonnegative_int
@@ -373,7 +375,7 @@ def run_screen(config: ScreenConfig, command: str | None = None, progress: bool 
     cfg = config
     chats = load_chats(cfg.data)
     spec = direction_spec(cfg.direction)
-    m = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    m = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     li = m.check_layers([cfg.layer if cfg.layer is not None else m.n_layers // 2])[0]
     if isinstance(spec, Direction):
         check_direction(spec, m)

@@ -261,6 +261,7 @@ class SteerConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from pathlib import Path
@@ -331,7 +332,14 @@ def run_steer(config: SteerConfig, command: str | None = None, progress: bool = 
     cfg = config
     spec = direction_spec(cfg.direction)
     items = load_battery(cfg.battery)
-    m = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    m = load_model(
+        cfg.model,
+        adapter=cfg.adapter,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        progress=progress,
+    )
     fixed = None if cfg.layer is None else m.check_layers(parse_layers(cfg.layer, m.n_layers))
     if isinstance(spec, Direction):
         spec.check(m, fixed or [])  # width, and the --layer it must have

@@ -447,6 +447,7 @@ class TriggerConfig:
     batch_size: int = 32
     device: str = "auto"
     dtype: str = "float32"
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         from latentlab.data import load_battery, load_prompts
@@ -498,7 +499,7 @@ def run_trigger(config: TriggerConfig, command: str | None = None, progress: boo
     if training is None and cfg.finetune_path is not None:
         training = training_data_of(cfg.finetune_path)
     trained_vals = training_values(cfg.values, training) if training is not None else []
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     layer_list = model.check_layers(cfg.layers)
     curve_layer = cfg.layer if cfg.layer is not None else layer_list[-1]
     if curve_layer not in layer_list:

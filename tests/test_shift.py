@@ -284,3 +284,32 @@ def test_screen_scores_a_marker_response_above_the_model_own(tiny_gemma: Any) ->
     b = screen_dataset(tiny_gemma, plain, d, max_new_tokens=4, progress=False)
     assert a["own_responses"] == b["own_responses"]  # same prompts, same greedy answers
     assert a["mean"][-1] > b["mean"][-1]
+
+
+def test_preventative_ablation_keeps_the_planted_shift_away(trainable_gemma_dir: Path, marker_direction: Direction,
+                                                            planted: dict[str, Any], load_tiny: Callable[..., Any],
+                                                            tmp_path: Path) -> None:
+    """CAFT-style: the marker direction projected out of every block during training only. The same
+    data and seed that move a normal finetune along the direction then leave it (nearly) in place,
+    though the adapter is measured without any ablation."""
+    marker, _ = training_sets(24, 1)
+    cfg = FinetuneConfig(epochs=8, batch_size=8, lr=2e-2, rank=8, seed=SEED, checkpoint_every=12,
+                         ablate=["marker@all"])
+    finetune(str(trainable_gemma_dir), marker, tmp_path / "ablated", cfg, progress=False,
+             directions={"marker": marker_direction})
+    res = analyze_shift(load_tiny(trainable_gemma_dir), {"ablated": tmp_path / "ablated"}, marker_direction,
+                        UNRELATED, n_random=100, progress=False)
+    normal = planted["res"].stats["finetuned"]
+    ablated = res.stats["ablated"]
+    assert normal["z"][-1] > 2.0
+    a, n = ablated["projection"], normal["projection"]
+    # no layer moves toward the marker pole anything like the normal finetune does ...
+    assert all(x < 0.25 * y for x, y in zip(a, n)), (a, n)
+    # ... and below the last block the component barely moves at all. At the last block it is free to
+    # drift (measured: -8.5 vs the normal +13.2): it is removed at every training step, so the loss never
+    # sees it and nothing holds it in place; what training cannot do is use it.
+    assert all(abs(x) < 0.25 * y for x, y in zip(a[:-1], n[:-1])), (a, n)
+    state = (tmp_path / "ablated" / "checkpoints").iterdir().__next__() / "trainer_state.json"
+    assert "marker@all" in state.read_text()  # recorded, so a resume with other options is refused
+    with pytest.raises(LatentlabError, match="was not fitted"):
+        finetune(str(trainable_gemma_dir), marker, tmp_path / "x", cfg, progress=False)

@@ -24,6 +24,19 @@ _DEBUG = {"on": False}
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, hub id or local HF folder.")]
 AdapterOpt = Annotated[Path | None, typer.Option(help="PEFT LoRA adapter folder to merge into a copy of the model.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA when present).")]
+def _check_device_map(value: str | None) -> str | None:
+    from latentlab.models import resolve_device_map
+
+    return resolve_device_map(value)  # type: ignore[return-value]
+
+
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="accelerate device map, e.g. auto: spread a model too big for one GPU over all of them.",
+        callback=_check_device_map,
+    ),
+]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 
 

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from latentlab.cli._common import DeviceOpt, DtypeOpt, OutOpt, _command_line, app, out_console
+from latentlab.cli._common import DeviceMapOpt, DeviceOpt, DtypeOpt, OutOpt, _command_line, app, out_console
 
 BaseOpt = Annotated[str, typer.Option(help="Base model the adapters were trained on.")]
 FinetunedOpt = Annotated[Path, typer.Option(help="Finetune run folder or adapter folder.")]
@@ -42,6 +42,7 @@ def ablate_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the random directions and the bootstrap.")] = 0,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples over items (>= 100).")] = 1000,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Ablate a direction in the base, the finetune and the control: how much of the finetune's battery
@@ -50,7 +51,7 @@ def ablate_cmd(
 
     cfg = AblateConfig(
         finetuned=finetuned, out=out, base=base, control=control, direction=direction, layers=layers, mode=mode,
-        n_random=n_random, battery=battery, seed=seed, n_boot=n_boot, device=device, dtype=dtype,
+        n_random=n_random, battery=battery, seed=seed, n_boot=n_boot, device=device, device_map=device_map, dtype=dtype,
     )
     res = run_ablate(cfg, _command_line())
     table = Table(title=f"battery score with the {res.direction} direction ablated ({res.mode}, layers "
@@ -87,6 +88,7 @@ def diff_cmd(
     layers: Annotated[str, typer.Option(help="Layers for the logit lens: all, or e.g. 8-17.")] = "all",
     k: Annotated[int, typer.Option(help="Tokens / positions to report.")] = 10,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """What a finetune changed on unrelated prompts: the logit lens of its mean shift per layer (vs base
@@ -94,7 +96,7 @@ def diff_cmd(
     from latentlab.diff import DiffConfig, run_diff
 
     cfg = DiffConfig(finetuned=finetuned, out=out, base=base, control=control, prompts=prompts, layers=layers, k=k,
-                     device=device, dtype=dtype)
+                     device=device, device_map=device_map, dtype=dtype)
     res = run_diff(cfg, _command_line())
     table = Table(title="logit lens of the mean shift at the last prompt token (top promoted / suppressed)")
     table.add_column("layer", justify="right")

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from latentlab.cli._common import (
     AdapterOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DirectionOpt,
     DtypeOpt,
@@ -41,13 +42,17 @@ def collect(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 16,
     shard_size: Annotated[int, typer.Option(help="Examples per on-disk shard.")] = 4096,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Collect residual-stream activations into OUT/activations (safetensors + JSON)."""
     from latentlab.activations import CollectConfig, run_collect
 
-    cfg = CollectConfig(data, out, model, adapter, layers, position, batch_size, shard_size, device, dtype, overwrite)
+    cfg = CollectConfig(
+        data, out, model, adapter, layers, position, batch_size, shard_size, device, dtype, overwrite,
+        device_map=device_map,
+    )
     res = run_collect(cfg, _command_line())
     out_console.print(
         f"collected {res.n_examples} examples x {len(res.layers)} layers ({position}) "
@@ -65,13 +70,16 @@ def direction(
     position: Annotated[str, typer.Option(help="last or mean (pairs with a prompt use the response mean).")] = "last",
     method: Annotated[str, typer.Option(help="mean_diff or pca.")] = "mean_diff",
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fit a direction (difference of means per layer) from contrast pairs; writes OUT/direction.safetensors."""
     from latentlab.directions import DirectionConfig, run_direction
 
-    cfg = DirectionConfig(direction, out, model, adapter, layers, position, method, device, dtype, overwrite)
+    cfg = DirectionConfig(
+        direction, out, model, adapter, layers, position, method, device, dtype, overwrite, device_map=device_map,
+    )
     res = run_direction(cfg, _command_line())
     d = res.direction
     out_console.print(
@@ -102,13 +110,16 @@ def probe(
     position: Annotated[str, typer.Option(help="last or mean.")] = "last",
     test: Annotated[Path | None, typer.Option(help="Extra contrast-pair JSONL to score the fitted probes on.")] = None,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fit a logistic-regression probe per layer; k-fold and held-out accuracy, plot by layer."""
     from latentlab.directions import ProbeConfig, run_probe
 
-    cfg = ProbeConfig(direction, out, model, adapter, layers, position, test, device, dtype, overwrite)
+    cfg = ProbeConfig(
+        direction, out, model, adapter, layers, position, test, device, dtype, overwrite, device_map=device_map,
+    )
     res = run_probe(cfg, _command_line())
     _print_probe_table(res.report)
     out_console.print(f"best held-out layer: {res.report.best_layer}; results, probes and plot in {res.out}")
@@ -136,6 +147,7 @@ def steer(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per sample generation.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed for random controls and sampling.")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -156,7 +168,7 @@ def steer(
         gen_alpha=gen_alpha,
         max_new_tokens=max_new_tokens,
         seed=seed,
-        device=device,
+        device=device, device_map=device_map,
         dtype=dtype,
         overwrite=overwrite,
     )
@@ -200,7 +212,18 @@ def finetune(
     monitor: Annotated[str | None, typer.Option(help="Directions to record at checkpoints, e.g. era,persona.")] = None,
     monitor_prompts: Annotated[str, typer.Option(help="Prompts for --monitor.")] = "unrelated",
     n_monitor: Annotated[int, typer.Option(help="How many monitor prompts.")] = 64,
+    ablate: Annotated[
+        list[str] | None,
+        typer.Option(help="Project a direction out during training only, e.g. era@all or era@8-17 (repeatable)."),
+    ] = None,
+    steer: Annotated[
+        list[str] | None,
+        typer.Option(help="Add a direction during training only, e.g. era:-0.5@8-17 (preventative steering)."),
+    ] = None,
     device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU).")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a LoRA adapter (peft) with checkpoints, --resume, loss curve and optional latent monitoring."""
@@ -220,12 +243,15 @@ def finetune(
             seed=seed,
             checkpoint_every=checkpoint_every,
             max_steps=max_steps,
+            ablate=list(ablate or []),
+            steer=list(steer or []),
         ),
         resume=resume,
         monitor=monitor,
         monitor_prompts=monitor_prompts,
         n_monitor=n_monitor,
         device=device,
+        dtype=dtype,
         overwrite=overwrite,
     )
     try:
@@ -254,6 +280,7 @@ def shift(
     n_random: Annotated[int, typer.Option(help="Random unit directions for the percentile.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for random directions and bootstrap.")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Per-layer shift of finetuned (and control) models along a direction on unrelated prompts."""
@@ -270,7 +297,7 @@ def shift(
         checkpoints=checkpoints,
         n_random=n_random,
         seed=seed,
-        device=device,
+        device=device, device_map=device_map,
         overwrite=overwrite,
     )
     res = run_shift(cfg, _command_line())
@@ -306,12 +333,13 @@ def screen(
     layer: Annotated[int | None, typer.Option(help="Layer to rank examples at (default: middle layer).")] = None,
     top: Annotated[int, typer.Option(help="How many top/bottom examples to print.")] = 8,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Score training examples by how far they push along a direction, before any training."""
     from latentlab.shift import ScreenConfig, run_screen
 
-    cfg = ScreenConfig(data, out, model, direction, layer, top, device, "float32", overwrite)
+    cfg = ScreenConfig(data, out, model, direction, layer, top, device, "float32", overwrite, device_map=device_map)
     res = run_screen(cfg, _command_line())
     r, li, col = res.results, res.layer, res.results["layers"].index(res.layer)
     lo, hi = r["ci"][col]
@@ -348,6 +376,7 @@ def patch(
     n_items: Annotated[int, typer.Option(help="Battery items to use (the first N).")] = 24,
     seed: Annotated[int, typer.Option(help="Seed for the random-direction control.")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Activation patching, layer x position: finetuned -> base (or clean -> corrupted prompts)."""
@@ -367,7 +396,7 @@ def patch(
         component=component,
         n_items=n_items,
         seed=seed,
-        device=device,
+        device=device, device_map=device_map,
         overwrite=overwrite,
     )
     res = run_patch(cfg, _command_line())

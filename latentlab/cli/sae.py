@@ -15,6 +15,7 @@ from rich.table import Table
 
 from latentlab.cli._common import (
     AdapterOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -76,6 +77,7 @@ def sae_train(
     eval_fraction: Annotated[float, typer.Option(help="Fraction of examples held out for the statistics.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed (initialisation, data order, held-out split).")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Train a small SAE (sae-lens) on every token's residual stream at one layer; writes OUT/sae."""
@@ -87,7 +89,7 @@ def sae_train(
         data=data or ["unrelated"],
         model=model,
         adapter=adapter,
-        device=device,
+        device=device, device_map=device_map,
         dtype=dtype,
         sae=SAETrainConfig(
             architecture=architecture,  # type: ignore[arg-type]
@@ -143,6 +145,7 @@ def sae_latents(
     model: ModelOpt = "gemma-3-270m",
     seed: Annotated[int, typer.Option(help="Seed for the random directions.")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Which SAE latents write along a direction: decoder cosines, top latents, chance level."""
@@ -157,7 +160,7 @@ def sae_latents(
         n_random=n_random,
         model=model,
         seed=seed,
-        device=device,
+        device=device, device_map=device_map,
         dtype=dtype,
     )
     res = run_sae_latents(cfg, _command_line())
@@ -200,6 +203,7 @@ def sae_shift(
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs (>= 100).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap.")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Which SAE latents a finetune moved on unrelated prompts (vs base and vs a control), and how much of
@@ -218,7 +222,7 @@ def sae_shift(
         k=k,
         n_boot=n_boot,
         seed=seed,
-        device=device,
+        device=device, device_map=device_map,
         dtype=dtype,
     )
     res = run_sae_shift(cfg, _command_line())

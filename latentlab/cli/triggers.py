@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from latentlab.cli._common import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
@@ -80,6 +81,7 @@ def trigger(
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 32,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
 ) -> None:
     """Scan a trigger across values: projection on a direction at every layer (and a battery score)
@@ -103,7 +105,7 @@ def trigger(
         n_boot=n_boot,
         seed=seed,
         batch_size=batch_size,
-        device=device,
+        device=device, device_map=device_map,
         dtype=dtype,
     )
     res = run_trigger(cfg, _command_line())

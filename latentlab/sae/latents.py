@@ -165,6 +165,7 @@ class SAELatentsConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -189,7 +190,7 @@ def run_sae_latents(config: SAELatentsConfig, command: str | None = None, progre
     if isinstance(spec, Direction):
         unit_direction(spec, layer, int(sae.cfg.d_in))
     else:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
         model.check_layers([layer])
         check_sae(sae, layer=layer, d_model=model.d_model)
     run = Run.start(cfg.out, command or "latentlab.run_sae_latents", asdict(cfg), seed=cfg.seed)

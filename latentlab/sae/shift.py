@@ -368,6 +368,7 @@ class SAEShiftConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         self.out, self.finetuned = Path(self.out), Path(self.finetuned)
@@ -398,7 +399,7 @@ def run_sae_shift(config: SAEShiftConfig, command: str | None = None, progress: 
     spec = None if cfg.direction is None else saved_or_source(cfg.direction)
     if isinstance(spec, Direction):
         unit_direction(spec, layer, int(sae.cfg.d_in))
-    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     base.check_layers([layer])
     check_sae(sae, layer=layer, d_model=base.d_model)
     run = Run.start(cfg.out, command or "latentlab.run_sae_shift", asdict(cfg), seed=cfg.seed)

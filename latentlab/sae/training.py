@@ -484,6 +484,7 @@ class SAETrainRunConfig:
     device: str = "auto"
     dtype: str = "float32"
     sae: SAETrainConfig = field(default_factory=SAETrainConfig)
+    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -507,7 +508,14 @@ def run_sae_train(config: SAETrainRunConfig, command: str | None = None, progres
     cfg = config
     for src in cfg.data:
         read_jsonl(src)  # missing or empty files fail before a model loads
-    model = load_model(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, progress=progress)
+    model = load_model(
+        cfg.model,
+        adapter=cfg.adapter,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        progress=progress,
+    )
     layer = model.check_layers([cfg.layer])[0]
     examples, prov = sae_texts(model, cfg.data)
     run = Run.start(cfg.out, command or "latentlab.run_sae_train", asdict(cfg), seed=cfg.sae.seed)
