@@ -75,8 +75,7 @@ STAGE = "ablate"
 MIN_RANDOM = 10
 MIN_GAIN = 1e-6  # a gain smaller than this has no meaningful fraction (reported as None, never NaN)
 AblateMode = Literal["project", "mean"]
-DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery"}
-
+from latentlab.config import DEFAULT_BATTERY  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # The reference means for mode="mean".
@@ -318,10 +317,10 @@ def check_same_base(finetuned: Path, control: Path) -> None:
 
 def direction_spec(spec: str | Path, layers: str) -> Direction | str:
     """A saved direction (loaded and checked now: NaN, zero, the requested layers) or a pair source."""
+    from latentlab.directions import direction_spec as _spec
     from latentlab.models import parse_layers
-    from latentlab.sae.loading import saved_or_source
 
-    d = saved_or_source(spec)
+    d = _spec(spec)
     if isinstance(d, Direction) and layers.strip() != "all":
         want = parse_layers(layers, max(d.layers) + 1)
         missing = [layer for layer in want if layer >= 0 and layer not in d.layers]
@@ -360,9 +359,9 @@ class AblateConfig:
     device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
+        from latentlab.config import check_device_dtype
         from latentlab.data import load_battery
         from latentlab.models import parse_layers
-        from latentlab.sae.loading import check_device_dtype
 
         self.out, self.finetuned = Path(self.out), Path(self.finetuned)
         self.control = None if self.control is None else Path(self.control)
@@ -397,11 +396,11 @@ class AblateConfig:
 def run_ablate(config: AblateConfig, command: str | None = None, progress: bool = True) -> AblationResult:
     """``latentlab ablate``: everything checkable is checked (config, base load, layers, direction
     layers) before ``config.out`` is touched; writes results.json, manifest.json and the plot."""
+    from latentlab.directions import resolve_direction as direction_for
     from latentlab.io import write_json
     from latentlab.models import load_model
     from latentlab.plots import ablation_figure, save_figure
     from latentlab.runs import Run
-    from latentlab.sae.loading import direction_for
 
     cfg = config
     base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
@@ -483,18 +482,9 @@ def parse_intervention(text: str, kind: Literal["ablate", "steer"]) -> Intervent
 
 
 def _layers_of(spec: str, n_layers: int) -> list[int]:
-    from latentlab.models import parse_layers
+    from latentlab.models import select_layers
 
-    out = []
-    for layer in parse_layers(spec, n_layers):
-        li = layer + n_layers if layer < 0 else layer
-        if not 0 <= li < n_layers:
-            raise LatentlabError(
-                f"layer {layer} is out of range for this model ({n_layers} layers: 0-{n_layers - 1})",
-                f"pass layers between 0 and {n_layers - 1}, or all",
-            )
-        out.append(li)
-    return sorted(set(out))
+    return select_layers(spec, n_layers)
 
 
 @contextlib.contextmanager

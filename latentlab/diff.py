@@ -270,9 +270,9 @@ class DiffConfig:
 
     def __post_init__(self) -> None:
         from latentlab.ablation import check_same_base
+        from latentlab.config import check_device_dtype
         from latentlab.data import load_prompts
         from latentlab.models import parse_layers
-        from latentlab.sae.loading import check_device_dtype
 
         self.out, self.finetuned = Path(self.out), Path(self.finetuned)
         self.control = None if self.control is None else Path(self.control)

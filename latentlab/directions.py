@@ -284,6 +284,8 @@ def direction_spec(spec: str | Path) -> Direction | str:
     on the model later (a built-in name or a ``.jsonl``, read now so a bad file fails before a model loads)."""
     from latentlab.config import check_direction_spec
 
+    if Path(spec).is_dir() and (Path(spec) / "direction.safetensors").is_file():
+        return Direction.load(spec)
     s = check_direction_spec(spec)
     if Path(s).suffix == ".safetensors":
         return Direction.load(s)
@@ -291,9 +293,10 @@ def direction_spec(spec: str | Path) -> Direction | str:
     return s
 
 
-def fit_or_use(model: LoadedModel, spec: Direction | str) -> tuple[Direction, Any]:
+def fit_or_use(model: LoadedModel, spec: Direction | str, refit: bool = False) -> tuple[Direction, Any]:
     """``spec`` as a Direction usable on ``model``: a saved one checked (width), a source fitted on
-    every layer. Returns (direction, probe report or None)."""
+    every layer, or reused from the fit cache (:mod:`latentlab.cache`: same weights, data and options
+    give the same fit, so it is done once; ``refit=True`` forces it). Returns (direction, probes or None)."""
     if isinstance(spec, Direction):
         d = spec
         d.validate()
@@ -304,7 +307,27 @@ def fit_or_use(model: LoadedModel, spec: Direction | str) -> tuple[Direction, An
                 "use a direction fitted on this model",
             )
         return d, None
-    return direction_and_probes(model, spec, "all")
+    from latentlab.cache import describe, fitted_direction
+
+    d, report, reused = fitted_direction(model, spec, "all", refit=refit)
+    d.meta["reused_from_cache"] = reused
+    import sys
+
+    print(describe(reused, d.name, model), file=sys.stderr)
+    return d, report
+
+
+def resolve_direction(model: LoadedModel | None, spec: Direction | str, out: Path | None = None) -> Direction:
+    """``spec`` as a Direction: a saved one as it is; a pair source fitted (all layers, via the fit
+    cache) on ``model`` and, with ``out``, saved into that run folder so the run is self-contained."""
+    if isinstance(spec, Direction):
+        return spec
+    if model is None:
+        raise LatentlabError(f"fitting the {spec} direction needs a model", "pass a model, or a saved direction")
+    d, _ = fit_or_use(model, spec)
+    if out is not None:
+        d.save(Path(out) / f"direction-{d.name}")
+    return d
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,28 +326,33 @@ class LoadedModel:
 
     def check_layers(self, layers: list[int] | str | None) -> list[int]:
         """Normalise a layer selection ('all', None, list with negatives) and range-check it."""
-        n = self.n_layers
-        if layers is None or layers == "all":
-            return list(range(n))
-        if isinstance(layers, str):
-            layers = parse_layers(layers, n)
-        out = []
-        for layer in layers:
-            li = layer + n if layer < 0 else layer
-            if not 0 <= li < n:
-                raise LatentlabError(
-                    f"layer {layer} is out of range for {self.info.name} ({n} layers: 0-{n - 1})",
-                    f"pass layers between 0 and {n - 1}, or 'all'",
-                )
-            out.append(li)
-        if not out:
-            raise LatentlabError("no layers were selected", f"pass layers between 0 and {n - 1}, or 'all'")
-        return sorted(set(out))
+        return select_layers(layers, self.n_layers, self.info.name)
 
     def __repr__(self) -> str:
         i = self.info
         ad = f", adapter={i.adapter!r}" if i.adapter else ""
         return f"LoadedModel({i.name!r}{ad}, n_layers={i.n_layers}, d_model={i.d_model}, device={i.device})"
+
+
+def select_layers(layers: Sequence[int] | str | None, n_layers: int, model_name: str = "this model") -> list[int]:
+    """'all', None, '0,4-6,-1' or a list (negatives count from the end) -> sorted, range-checked indices."""
+    n = n_layers
+    if layers is None or layers == "all":
+        return list(range(n))
+    if isinstance(layers, str):
+        layers = parse_layers(layers, n)
+    out = []
+    for layer in layers:
+        li = layer + n if layer < 0 else layer
+        if not 0 <= li < n:
+            raise LatentlabError(
+                f"layer {layer} is out of range for {model_name} ({n} layers: 0-{n - 1})",
+                f"pass layers between 0 and {n - 1}, or 'all'",
+            )
+        out.append(li)
+    if not out:
+        raise LatentlabError("no layers were selected", f"pass layers between 0 and {n - 1}, or 'all'")
+    return sorted(set(out))
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:

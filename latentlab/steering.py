@@ -261,6 +261,7 @@ class SteerConfig:
     device: str = "auto"
     dtype: str = "float32"
     overwrite: bool = False
+    refit: bool = False  # fit the direction and probes again instead of reusing the cached fit
     device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
@@ -345,7 +346,7 @@ def run_steer(config: SteerConfig, command: str | None = None, progress: bool = 
         spec.check(m, fixed or [])  # width, and the --layer it must have
     else:
         say(f"fitting the {cfg.direction} direction and probes on {m.info.name} ...")
-    d, report = fit_or_use(m, spec)
+    d, report = fit_or_use(m, spec, refit=cfg.refit)
     if fixed is not None:
         d.check(m, fixed)
     eval_items, screen, probe_acc = list(items), None, None

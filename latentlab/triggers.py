@@ -450,8 +450,10 @@ class TriggerConfig:
     device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
 
     def __post_init__(self) -> None:
+        from latentlab.config import check_device_dtype
         from latentlab.data import load_battery, load_prompts
-        from latentlab.sae.loading import check_device_dtype, require_at_least, saved_or_source
+        from latentlab.directions import direction_spec as saved_or_source
+        from latentlab.sae.loading import require_at_least
 
         check_template(self.template)
         self.values = check_values(self.values)
@@ -485,11 +487,12 @@ class TriggerConfig:
 def run_trigger(config: TriggerConfig, command: str | None = None, progress: bool = True) -> TriggerScan:
     """``latentlab trigger``: the scan, results.json and plots (heatmap + curve) in ``config.out``."""
     from latentlab.data import load_battery, load_prompts
+    from latentlab.directions import direction_spec as saved_or_source
+    from latentlab.directions import resolve_direction as direction_for
     from latentlab.io import write_json
     from latentlab.models import load_model
     from latentlab.plots import save_figure, trigger_curve_figure, trigger_heatmap_figure
     from latentlab.runs import Run
-    from latentlab.sae.loading import direction_for, saved_or_source
 
     cfg = config
     prompts = load_prompts(cfg.prompts)[: cfg.n_prompts]

@@ -149,6 +149,7 @@ def steer(
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "float32",
+    refit: Annotated[bool, typer.Option(help="Fit the direction and probes again (default: reuse the cache).")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Steer with a direction: battery score per coefficient vs a random control, and sample generations."""
@@ -171,6 +172,7 @@ def steer(
         device=device, device_map=device_map,
         dtype=dtype,
         overwrite=overwrite,
+        refit=refit,
     )
     res = run_steer(cfg, _command_line(), log=console.print)
     name, layers = res.direction.name, ",".join(map(str, res.chosen_layers))

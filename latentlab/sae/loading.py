@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentlab import config as _config
+from latentlab import directions as _directions
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import read_json
@@ -29,7 +31,6 @@ from latentlab.io import read_json
 if TYPE_CHECKING:  # sae-lens costs seconds to import: only when an SAE is really used
     from sae_lens import SAE
 
-    from latentlab.models import LoadedModel
 
 
 SIDECAR = "latentlab_sae.json"
@@ -289,43 +290,7 @@ def require_at_least(name: str, value: float, minimum: float, flag: str) -> None
         raise LatentlabError(f"{name} must be >= {minimum:g}, got {value}", f"pass {flag} {minimum:g} or more")
 
 
-def check_device_dtype(device: str, dtype: str) -> None:
-    """A device and dtype :func:`latentlab.load_model` accepts (a CUDA device only where one exists)."""
-    from latentlab.models import resolve_device, resolve_dtype
-
-    try:
-        resolve_device(device)
-    except RuntimeError:  # torch's own message for an unknown device type is a paragraph
-        raise LatentlabError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or auto") from None
-    resolve_dtype(dtype)
-
-
-def saved_or_source(spec: str | Path) -> Direction | str:
-    """A saved direction (``.safetensors``, loaded now) or a contrast-pair source to fit on the model
-    later (a built-in name or a ``.jsonl``, read now so a bad file fails before a model loads)."""
-    from latentlab.data import BUILTIN_DATASETS, load_pairs
-
-    s = str(spec)
-    if Path(s).suffix == ".safetensors" or (Path(s).is_dir() and (Path(s) / "direction.safetensors").is_file()):
-        return Direction.load(s)
-    if s in BUILTIN_DATASETS or Path(s).suffix == ".jsonl":
-        load_pairs(s)
-        return s
-    raise LatentlabError(
-        f"--direction {s!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
-        "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
-    )
-
-
-def direction_for(model: LoadedModel | None, spec: Direction | str, out: Path) -> Direction:
-    """``spec`` as a Direction: a saved one as it is, a pair source fitted (all layers) on ``model``
-    and saved into the run folder ``out``."""
-    if isinstance(spec, Direction):
-        return spec
-    from latentlab.directions import direction_and_probes
-
-    if model is None:
-        raise LatentlabError(f"fitting the {spec} direction needs a model", "pass a model, or a saved direction")
-    d, _ = direction_and_probes(model, spec, "all")
-    d.save(out / f"direction-{d.name}")
-    return d
+# One home each (kept importable here for the SAE modules and old notebooks).
+check_device_dtype = _config.check_device_dtype
+saved_or_source = _directions.direction_spec
+direction_for = _directions.resolve_direction
