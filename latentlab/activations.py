@@ -498,3 +498,46 @@ def run_collect(config: CollectConfig, command: str | None = None, progress: boo
         }
     )
     return res
+
+
+def hf_last_token_acts(
+    hf_model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    device: torch.device,
+    batch_size: int = 16,
+) -> Float[Tensor, "n n_layers d_model"]:
+    """Last-token residual stream after every block of a plain (or peft) HF model, no bridge.
+
+    Why a second entry point: a model being trained is a peft model, not a bridge, and the
+    finetune monitor must read it between steps. Same tokenisation, padding and positions as
+    :func:`collect`; the decoder blocks' outputs equal the bridge's ``hook_resid_post`` (tested).
+    """
+    from latentlab.arch import decoder_blocks
+
+    blocks = decoder_blocks(hf_model)
+    enc = encode_with(tokenizer, [Example(t) for t in texts])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for b0 in range(0, len(texts), batch_size):
+        seqs = enc.ids[b0 : b0 + batch_size]
+        ids, mask = pad_batch(seqs, pad, device)
+        store: dict[int, Tensor] = {}
+
+        def make(i: int, store: dict[int, Tensor] = store) -> Callable[..., None]:
+            def hook(_m: Any, _a: Any, output: Any) -> None:
+                store[i] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            return hook
+
+        handles = [block.register_forward_hook(make(i)) for i, block in enumerate(blocks)]
+        try:
+            with torch.inference_mode():
+                hf_model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        pooled = _pool([store[i] for i in range(len(blocks))], mask.sum(1).cpu(), [None] * len(seqs), "last", 0)
+        out.append(pooled.float().cpu())  # type: ignore[union-attr]
+    return torch.cat(out)
+

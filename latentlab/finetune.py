@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from latentlab.activations import Example, encode_with, pad_batch
+from latentlab.activations import encode_with, hf_last_token_acts, pad_batch
 from latentlab.data import Chat, load_chats, render_chat, render_prompt
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
 from latentlab.io import load_tensors, read_json, replace_dir, save_tensors, sha256_text, write_json
-from latentlab.models import _load_hf, _resolve_source, resolve_device
+from latentlab.models import load_hf, resolve_device, resolve_source
 
 IGNORE = -100
 
@@ -99,56 +98,6 @@ class FinetuneResult:
     monitor: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     steps_per_epoch: int = 0  # for plots.loss_figure
-
-
-def _decoder_layers(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
-    """The decoder's block list, for hooking (found by :func:`latentlab.arch.decoder_blocks`)."""
-    from latentlab import arch
-
-    layers = arch.decoder_blocks(model)
-    if len(layers) != n_layers:  # pragma: no cover - arch checks against the text config
-        raise LatentlabError(f"the decoder has {len(layers)} blocks, not {n_layers}", "report the architecture")
-    return layers
-
-
-def resid_by_layer(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    n_layers: int,
-    device: torch.device,
-    batch_size: int = 16,
-) -> Float[Tensor, "n n_layers d_model"]:
-    """Last-token residual stream after every block, on a plain (or peft) HF model.
-
-    Hooks the decoder blocks' outputs, which equal TransformerLens' ``hook_resid_post``.
-    """
-    layers = _decoder_layers(model, n_layers)
-    enc = encode_with(tokenizer, [Example(p) for p in prompts])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for b0 in range(0, len(prompts), batch_size):
-        seqs = enc.ids[b0 : b0 + batch_size]
-        ids, mask = pad_batch(seqs, pad, device)
-        store: dict[int, Tensor] = {}
-
-        def make(i: int, store: dict[int, Tensor] = store) -> Callable[..., None]:
-            def hook(_m: Any, _a: Any, output: Any) -> None:
-                store[i] = (output[0] if isinstance(output, tuple) else output).detach()
-
-            return hook
-
-        handles = [layer.register_forward_hook(make(i)) for i, layer in enumerate(layers)]
-        try:
-            with torch.inference_mode():
-                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
-        last = mask.sum(1) - 1
-        rows = torch.stack([store[i][torch.arange(len(seqs)), last] for i in range(n_layers)], dim=1)
-        out.append(rows.float().cpu())
-    return torch.cat(out)
 
 
 def _tokenise(chats: Sequence[Chat], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -232,17 +181,16 @@ def finetune(
     if not chats:
         raise LatentlabError("the finetuning dataset is empty", "pass at least one chat")
     dev = resolve_device(device)
-    name, source, base_fp = _resolve_source(model, progress)
+    name, source, base_fp = resolve_source(model, progress)
     from latentlab import arch
     from latentlab.models import resolve_dtype
 
     dt = resolve_dtype(dtype, dev)
-    hf, tok = _load_hf(source, dt, trust_remote_code=False, device=dev)
+    hf, tok = load_hf(source, dt, trust_remote_code=False, device=dev)
     if base_fp is None:
         from latentlab.io import fingerprint_weights
 
         base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
-    n_layers = int(hf.config.get_text_config().num_hidden_layers)
     torch.manual_seed(cfg.seed)
     targets = cfg.target_modules or arch.default_lora_targets(hf)
     if isinstance(targets, str) and targets != "all-linear" and "," in targets:
@@ -303,7 +251,7 @@ def finetune(
         if not monitor or not monitor_prompts:
             return
         pm.eval()
-        h = resid_by_layer(pm, tok, [render_prompt(p, tok) for p in monitor_prompts], n_layers, dev)
+        h = hf_last_token_acts(pm, tok, [render_prompt(p, tok) for p in monitor_prompts], dev)
         mon["steps"].append(step)
         for key, d in monitor.items():
             units = d.units()  # [layers in d, d_model]

@@ -500,7 +500,7 @@ def _oom_error(e: BaseException, where: str) -> LatentlabError:
     )
 
 
-def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str, str | None]:
+def resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str, str | None]:
     """Return (display name, path or hub id, known fingerprint)."""
     if name_or_path in BUILTINS:
         path = ensure_builtin(name_or_path, progress=progress)
@@ -521,7 +521,7 @@ def _resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str,
     )
 
 
-def _load_hf(
+def load_hf(
     source: Path | str,
     dtype: torch.dtype,
     trust_remote_code: bool,
@@ -715,8 +715,8 @@ def load_model(
                                                                                      "balanced_low_0", "sequential"):
         dev = torch.device(dmap)
     dt = resolve_dtype(dtype, dev if dmap is None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    name, source, base_fp = _resolve_source(name_or_path, progress)
-    model, tok = _load_hf(source, dt, trust_remote_code, device_map=dmap, device=dev)
+    name, source, base_fp = resolve_source(name_or_path, progress)
+    model, tok = load_hf(source, dt, trust_remote_code, device_map=dmap, device=dev)
     if base_fp is None:
         base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
     adapter_path, adapter_fp = None, None

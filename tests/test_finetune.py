@@ -20,11 +20,11 @@ from conftest import CHAT_TEMPLATE, assert_close_rel, make_char_tokenizer
 from safetensors.torch import load_file
 
 import latentlab
-from latentlab.activations import ActivationSet
+from latentlab.activations import ActivationSet, hf_last_token_acts
 from latentlab.data import Chat, render_prompt
 from latentlab.directions import Direction, fit_direction
 from latentlab.errors import LatentlabError
-from latentlab.finetune import IGNORE, FinetuneConfig, _tokenise, finetune, latest_checkpoint, resid_by_layer
+from latentlab.finetune import IGNORE, FinetuneConfig, _tokenise, finetune, latest_checkpoint
 from latentlab.io import fingerprint_weights
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -257,7 +257,7 @@ def test_resid_by_layer_equals_collect(tiny_gemma_dir: Path, tiny_gemma: Any) ->
     tok = AutoTokenizer.from_pretrained(str(tiny_gemma_dir))
     prompts = [*MONITOR_PROMPTS, "a prompt long enough to run past the sixteen-token sliding window, twice over"]
     rendered = [render_prompt(p, tok) for p in prompts]
-    got = resid_by_layer(hf, tok, rendered, 4, torch.device("cpu"), batch_size=2)  # batches of mixed lengths
+    got = hf_last_token_acts(hf, tok, rendered, torch.device("cpu"), batch_size=2)  # batches of mixed lengths
     expected = latentlab.collect(tiny_gemma, rendered, "all", "last", progress=False).acts
     assert got.shape == expected.shape == (len(prompts), 4, 64)
     assert_close_rel(got, expected, 1e-4)
