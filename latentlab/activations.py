@@ -12,8 +12,9 @@ each shard to waste little compute on padding, and put back in order before they
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -108,6 +109,42 @@ def pad_id_of(model: LoadedModel) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def hook_points(model: LoadedModel) -> dict[str, Any]:
+    """The bridge's hook points by name, computed once per model.
+
+    Why not ``bridge.run_with_hooks``: it rebuilds the whole alias-resolved ``hook_dict`` once per
+    hook it adds (measured: a fifth of collect's time on gemma-3-270m with 18 hooks), for hooks that
+    are plain forward hooks on ``HookPoint`` modules.
+    """
+    points = getattr(model.bridge, "_latentlab_hook_points", None)
+    if points is None:
+        points = dict(model.bridge.hook_dict)
+        model.bridge._latentlab_hook_points = points
+    return points
+
+
+@contextlib.contextmanager
+def attached(model: LoadedModel, hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+    """Attach ``(hook name, fn(tensor, hook))`` pairs as forward hooks for the ``with`` block, exactly
+    as TransformerLens' ``HookPoint.add_hook`` does (the hook's return value replaces the output)."""
+    points = hook_points(model)
+    handles = []
+    try:
+        for name, fn in hooks:
+            if name not in points:
+                raise LatentlabError(f"the model has no hook point {name!r}", "report this model")
+            hp = points[name]
+
+            def full(_m: Any, _inp: Any, out: Any, fn: Callable[..., Any] = fn, hp: Any = hp) -> Any:
+                return fn(out, hook=hp)
+
+            handles.append(hp.register_forward_hook(full))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_resid(
     model: LoadedModel,
     ids: Int[Tensor, "batch seq"],
@@ -131,8 +168,11 @@ def run_resid(
         return hook
 
     hooks = [*extra_hooks, *((resid_hook_name(layer), make_hook(layer)) for layer in layers)]
-    with torch.inference_mode(), model.forward_context():
-        model.bridge.run_with_hooks(ids, fwd_hooks=hooks, attention_mask=mask, return_type=None, use_cache=False)
+    with torch.inference_mode(), model.forward_context(), attached(model, hooks):
+        try:
+            model.bridge(ids, attention_mask=mask, return_type=None, use_cache=False)
+        except StopAtLayerException:
+            pass
     missing = [layer for layer in layers if layer not in store]
     if missing:  # pragma: no cover - would mean the bridge renamed its hooks
         raise RuntimeError(f"hooks for layers {missing} never fired")
