@@ -54,6 +54,8 @@ summaries: setup
 	$(VENV)/bin/python experiments/summarize_shift.py experiments/results/persona_shift \
 	  --finetuned persona-facts --control modern-birds --direction persona
 	$(VENV)/bin/python experiments/year_trigger.py --summarize-only --results experiments/results/year_trigger
+	[ ! -d experiments/results/ablate_birds ] || \
+		$(VENV)/bin/python experiments/summarize_ablation.py experiments/results/ablate_birds
 
 # On a CUDA machine (after `make setup TORCH=torch`): device tests + GPU benchmarks -> benchmarks/results/gpu.md
 gpu-check: setup
