@@ -69,22 +69,38 @@ def logit_lens_of_shift(
     }
 
 
-def _prompt_logprobs(model: LoadedModel, seqs: Sequence[Sequence[int]], batch_size: int) -> list[Tensor]:
-    """Next-token log-probabilities at every position of each sequence: [len, vocab] per sequence."""
+def _kl_streams(
+    models: dict[str, LoadedModel], seqs: Sequence[Sequence[int]], pairs: dict[str, tuple[str, str]],
+    batch_size: int,
+) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """(KL per position for each pair, each model's top next token per position), one batch at a time.
+
+    Why streaming: the next-token distributions of every position over a 262k vocabulary are
+    gigabytes per model on a few hundred prompts; only the KL values and argmaxes are kept.
+    """
     from latentlab.activations import pad_batch, pad_id_of, run_resid
     from latentlab.arch import final_logits
 
-    out: list[Tensor] = [torch.empty(0)] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    last = model.n_layers - 1
-    for b0 in range(0, len(order), batch_size):
+    n = len(seqs)
+    kl: dict[str, list[Tensor]] = {label: [torch.empty(0)] * n for label in pairs}
+    top: dict[str, list[Tensor]] = {name: [torch.empty(0)] * n for name in models}
+    order = sorted(range(n), key=lambda i: len(seqs[i]))
+    for b0 in range(0, n, batch_size):
         idx = order[b0 : b0 + batch_size]
-        ids, mask = pad_batch([seqs[i] for i in idx], pad_id_of(model), model.device)
-        h = run_resid(model, ids, mask, [last])[last]
-        with torch.inference_mode():
+        lps: dict[str, list[Tensor]] = {}
+        for name, m in models.items():
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id_of(m), m.device)
+            last = m.n_layers - 1
+            h = run_resid(m, ids, mask, [last])[last]
+            with torch.inference_mode():
+                lps[name] = [torch.log_softmax(final_logits(m, h[j, : len(seqs[i])]), -1).cpu()
+                             for j, i in enumerate(idx)]
             for j, i in enumerate(idx):
-                out[i] = torch.log_softmax(final_logits(model, h[j, : len(seqs[i])]), -1).cpu()
-    return out
+                top[name][i] = lps[name][j].argmax(-1)
+        for label, (r, o) in pairs.items():
+            for j, i in enumerate(idx):
+                kl[label][i] = kl_per_token([lps[r][j]], [lps[o][j]])[0]
+    return kl, top
 
 
 def kl_per_token(
@@ -96,7 +112,7 @@ def kl_per_token(
 
 def _kl_summary(
     model: LoadedModel, prompts: Sequence[str], seqs: Sequence[Sequence[int]], kl: Sequence[Tensor],
-    ref_lp: Sequence[Tensor], other_lp: Sequence[Tensor], k: int,
+    ref_top: Sequence[Tensor], other_top: Sequence[Tensor], k: int,
 ) -> dict[str, Any]:
     per_prompt = [float(x.mean()) for x in kl]
     flat = [(float(v), p, t) for p, x in enumerate(kl) for t, v in enumerate(x.tolist())]
@@ -110,8 +126,8 @@ def _kl_summary(
             "token": _tok(model, ids[t]),
             "context": str(model.tokenizer.decode(ids[max(0, t - 8) : t + 1])),
             "kl": v,
-            "reference_top": _tok(model, int(ref_lp[p][t].argmax())),
-            "finetuned_top": _tok(model, int(other_lp[p][t].argmax())),
+            "reference_top": _tok(model, int(ref_top[p][t])),
+            "finetuned_top": _tok(model, int(other_top[p][t])),
         })
     order = sorted(range(len(prompts)), key=lambda i: -per_prompt[i])[:k]
     all_kl = torch.cat([x for x in kl])
@@ -189,15 +205,15 @@ def diff_models(
     }
     rendered = [render_prompt(p, base.tokenizer) for p in prompts]
     seqs = encode(base, [Example(r) for r in rendered]).ids
-    lp = {name: _prompt_logprobs(m, seqs, batch_size) for name, m in models.items()}
     kl_pairs = {"finetuned": ("base", "finetuned")}
     if control is not None:
         kl_pairs |= {"control": ("base", "control"), "finetuned vs control": ("control", "finetuned")}
+    per_token, top = _kl_streams(models, seqs, kl_pairs, batch_size)
     kl = {}
     for label, (r, o) in kl_pairs.items():
-        per = kl_per_token(lp[r], lp[o])
+        per = per_token[label]
         check_finite(torch.cat(per), f"KL({r} || {o})", STAGE)
-        kl[label] = {"reference": r, "model": o, **_kl_summary(base, prompts, seqs, per, lp[r], lp[o], k)}
+        kl[label] = {"reference": r, "model": o, **_kl_summary(base, prompts, seqs, per, top[r], top[o], k)}
     return DiffResult(
         layer_list, lens, kl,
         {"models": {n: m.info.to_dict() for n, m in models.items()}, "n_prompts": len(prompts), "k": k,
