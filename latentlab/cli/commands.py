@@ -193,7 +193,10 @@ def steer(
     for g in res.generations:
         gt.add_row(g["prompt"], *[g[f"alpha={a:+g}"].strip() for a in res.gen_alphas])
     out_console.print(gt)
-    out_console.print(f"results.json, direction, probes and plots (HTML/PNG) in {res.out}")
+    from latentlab.plots import png_available
+
+    kinds = "HTML/PNG" if png_available() else "HTML"
+    out_console.print(f"results.json, direction, probes and plots ({kinds}) in {res.out}")
 
 
 @app.command()
