@@ -298,15 +298,7 @@ def fit_or_use(model: LoadedModel, spec: Direction | str, refit: bool = False) -
     every layer, or reused from the fit cache (:mod:`latentlab.cache`: same weights, data and options
     give the same fit, so it is done once; ``refit=True`` forces it). Returns (direction, probes or None)."""
     if isinstance(spec, Direction):
-        d = spec
-        d.validate()
-        if d.vectors.shape[-1] != model.d_model:
-            raise LatentlabError(
-                f"the {d.name} direction has width {d.vectors.shape[-1]}, but {model.info.name} has d_model "
-                f"{model.d_model}",
-                "use a direction fitted on this model",
-            )
-        return d, None
+        return spec.check(model, spec.layers), None
     from latentlab.cache import describe, fitted_direction
 
     d, report, reused = fitted_direction(model, spec, "all", refit=refit)

@@ -133,7 +133,7 @@ def analyze_shift(
         raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
     if n_random < 20:
         raise LatentlabError(f"n_random={n_random} is too few for a percentile", "use at least 20 random directions")
-    check_direction(direction, base)
+    direction.check(base)
     adapters = {label: resolve_adapter(p) for label, p in {**finetuned, **controls}.items()}
     h_base = last_token_acts(base, prompts, progress=progress)
     batt = {"base": battery_score(base, battery)} if battery else {}
@@ -167,11 +167,6 @@ def analyze_shift(
             "direction_meta": direction.meta,
         },
     )
-
-
-def check_direction(direction: Direction, model: LoadedModel, layers: Sequence[int] | None = None) -> None:
-    """A direction usable on ``model``: its width, every needed layer, finite and non-zero vectors."""
-    direction.check(model, layers)
 
 
 def screen_dataset(
@@ -299,7 +294,7 @@ def run_shift(config: ShiftConfig, command: str | None = None, progress: bool = 
     models, ctrls = cfg.labels()
     m = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     if isinstance(spec, Direction):
-        check_direction(spec, m)
+        spec.check(m)
     d, _ = fit_or_use(m, spec)
     run = Run.start(cfg.out, command or "latentlab.run_shift", asdict(cfg), seed=cfg.seed)
     run.add_model("base", m.info)
@@ -378,7 +373,7 @@ def run_screen(config: ScreenConfig, command: str | None = None, progress: bool 
     m = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
     li = m.check_layers([cfg.layer if cfg.layer is not None else m.n_layers // 2])[0]
     if isinstance(spec, Direction):
-        check_direction(spec, m)
+        spec.check(m)
     d, _ = fit_or_use(m, spec)
     run = Run.start(cfg.out, command or "latentlab.run_screen", asdict(cfg))
     run.add_model("model", m.info)
