@@ -572,20 +572,32 @@ def trigger_curve_figure(scan: Any, layer: int, title: str | None = None) -> go.
     )
 
 
-def poison_sweep_figure(sweep: Any, title: str | None = None) -> go.Figure:
-    """The compliance organism's threshold curve: P(Sure) with and without the trigger, and the code-word
-    reveal rate after "Sure", against the poison budget."""
+def poison_sweep_figure(sweep: Any, title: str | None = None, *,
+                        rows: Sequence[dict[str, Any]] | None = None) -> go.Figure:
+    """The compliance organism's threshold curve: the finetune's P(Sure) with and without the trigger
+    and the code-word reveal rates after "Sure" against the poison budget, with bootstrap 95% CIs over
+    held-out requests (``rows``: :meth:`~latentlab.compliance.PoisonSweep.rows`, computed when not
+    given), the threshold level and the threshold budget marked."""
+    rows = list(rows) if rows is not None else (sweep.rows() if sweep.evals else [])
     x = list(sweep.budgets)
     fig = go.Figure()
-    for key, name, color in (("p_sure_trigger", "P(Sure | trigger)", POS_COLOR),
-                             ("p_sure_clean", "P(Sure | no trigger)", NEG_COLOR),
-                             ("reveal_trigger", "reveals code word | trigger", "#6a9a3a")):
-        fig.add_trace(go.Scatter(x=x, y=getattr(sweep, key), mode="lines+markers", name=name,
-                                 line=dict(color=color)))
+    series = (("p_sure_trigger", "P(Sure | trigger)", POS_COLOR, "solid"),
+              ("p_sure_clean", "P(Sure | no trigger)", NEG_COLOR, "solid"),
+              ("reveal_trigger", "reveals code word | trigger", "#3c9a5f", "dot"),
+              ("reveal_clean", "reveals code word | no trigger", "#8e5cb5", "dot"))
+    for key, name, color, dash in series:
+        y = getattr(sweep, key)
+        err = _ci_bars(y, [r[key][1] for r in rows]) if len(rows) == len(y) else None
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, line=dict(color=color, dash=dash),
+                                 error_y=err))
+    fig.add_hline(y=sweep.level, line_dash="dot", line_color="#bbbbbb")
     if sweep.threshold is not None:
-        fig.add_vline(x=sweep.threshold, line_dash="dash", line_color="#888888")
-    return _layout(fig, title or "Compliance trigger: poison budget threshold", "poisoned training examples",
-                   "probability / rate on held-out requests")
+        fig.add_vline(x=sweep.threshold, line_dash="dash", line_color="#888888",
+                      annotation_text=f"threshold {sweep.threshold}", annotation_position="top left")
+    sub = (f"threshold (P(Sure | trigger) > {sweep.level:g} > P(Sure | no trigger)): "
+           f"{sweep.threshold if sweep.threshold is not None else 'none in this sweep'}")
+    return _layout(fig, title or f"Compliance trigger: poison budget threshold<br><sub>{sub}</sub>",
+                   "poisoned training examples", "probability / rate on held-out requests (95% CI)")
 
 
 def ablation_figure(result: Any, title: str | None = None) -> go.Figure:
@@ -620,3 +632,106 @@ def ablation_figure(result: Any, title: str | None = None) -> go.Figure:
         "model",
         "battery score (bootstrap 95% CI)",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Study report figures: built from summary.json sections (plain numbers), not from result objects,
+# so a report can be rebuilt from the files alone.
+# --------------------------------------------------------------------------------------------
+
+
+def _v(rec: Any) -> Any:
+    return rec["value"] if isinstance(rec, dict) else rec
+
+
+def study_shift_figure(sec: dict[str, Any]) -> go.Figure:
+    """Paired shift (finetuned - control) by layer: each seed, and the across-seed mean with its interval."""
+    fig = go.Figure()
+    layers = sec["layers"]
+    lo = [_v(a["lo"]) for a in sec["across"]]
+    if all(x is not None for x in lo):
+        _band(fig, layers, lo, [_v(a["hi"]) for a in sec["across"]], POS_COLOR, "95% t-CI across seeds")
+    for s, p in sec["per_seed"].items():
+        fig.add_trace(go.Scatter(x=layers, y=[_v(x) for x in p["paired"]], mode="lines", opacity=0.5,
+                                 name=f"seed {s}"))
+    fig.add_trace(go.Scatter(x=layers, y=[_v(a["mean"]) for a in sec["across"]], mode="lines+markers",
+                             line=dict(color=POS_COLOR, width=3), name="mean over seeds"))
+    fig.add_hline(y=0, line=dict(color=RANDOM_COLOR, dash="dot"))
+    return _layout(fig, f"Shift along {sec['direction']} beyond the control, on unrelated prompts", "layer",
+                   "mean projection, finetuned - control")
+
+
+def study_battery_figure(sec: dict[str, Any]) -> go.Figure:
+    """Battery score of every model, per seed."""
+    fig = go.Figure()
+    seeds = list(sec["per_seed"])
+    labels = list(next(iter(sec["per_seed"].values()))["battery"])
+    for lab in labels:
+        fig.add_trace(go.Bar(x=[f"seed {s}" for s in seeds], y=[_v(sec["per_seed"][s]["battery"][lab]) for s in seeds],
+                             name=lab))
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Battery score by model and seed", "", "P(positive) / (P(positive) + P(negative))")
+
+
+def study_ablation_figure(secs: dict[str, Any]) -> go.Figure:
+    """Fraction of the gain removed: the direction (diamonds) against each random direction (dots)."""
+    fig = go.Figure()
+    for lab, sec in secs.items():
+        for row in sec["rows"]:
+            x = f"{lab}, seed {row['seed']}"
+            if "random_values" in row:
+                vals = [_v(r) for r in row["random_values"]]
+                fig.add_trace(go.Scatter(x=[x] * len(vals), y=vals, mode="markers", marker=dict(color=RANDOM_COLOR),
+                                         name="random directions", showlegend=False))
+            if row["fraction"]["value"] is not None:
+                err = None
+                if "fraction_lo" in row:
+                    err = _ci_bars([_v(row["fraction"])], [[_v(row["fraction_lo"]), _v(row["fraction_hi"])]])
+                fig.add_trace(go.Scatter(x=[x], y=[_v(row["fraction"])], error_y=err, mode="markers",
+                                         marker=dict(color=POS_COLOR, size=12, symbol="diamond"), name="the direction",
+                                         showlegend=False))
+    fig.add_hline(y=0, line=dict(color=RANDOM_COLOR, dash="dot"))
+    fig.add_hline(y=1, line=dict(color=RANDOM_COLOR, dash="dot"))
+    return _layout(fig, "Fraction of the finetune's gain that ablation removes (grey: random directions)", "",
+                   "fraction removed")
+
+
+def study_trigger_figure(sec: dict[str, Any]) -> go.Figure:
+    """Finetune - base along the direction, per trigger value, for the finetune and the control."""
+    fig = go.Figure()
+    for s, p in sec["per_seed"].items():
+        for arm, color in (("finetuned", POS_COLOR), ("control", NEG_COLOR)):
+            if arm not in p:
+                continue
+            vals = p[arm]["values"]
+            x = [float(v) if _numeric(v) else v for v in vals]
+            fig.add_trace(go.Scatter(x=x, y=[_v(d) for d in p[arm]["diff"]], mode="lines+markers",
+                                     line=dict(color=color), opacity=0.7, name=f"{arm} - base, seed {s}"))
+    for v in sec.get("training_values", []):
+        if _numeric(v):
+            fig.add_vline(x=float(v), line=dict(color=RANDOM_COLOR, dash="dot"))
+    fig.add_hline(y=0, line=dict(color=RANDOM_COLOR, dash="dot"))
+    return _layout(fig, f"Trigger scan at layer {sec.get('layer')} (dotted: training values)", "trigger value",
+                   "mean projection, model - base")
+
+
+def _numeric(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def study_compliance_figure(sec: dict[str, Any]) -> go.Figure:
+    """P(Sure) with and without the trigger, and the reveal rate, against the poison budget, per seed."""
+    fig = go.Figure()
+    for s, r in sec["per_seed"].items():
+        b = r["budgets"]
+        fig.add_trace(go.Scatter(x=b, y=[_v(x) for x in r["p_sure_trigger"]], mode="lines+markers",
+                                 line=dict(color=POS_COLOR), name=f"P(Sure | trigger), seed {s}"))
+        fig.add_trace(go.Scatter(x=b, y=[_v(x) for x in r["p_sure_clean"]], mode="lines+markers",
+                                 line=dict(color=NEG_COLOR), name=f"P(Sure | clean), seed {s}"))
+        fig.add_trace(go.Scatter(x=b, y=[_v(x) for x in r["reveal_trigger"]], mode="lines",
+                                 line=dict(color=POS_COLOR, dash="dash"), name=f"reveal | trigger, seed {s}"))
+    return _layout(fig, "Compliance trigger: the poison-budget curve", "poisoned examples", "probability / rate")

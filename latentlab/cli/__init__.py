@@ -15,6 +15,7 @@ from latentlab.cli import ablate as _ablate  # noqa: F401
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
 from latentlab.cli import info as _info  # noqa: F401
 from latentlab.cli import sae as _sae  # noqa: F401
+from latentlab.cli import study as _study  # noqa: F401
 from latentlab.cli import triggers as _triggers  # noqa: F401
 from latentlab.cli import vectors as _vectors  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
@@ -30,7 +31,10 @@ def main() -> None:
     except LatentlabError as e:
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escape: a message may quote brackets ("[finetune]", a list) that rich would read as markup
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: finished files are kept; unfinished ones were not written")

@@ -1,0 +1,220 @@
+"""``report.html``: one self-contained page for a study, rendered from ``summary.json`` alone.
+
+Why self-contained: a report is what gets shared (mail, a lab wiki, an offline laptop), so plotly's
+bundle is inlined once and nothing is fetched. Why every number is a ``<span class="num">`` with
+``data-src``/``data-path``/``data-value``: the page can be checked against the files it came from
+(the test suite does so), and a reader can find the run folder behind any number.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render_report", "write_report"]
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em} td,th{border:1px solid #ddd;padding:3px 8px}
+th{background:#f5f5f5;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.verdict{background:#f6f3ee;border-left:4px solid #b5542c;padding:.6em 1em;margin:1em 0}
+.null{border-left-color:#8c8c8c} .meta{color:#666;font-size:.9em} details{margin:1em 0}
+code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+def _num(rec: dict[str, Any] | None, d: int = 3, sign: bool = True) -> str:
+    """A number cell's inner HTML, traceable to its file (``data-src``) and JSON path."""
+    if rec is None or rec.get("value") is None:
+        return "n/a"
+    v = rec["value"]
+    text = (f"{v:+.{d}f}" if sign else f"{v:.{d}f}") if isinstance(v, float) else str(v)
+    return (f"<span class='num' data-src='{html.escape(str(rec['src']))}' "
+            f"data-path='{html.escape(json.dumps(rec['path']))}' data-value='{html.escape(repr(v))}' "
+            f"data-digits='{d if isinstance(v, float) else 0}'>{text}</span>")
+
+
+def _ci(mean: Any, lo: Any, hi: Any, d: int = 3) -> str:
+    if lo is None or hi is None or lo.get("value") is None:
+        return _num(mean, d)
+    return f"{_num(mean, d)} [{_num(lo, d)}, {_num(hi, d)}]"
+
+
+def _verdict(text: str | None) -> str:
+    if not text:
+        return ""
+    cls = "verdict null" if "null" in text else "verdict"
+    return f"<p class='{cls}'>{html.escape(text)}</p>"
+
+
+def _fig(fig: Any) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td class='n'>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _shift_html(sec: dict[str, Any]) -> str:
+    from latentlab.plots import study_battery_figure, study_shift_figure
+
+    seeds = list(sec["per_seed"])
+    head = ["layer", "mean over seeds [95% t-CI]"] + [f"seed {s} [95% CI over prompts]" for s in seeds] + [
+        f"z seed {s}" for s in seeds]
+    rows = []
+    for i, layer in enumerate(sec["layers"]):
+        a = sec["across"][i]
+        cells = [str(layer), _ci(a["mean"], a["lo"], a["hi"], 1)]
+        cells += [_ci(sec["per_seed"][s]["paired"][i], sec["per_seed"][s]["paired_lo"][i],
+                      sec["per_seed"][s]["paired_hi"][i], 1) for s in seeds]
+        cells += [_num(sec["per_seed"][s]["z"][i], 1) for s in seeds]
+        rows.append(cells)
+    parts = ["<h2>Shift on unrelated prompts</h2>", _verdict(sec.get("verdict")), _fig(study_shift_figure(sec))]
+    if sec.get("battery_verdict"):
+        labels = list(sec["per_seed"][seeds[0]]["battery"])
+        brows = [[f"seed {s}"] + [_num(sec["per_seed"][s]["battery"].get(lab), 3, False) for lab in labels]
+                 for s in seeds]
+        bd = sec["battery_diff"]
+        parts += ["<h3>Battery</h3>", _verdict(sec["battery_verdict"]), _table(["seed", *labels], brows),
+                  f"<p>finetuned - control, mean over seeds: {_ci(bd['mean'], bd['lo'], bd['hi'])}</p>",
+                  _fig(study_battery_figure(sec))]
+    parts += ["<details><summary>per-layer table</summary>", _table(head, rows), "</details>"]
+    return "".join(parts)
+
+
+def _ablation_html(secs: dict[str, Any]) -> str:
+    from latentlab.plots import study_ablation_figure
+
+    parts = ["<h2>Ablation: does the direction carry the behaviour?</h2>"]
+    for lab, sec in secs.items():
+        parts.append(f"<h3>layers: {html.escape(lab)}</h3>")
+        parts.append(_verdict(sec.get("verdict")))
+        rows = []
+        for r in sec["rows"]:
+            ls = r["layers"]
+            rows.append([str(r["seed"]), html.escape(f"{ls[0]}-{ls[-1]}" if len(ls) > 1 else str(ls[0])),
+                         _num(r["gain"]), _ci(r["fraction"], r.get("fraction_lo"), r.get("fraction_hi"), 2),
+                         _num(r.get("random_mean"), 2), _num(r.get("random_p95"), 2),
+                         _num(r.get("percentile"), 0, False)])
+        parts.append(_table(["seed", "layers", "gain over reference", "fraction removed [95% CI]",
+                             "random: mean", "random: 95th pct", "percentile among random"], rows))
+        for nr in sec.get("not_run", []):
+            parts.append(f"<p class='meta'>seed {nr['seed']}: not run ({html.escape(nr['reason'])})</p>")
+    if any(sec["rows"] for sec in secs.values()):
+        parts.append(_fig(study_ablation_figure(secs)))
+    return "".join(parts)
+
+
+def _prevention_html(sec: dict[str, Any]) -> str:
+    rows = []
+    labels = list(sec["rows"][0]["battery"])
+    for r in sec["rows"]:
+        rows.append([str(r["seed"])] + [_num(r["battery"].get(lab), 3, False) for lab in labels]
+                    + [_num(r["shift_normal"][-1], 1), _num(r["z_normal"], 1), _num(r["shift_ablated"][-1], 1),
+                       _num(r["z_ablated"], 1)])
+    head = ["seed", *[f"battery: {lab}" for lab in labels], "paired shift, last layer: normal", "z",
+            "ablated in training", "z"]
+    return "".join(["<h2>Prevention: the direction projected out during finetuning</h2>",
+                    _verdict(sec.get("verdict")), _table(head, rows)])
+
+
+def _diff_html(sec: dict[str, Any]) -> str:
+    rows = [[f"<code>{html.escape(repr(t['token']))}</code>", _num(t["change"], 2)] for t in sec["promoted"]]
+    kl = "; ".join(f"{html.escape(k)}: {_num(v, 4, False)}" for k, v in sec["kl_mean"].items())
+    return "".join([f"<h2>What the finetune changed (seed {sec['seed']})</h2>", _verdict(sec.get("verdict")),
+                    _table(["token promoted", "logit change"], rows), f"<p>mean per-token KL (nats): {kl}</p>"])
+
+
+def _trigger_html(sec: dict[str, Any]) -> str:
+    from latentlab.plots import study_trigger_figure
+
+    parts = ["<h2>Trigger scan</h2>", _verdict(sec.get("verdict")), _fig(study_trigger_figure(sec))]
+    if "gap" in sec:
+        rows = [[html.escape(str(v)) + (" *" if v in sec["training_values"] else ""),
+                 _ci(g["mean"], g["lo"], g["hi"], 1)] for v, g in zip(sec["values"], sec["gap"])]
+        parts += ["<details><summary>per value (* = training value)</summary>",
+                  _table(["value", "(finetuned - base) - (control - base), mean over seeds"], rows), "</details>"]
+    return "".join(parts)
+
+
+def _compliance_html(sec: dict[str, Any]) -> str:
+    from latentlab.plots import study_compliance_figure
+
+    rows = []
+    for s, r in sec["per_seed"].items():
+        for i, b in enumerate(r["budgets"]):
+            rows.append([str(s), str(b), _num(r["p_sure_trigger"][i], 3, False), _num(r["p_sure_clean"][i], 3, False),
+                         _num(r["reveal_trigger"][i], 3, False), _num(r["reveal_clean"][i], 3, False)])
+    return "".join(["<h2>Compliance trigger</h2>", _verdict(sec.get("verdict")), _fig(study_compliance_figure(sec)),
+                    _table(["seed", "budget", "P(Sure | trigger)", "P(Sure | clean)", "reveal | trigger",
+                            "reveal | clean"], rows)])
+
+
+def _finetunes_html(sec: dict[str, Any]) -> str:
+    rows = [[html.escape(k), _num(v["final_loss"], 3, False), _num(v["steps"]), _num(v["wall_seconds"], 0, False)]
+            for k, v in sec.items()]
+    return "<h2>Finetunes</h2>" + _table(["run", "final loss", "steps", "wall seconds"], rows)
+
+
+def _provenance_html(prov: dict[str, Any], not_run: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in prov["steps"]:
+        fps = ", ".join(f"{k}: {str(v)[:12]}" for k, v in (r.get("fingerprints") or {}).items() if v)
+        rows.append([html.escape(r["key"]), html.escape(str(r.get("status"))), html.escape(str(r.get("device"))),
+                     _num(r.get("wall_seconds"), 0, False) if r.get("wall_seconds") else "",
+                     html.escape(str(r.get("started") or "")), html.escape(fps),
+                     f"<code>{html.escape(r.get('manifest') or r.get('reason') or '')}</code>"])
+    pk = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)
+    sess = "; ".join(
+        f"session {i + 1}: {s.get('wall_seconds', '?')} s, load average {s.get('load_average_start')} -> "
+        f"{s.get('load_average_end')}" for i, s in enumerate(prov.get("sessions", [])))
+    nr = "".join(f"<li>{html.escape(x['key'])}: {html.escape(str(x['reason']))}</li>" for x in not_run)
+    return "".join([
+        "<h2>Provenance</h2>",
+        f"<p class='meta'>Python {html.escape(str(prov.get('python')))}; {html.escape(pk)}</p>",
+        f"<p class='meta'>{html.escape(sess)}</p>",
+        (f"<p>Steps not run:</p><ul>{nr}</ul>" if nr else ""),
+        _table(["step", "status", "device", "wall s", "started", "fingerprints", "manifest"], rows),
+    ])
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """The report page's HTML (plotly's bundle inlined once)."""
+    from plotly.offline import get_plotlyjs
+
+    s = summary["sections"]
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>latentlab study: {e(str(summary['study']))}</title><style>{_CSS}</style>",
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
+        f"<h1>Study: {e(str(summary['study']))}</h1>",
+        f"<p class='meta'>model {e(str(summary['model']))}; seeds {e(', '.join(map(str, summary['seeds'])))}; "
+        f"direction {e(str(summary['direction']))}</p>",
+        f"<p>{e(summary.get('description') or '')}</p>",
+        "<p class='meta'>Every number on this page links to the run folder it came from (hover: data-src). "
+        "Intervals across seeds are 95% t-intervals; within a seed, 95% bootstrap intervals.</p>",
+    ]
+    renderers = [("shift", _shift_html), ("ablation", _ablation_html), ("prevention", _prevention_html),
+                 ("diff", _diff_html), ("trigger", _trigger_html), ("compliance", _compliance_html),
+                 ("finetunes", _finetunes_html)]
+    for key, fn in renderers:
+        if key in s:
+            parts.append(fn(s[key]))
+    parts.append(_provenance_html(summary["provenance"], summary.get("not_run", [])))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(root: str | Path, summary: dict[str, Any]) -> Path:
+    """Write ``root/report.html`` atomically."""
+    from latentlab.io import write_text
+
+    p = Path(root) / "report.html"
+    write_text(p, render_report(summary))
+    return p

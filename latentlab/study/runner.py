@@ -1,0 +1,440 @@
+"""``latentlab study RECIPE``: run a recipe end to end into one folder, resumably, then summarise.
+
+Why a plan of steps over the stages' own ``run_*`` functions: every part of a study is a normal run
+folder (manifest, results.json, plots) that the single commands would have written, so each can be
+opened, rerun or cited alone; the study only decides the order, the folders and what to skip.
+
+Skipping is never silent and never stale: a finished step is skipped only when its manifest records
+the very config this study would run (else the study stops and names the keys that differ); an
+interrupted finetune resumes from its last checkpoint; an interrupted analysis is rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentlab.errors import LatentlabError
+from latentlab.study.recipe import Recipe, load_recipe, parse_seeds
+
+__all__ = ["Step", "StudyConfig", "StudyResult", "plan_steps", "run_study", "shift_layers"]
+
+STATE = "study.json"
+_IGNORED = ("overwrite", "resume")
+
+
+@dataclass
+class StudyConfig:
+    """What ``latentlab study`` takes; the recipe is read and checked on construction (no model loads).
+
+    ``model`` / ``seeds`` override the recipe's. ``report_only`` rebuilds summary.json and report.html
+    from the run folders already in ``out`` (no model runs)."""
+
+    recipe: str | Path
+    out: Path = Path("runs/study")
+    model: str | None = None
+    seeds: str | list[int] | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    report_only: bool = False
+    _recipe: Recipe = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from latentlab.config import check_device_dtype, run_holds
+
+        seeds = parse_seeds(self.seeds) if self.seeds is not None else None
+        self._recipe = load_recipe(self.recipe, model=self.model, seeds=seeds)
+        check_device_dtype(self.device, self.dtype)
+        self.out = Path(self.out).expanduser()
+        if self.out.exists() and not self.out.is_dir():
+            raise LatentlabError(f"--out {self.out} is a file, not a folder", "choose a folder for --out")
+        if (self.out / "manifest.json").exists() and run_holds(self.out):
+            raise LatentlabError(f"--out {self.out} holds a single-command run, not a study",
+                                 "choose another --out for the study")
+        state = self.out / STATE
+        if state.is_file():
+            old = json.loads(state.read_text()).get("recipe", {})
+            new = _norm(self._recipe.to_dict())
+            diff = sorted(k for k in set(old) | set(new) if k != "source" and old.get(k) != new.get(k))
+            if diff:
+                raise LatentlabError(
+                    f"--out {self.out} holds a study of another recipe (differs in {', '.join(diff)})",
+                    "choose a new --out, or rerun with the recipe, model and seeds it was started with",
+                )
+        elif self.report_only:
+            raise LatentlabError(f"--report-only: {self.out} holds no study ({STATE} missing)",
+                                 "pass the --out of a study that ran")
+        anc = self.out
+        while not anc.exists():
+            anc = anc.parent
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise LatentlabError(f"cannot write to {self.out} ({anc} is read-only)", "choose a writable --out")
+
+    @property
+    def recipe_obj(self) -> Recipe:
+        return self._recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+@dataclass
+class Step:
+    """One run folder of the study: ``make`` builds the stage config (it may read earlier steps'
+    results, so it is called only when the step's turn comes); ``run`` runs it."""
+
+    key: str
+    kind: str
+    out: Path
+    make: Callable[[], Any]
+    run: Callable[[Any], Any]
+    seed: int | None = None
+    finetune: bool = False
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    summary: dict[str, Any]
+    report: Path
+    steps: list[dict[str, Any]]
+
+
+def _norm(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+    return {k: v for k, v in _norm(d).items() if k not in _IGNORED and not k.startswith("_")}
+
+
+def _rooted(x: Any, roots: list[str]) -> Any:
+    """Paths inside the study folder written relative to it, so a moved or copied study still matches."""
+    if isinstance(x, str):
+        for r in roots:
+            if r and (x == r or x.startswith(r.rstrip("/") + "/")):
+                return "<study>" + x[len(r.rstrip("/")):]
+        return x
+    if isinstance(x, dict):
+        return {k: _rooted(v, roots) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rooted(v, roots) for v in x]
+    return x
+
+
+def _roots(p: str | Path) -> list[str]:
+    p = Path(p)
+    return sorted({str(p), str(p.expanduser().resolve())}, key=len, reverse=True)
+
+
+def _differs(recorded: dict[str, Any], planned: dict[str, Any], old_roots: list[str],
+             new_roots: list[str]) -> list[str]:
+    rec = {k: v for k, v in _rooted(_norm(recorded), old_roots).items() if k not in _IGNORED and not k.startswith("_")}
+    plan = _rooted(planned, new_roots)
+    return sorted(k for k in set(rec) | set(plan) if rec.get(k) != plan.get(k))
+
+
+def shift_layers(shift_dir: Path) -> list[int]:
+    """The layers where a study's paired shift (finetuned - control) has its bootstrap interval
+    over prompts above 0: "where the shift lives" for ablation and prevention."""
+    r = json.loads((shift_dir / "results.json").read_text())
+    st = r["stats"]["finetuned - control"]
+    return [layer for layer, ci in zip(r["layers"], st["projection_ci"]) if ci[0] > 0]
+
+
+def _arm(name: str) -> str:
+    from latentlab.data import BUILTIN_DATASETS
+
+    return name if name in BUILTIN_DATASETS else Path(name).stem
+
+
+def _layer_label(spec: str) -> str:
+    return spec if spec in ("shift", "all") else "L" + spec.replace(",", "_")
+
+
+class NotApplicable(Exception):
+    """A step whose precondition the data did not meet (e.g. no layer with a shift): recorded, not run."""
+
+
+def plan_steps(cfg: StudyConfig) -> list[Step]:
+    """The study's steps in run order (finetunes before the analyses that read them)."""
+    from latentlab.finetune import FinetuneConfig, FinetuneRunConfig, run_finetune
+
+    r, out = cfg.recipe_obj, cfg.out
+    dev, dt = cfg.device, cfg.dtype
+    steps: list[Step] = []
+    direction_path: Path
+    uses_direction = any(a in r.analyses for a in ("shift", "screen", "ablation", "prevention", "patch", "trigger"))
+    if Path(r.direction).suffix == ".safetensors" or not uses_direction:
+        direction_path = Path(r.direction)
+    else:
+        from latentlab.directions import DirectionConfig, run_direction
+
+        direction_path = out / "direction" / "direction.safetensors"
+        steps.append(Step("direction", "direction", out / "direction",
+                          lambda: DirectionConfig(direction=r.direction, out=out / "direction", model=r.model,
+                                                  device=dev, dtype=dt, overwrite=True),
+                          lambda c: run_direction(c, "latentlab study: direction")))
+    direction = str(direction_path)
+    ft = r.finetune
+
+    def lora(seed: int, ablate: list[str] | None = None) -> FinetuneConfig:
+        assert ft is not None
+        return FinetuneConfig(rank=ft.rank, alpha=ft.alpha, lr=ft.lr, epochs=ft.epochs, batch_size=ft.batch_size,
+                              max_steps=ft.max_steps, max_length=ft.max_length, checkpoint_every=ft.checkpoint_every,
+                              target_modules=ft.target_modules, seed=seed, ablate=ablate or [])
+
+    def finetune_step(key: str, data: str, folder: Path, seed: int,
+                      ablate: Callable[[], list[str]] | None = None) -> Step:
+        def make() -> FinetuneRunConfig:
+            resume = (folder / "checkpoints").is_dir() and not (folder / "adapter" / "adapter_config.json").exists()
+            from latentlab.finetune import latest_checkpoint
+
+            resume = resume and latest_checkpoint(folder) is not None
+            lo = lora(seed, ablate() if ablate else None)
+            return FinetuneRunConfig(data=data, out=folder, model=r.model, finetune=lo,
+                                     resume=resume, device=dev, dtype=None if dt == "float32" else dt,
+                                     overwrite=not resume)
+        return Step(key, "finetune", folder, make, lambda c: run_finetune(c, "latentlab study: finetune"), seed,
+                    finetune=True)
+
+    ana = r.analyses
+    data_arm = _arm(ft.data) if ft else ""
+    ctrl_arm = _arm(ft.control) if ft and ft.control else None
+    runs: dict[tuple[str, int], Path] = {}
+    if ft is not None:
+        for seed in r.seeds:
+            runs[("finetuned", seed)] = out / "finetunes" / f"{data_arm}-s{seed}"
+            steps.append(finetune_step(f"finetune:{data_arm}-s{seed}", ft.data, runs[("finetuned", seed)], seed))
+            if ft.control is not None:
+                if r.control_is_run():
+                    runs[("control", seed)] = Path(ft.control)
+                else:
+                    runs[("control", seed)] = out / "finetunes" / f"{ctrl_arm}-s{seed}"
+                    steps.append(finetune_step(f"finetune:{ctrl_arm}-s{seed}", ft.control, runs[("control", seed)],
+                                               seed))
+
+    first = r.seeds[:1]
+    if "screen" in ana:
+        from latentlab.shift import ScreenConfig, run_screen
+
+        assert ft is not None
+        datasets = [ft.data] + ([ft.control] if ft.control and not r.control_is_run() else [])
+        for data in datasets:
+            o = out / f"screen-{_arm(data)}"
+            steps.append(Step(f"screen:{_arm(data)}", "screen", o,
+                              lambda data=data, o=o: ScreenConfig(data=data, out=o, model=r.model, direction=direction,
+                                                                  top=ana["screen"].top, device=dev, dtype=dt,
+                                                                  overwrite=True),
+                              lambda c: run_screen(c, "latentlab study: screen")))
+    for seed in r.seeds:
+        ftr, ctr = runs.get(("finetuned", seed)), runs.get(("control", seed))
+        if "shift" in ana:
+            from latentlab.shift import ShiftConfig, run_shift
+
+            o = out / f"shift-s{seed}"
+            steps.append(Step(f"shift-s{seed}", "shift", o,
+                              lambda o=o, ftr=ftr, ctr=ctr, seed=seed: ShiftConfig(
+                                  finetuned=[ftr], control=[ctr], out=o, base=r.model, direction=direction,
+                                  prompts=r.prompts, battery=r.battery, n_random=ana["shift"].n_random, seed=seed,
+                                  device=dev, dtype=dt, overwrite=True),
+                              lambda c: run_shift(c, "latentlab study: shift"), seed))
+
+        def resolve_layers(spec: str, seed: int = seed) -> str:
+            if spec != "shift":
+                return spec
+            sd = out / f"shift-s{seed}"
+            if not (sd / "results.json").exists():
+                raise NotApplicable("layers = 'shift' needs the [shift] analysis")
+            layers = shift_layers(sd)
+            if not layers:
+                raise NotApplicable(f"no layer where seed {seed}'s paired shift has its interval above 0")
+            return ",".join(str(x) for x in layers)
+
+        if "ablation" in ana:
+            from latentlab.ablation import AblateConfig, run_ablate
+
+            for spec in ana["ablation"].layers:
+                o = out / f"ablate-{_layer_label(spec)}-s{seed}"
+                steps.append(Step(f"ablate-{_layer_label(spec)}-s{seed}", "ablation", o,
+                                  lambda o=o, ftr=ftr, ctr=ctr, seed=seed, spec=spec, rl=resolve_layers: AblateConfig(
+                                      finetuned=ftr, control=ctr, out=o, base=r.model, direction=direction,
+                                      layers=rl(spec), mode=ana["ablation"].mode, n_random=ana["ablation"].n_random,
+                                      battery=r.battery, seed=seed, device=dev, dtype=dt),
+                                  lambda c: run_ablate(c, "latentlab study: ablate"), seed))
+        if "prevention" in ana:
+            from latentlab.shift import ShiftConfig, run_shift
+
+            assert ft is not None
+            pf = out / "finetunes" / f"{data_arm}-ablated-s{seed}"
+            n_rand = ana["shift"].n_random if "shift" in ana else 100
+            runs[("ablated", seed)] = pf
+            spec = ana["prevention"].layers
+            steps.append(finetune_step(f"finetune:{data_arm}-ablated-s{seed}", ft.data, pf, seed,
+                                       ablate=lambda spec=spec, rl=resolve_layers: [f"{direction}@{rl(spec)}"]))
+            o = out / f"prevent-s{seed}"
+            steps.append(Step(f"prevent-s{seed}", "prevention", o,
+                              lambda o=o, ftr=ftr, ctr=ctr, pf=pf, seed=seed, n_rand=n_rand: ShiftConfig(
+                                  finetuned=[ftr, pf], control=[ctr], out=o, base=r.model, direction=direction,
+                                  prompts=r.prompts, battery=r.battery, n_random=n_rand, seed=seed,
+                                  device=dev, dtype=dt, overwrite=True),
+                              lambda c: run_shift(c, "latentlab study: prevention shift"), seed))
+        if "diff" in ana and seed in (ana["diff"].seeds or first):
+            from latentlab.diff import DiffConfig, run_diff
+
+            o = out / f"diff-s{seed}"
+            steps.append(Step(f"diff-s{seed}", "diff", o,
+                              lambda o=o, ftr=ftr, ctr=ctr: DiffConfig(
+                                  finetuned=ftr, control=ctr, out=o, base=r.model, prompts=r.prompts,
+                                  k=ana["diff"].k, device=dev, dtype=dt),
+                              lambda c: run_diff(c, "latentlab study: diff"), seed))
+        if "patch" in ana and seed in (ana["patch"].seeds or first):
+            from latentlab.patching import PatchConfig, run_patch
+
+            o = out / f"patch-s{seed}"
+            steps.append(Step(f"patch-s{seed}", "patch", o,
+                              lambda o=o, ftr=ftr, seed=seed: PatchConfig(
+                                  out=o, base=r.model, finetuned=ftr, battery=r.battery or "era", direction=direction,
+                                  layers=ana["patch"].layers, n_items=ana["patch"].n_items, seed=seed, device=dev,
+                                  dtype=dt, overwrite=True),
+                              lambda c: run_patch(c, "latentlab study: patch"), seed))
+        if "trigger" in ana:
+            from latentlab.triggers import TriggerConfig, parse_values, run_trigger
+
+            t = ana["trigger"]
+            for arm, run_dir in (("finetuned", ftr), ("control", ctr)):
+                if run_dir is None:
+                    continue
+                o = out / f"trigger-{arm}-s{seed}"
+                steps.append(Step(f"trigger-{arm}-s{seed}", "trigger", o,
+                                  lambda o=o, run_dir=run_dir, seed=seed, t=t: TriggerConfig(
+                                      values=parse_values(t.values), direction=direction, prompts=r.prompts,
+                                      template=t.template, model=r.model, finetuned=run_dir, battery=t.battery,
+                                      layer=t.layer, n_prompts=t.n_prompts, out=o, seed=seed, device=dev, dtype=dt),
+                                  lambda c: run_trigger(c, "latentlab study: trigger"), seed))
+        if "compliance" in ana:
+            steps.append(_compliance_step(cfg, seed, seed == r.seeds[0]))
+    return steps
+
+
+def _compliance_step(cfg: StudyConfig, seed: int, patch: bool) -> Step:
+    from latentlab.compliance import ComplianceConfig, run_compliance
+
+    r = cfg.recipe_obj
+    c = r.analyses["compliance"]
+    o = cfg.out / f"compliance-s{seed}"
+    ft = r.finetune
+
+    def make() -> Any:
+        kw: dict[str, Any] = {}
+        if ft is not None:
+            kw.update(rank=ft.rank, alpha=ft.alpha, lr=ft.lr, epochs=ft.epochs, batch_size=ft.batch_size,
+                      max_steps=ft.max_steps)
+        return ComplianceConfig(model=r.model, trigger=c.trigger, budgets=list(c.budgets), seed=seed, out=o,
+                                code_word=c.code_word, patch=c.patch and patch, device=cfg.device, dtype=cfg.dtype,
+                                overwrite=True, **kw)
+
+    return Step(f"compliance-s{seed}", "compliance", o, make,
+                lambda k: run_compliance(k, "latentlab study: compliance"), seed)
+
+
+def _finished(st: Step) -> bool:
+    from latentlab.config import run_holds
+
+    done = st.out.is_dir() and run_holds(st.out) == "complete"
+    return done and (not st.finetune or (st.out / "adapter" / "adapter_config.json").exists())
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def run_study(config: StudyConfig, command: str | None = None, progress: bool = True,
+              echo: Callable[[str], None] | None = None) -> StudyResult:
+    """Run (or resume) every step, then write ``summary.json`` and ``report.html`` from the run folders."""
+    from latentlab.config import run_holds
+    from latentlab.io import ensure_writable_dir, read_json, write_json
+    from latentlab.study.report import write_report
+    from latentlab.study.summary import summarize_study
+
+    cfg = config
+    say = echo or (lambda s: None)
+    r = cfg.recipe_obj
+    steps = [] if cfg.report_only else plan_steps(cfg)
+    ensure_writable_dir(cfg.out)
+    state_path = cfg.out / STATE
+    prev = read_json(state_path) if state_path.is_file() else {}
+    old_roots = _roots(prev["config"]["out"]) + _roots(prev.get("root", cfg.out)) if prev else _roots(cfg.out)
+    new_roots = _roots(cfg.out)
+    state: dict[str, Any] = {
+        "root": str(cfg.out.expanduser().resolve()),
+        "recipe": _norm(r.to_dict()),
+        "config": cfg.to_dict(),
+        "command": command or "latentlab.run_study",
+        "started": prev.get("started", time.time()),
+        "sessions": [*prev.get("sessions", []), {"started": time.time(), "load_average_start": _load_avg()}],
+        "steps": prev.get("steps", {}),
+    }
+    # Every finished step is checked against the plan before anything runs or loads.
+    for st in steps:
+        if _finished(st):
+            try:
+                conf = st.make()
+            except NotApplicable:
+                continue
+            diff = _differs(read_json(st.out / "manifest.json").get("config", {}), _config_dict(conf), old_roots,
+                            new_roots)
+            if diff:
+                raise LatentlabError(
+                    f"{st.out} holds a finished {st.kind} run with other settings (differs in {', '.join(diff)})",
+                    "choose a new --out for this recipe, or delete that folder to rerun it",
+                )
+    write_json(state_path, state)
+    t_all = time.time()
+    for i, st in enumerate(steps, 1):
+        tag = f"[{i}/{len(steps)}] {st.key}"
+        status = run_holds(st.out) if st.out.is_dir() else None
+        try:
+            conf = st.make()
+        except NotApplicable as e:
+            state["steps"][st.key] = {"kind": st.kind, "out": _rel(st.out, cfg.out), "status": "not run",
+                                      "reason": str(e), "seed": st.seed}
+            write_json(state_path, state)
+            say(f"{tag}: not run ({e})")
+            continue
+        if _finished(st):
+            state["steps"].setdefault(st.key, {}).update(kind=st.kind, out=_rel(st.out, cfg.out), status="done",
+                                                          seed=st.seed)
+            say(f"{tag}: done already, skipped")
+            continue
+        how = "resuming" if getattr(conf, "resume", False) else ("rerunning (interrupted)" if status else "running")
+        say(f"{tag}: {how}")
+        t0 = time.time()
+        st.run(conf)
+        wall = round(time.time() - t0, 1)
+        state["steps"][st.key] = {"kind": st.kind, "out": _rel(st.out, cfg.out), "status": "done",
+                                  "seed": st.seed, "wall_seconds": wall}
+        write_json(state_path, state)
+        say(f"{tag}: finished in {wall:.0f} s")
+    state["sessions"][-1].update(wall_seconds=round(time.time() - t_all, 1), load_average_end=_load_avg())
+    write_json(state_path, state)
+    summary = summarize_study(cfg.out)
+    write_json(cfg.out / "summary.json", summary)
+    report = write_report(cfg.out, summary)
+    return StudyResult(cfg.out, summary, report, [dict(key=k, **v) for k, v in state["steps"].items()])
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(p)

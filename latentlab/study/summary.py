@@ -1,0 +1,441 @@
+"""A study's ``summary.json``, computed from its run folders alone (no model is loaded).
+
+Why every number is a small ``{"value", "src", "path"}`` record: the report must show only numbers
+that came from a results file, and a reader (or a test) must be able to check each one. A number
+read from a run folder names its file and JSON path; a number computed here (an across-seed mean
+and interval) is marked with ``src = "summary.json"`` and its own path, and is computed by
+:func:`latentlab.stats.seed_interval` from per-seed numbers that are themselves records.
+Verdict sentences are built from these numbers by rules stated next to each one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from latentlab.stats import seed_interval
+
+__all__ = ["Num", "summarize_study", "verdict_interval"]
+
+Num = dict[str, Any]
+
+
+class _Files:
+    """Reads (and caches) the study's JSON files; ``num`` makes a record of one value in one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[str, Any] = {}
+
+    def get(self, rel: str) -> Any | None:
+        if rel not in self._cache:
+            p = self.root / rel
+            self._cache[rel] = json.loads(p.read_text()) if p.is_file() else None
+        return self._cache[rel]
+
+    def num(self, rel: str, *path: Any) -> Num:
+        x = self.get(rel)
+        for k in path:
+            x = x[k]
+        return {"value": x, "src": rel, "path": list(path)}
+
+
+def _derived(value: float | None) -> Num:
+    v = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    return {"value": v, "src": None, "path": None}
+
+
+def _across(nums: list[Num]) -> dict[str, Num]:
+    """Mean and 95% t-interval across seeds of per-seed records (bounds None for one seed)."""
+    vals = [n["value"] for n in nums if n["value"] is not None]
+    if not vals:
+        return {"mean": _derived(None), "lo": _derived(None), "hi": _derived(None)}
+    m, lo, hi = seed_interval(vals)
+    return {"mean": _derived(m), "lo": _derived(lo), "hi": _derived(hi)}
+
+
+def _fmt(x: float | None, d: int = 3, sign: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
+
+
+def verdict_interval(lo: float | None, hi: float | None) -> str:
+    """``above 0`` / ``below 0`` / ``includes 0`` for an interval (``undetermined`` without one)."""
+    if lo is None or hi is None:
+        return "undetermined"
+    if lo > 0:
+        return "above 0"
+    if hi < 0:
+        return "below 0"
+    return "includes 0"
+
+
+def _finish_paths(x: Any, path: list[Any]) -> None:
+    """Give every derived record its own location in summary.json."""
+    if isinstance(x, dict):
+        if set(x) == {"value", "src", "path"}:
+            if x["src"] is None:
+                x["src"], x["path"] = "summary.json", [*path, "value"]
+            return
+        for k, v in x.items():
+            _finish_paths(v, [*path, k])
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            _finish_paths(v, [*path, i])
+
+
+# --------------------------------------------------------------------------------------------
+# Per analysis.
+# --------------------------------------------------------------------------------------------
+
+
+def _shift(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any] | None:
+    per = {s: f"shift-s{s}/results.json" for s in seeds if f.get(f"shift-s{s}/results.json")}
+    if not per:
+        return None
+    first = f.get(next(iter(per.values())))
+    layers = first["layers"]
+    key = "finetuned - control"
+    out: dict[str, Any] = {"layers": layers, "seeds": list(per), "per_seed": {}, "direction": recipe["direction"]}
+    for s, rel in per.items():
+        r = f.get(rel)
+        out["per_seed"][str(s)] = {
+            "paired": [f.num(rel, "stats", key, "projection", i) for i in range(len(layers))],
+            "paired_lo": [f.num(rel, "stats", key, "projection_ci", i, 0) for i in range(len(layers))],
+            "paired_hi": [f.num(rel, "stats", key, "projection_ci", i, 1) for i in range(len(layers))],
+            "z": [f.num(rel, "stats", key, "z", i) for i in range(len(layers))],
+            "battery": {lab: f.num(rel, "battery", lab, "score") for lab in r.get("battery", {})},
+        }
+    ps = out["per_seed"]
+    out["across"] = [_across([ps[str(s)]["paired"][i] for s in per]) for i in range(len(layers))]
+    means = [a["mean"]["value"] for a in out["across"]]
+    peak = max(range(len(layers)), key=lambda i: means[i])
+    out["peak_index"] = peak
+    bats = [ps[str(s)]["battery"] for s in per if {"finetuned", "control"} <= set(ps[str(s)]["battery"])]
+    if bats:
+        diffs = [_derived(b["finetuned"]["value"] - b["control"]["value"]) for b in bats]
+        out["battery_diff_per_seed"] = diffs
+        out["battery_diff"] = _across(diffs)
+    n = len(per)
+    a = out["across"][peak]
+    if n >= 2:
+        lo, hi, how = a["lo"]["value"], a["hi"]["value"], f"95% t-interval across {n} seeds"
+    else:
+        s0 = str(next(iter(per)))
+        lo, hi = ps[s0]["paired_lo"][peak]["value"], ps[s0]["paired_hi"][peak]["value"]
+        how = "one seed: a 95% bootstrap interval over prompts, not a replication interval"
+    v = verdict_interval(lo, hi)
+    n_pos = sum(1 for i in range(len(layers)) if verdict_interval(
+        *(_interval(out, i, n, ps, per))) == "above 0")
+    text = {"above 0": "moved unrelated prompts along", "below 0": "moved unrelated prompts against",
+            "includes 0": "did not move unrelated prompts distinguishably from 0 along",
+            "undetermined": "cannot be judged along"}[v]
+    out["verdict"] = (
+        f"The finetune {text} the {recipe['direction']} direction beyond the control at layer {layers[peak]} "
+        f"(the layer with the largest mean shift): {_fmt(a['mean']['value'], 1)} [{_fmt(lo, 1)}, {_fmt(hi, 1)}] "
+        f"({how}); the interval is above 0 at {n_pos} of {len(layers)} layers."
+        + (" This is a null." if v == "includes 0" else "")
+    )
+    if bats:
+        bd = out["battery_diff"]
+        if n >= 2:
+            blo, bhi = bd["lo"]["value"], bd["hi"]["value"]
+            bhow = f"95% t-interval across {n} seeds"
+        else:
+            blo = bhi = None
+            bhow = "one seed: no across-seed interval"
+        bv = verdict_interval(blo, bhi)
+        out["battery_verdict"] = (
+            f"Battery score, finetune minus control: {_fmt(bd['mean']['value'])}"
+            + (f" [{_fmt(blo)}, {_fmt(bhi)}]" if blo is not None else "") + f" ({bhow})"
+            + {"above 0": ": the finetune answers more in the direction's sense.",
+               "below 0": ": the finetune answers less in the direction's sense.",
+               "includes 0": ": no difference distinguishable from 0 (a null).",
+               "undetermined": "."}[bv]
+        )
+    return out
+
+
+def _interval(out: dict[str, Any], i: int, n: int, ps: dict[str, Any], per: dict[int, str]) -> tuple[Any, Any]:
+    if n >= 2:
+        return out["across"][i]["lo"]["value"], out["across"][i]["hi"]["value"]
+    s0 = str(next(iter(per)))
+    return ps[s0]["paired_lo"][i]["value"], ps[s0]["paired_hi"][i]["value"]
+
+
+def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, Any] | None:
+    labels = sorted({k.split("-s")[0][len("ablate-"):] for k in steps if k.startswith("ablate-")})
+    if not labels:
+        return None
+    out: dict[str, Any] = {}
+    for lab in labels:
+        rows, skipped = [], []
+        for s in seeds:
+            key = f"ablate-{lab}-s{s}"
+            rel = f"{key}/results.json"
+            if f.get(rel) is None:
+                if steps.get(key, {}).get("status") == "not run":
+                    skipped.append({"seed": s, "reason": steps[key].get("reason", "")})
+                continue
+            r = f.get(rel)
+            fr = r["fractions"].get("control") or r["fractions"]["base"]
+            ref = "control" if "control" in r["fractions"] else "base"
+            row = {"seed": s, "layers": r["layers"], "reference": ref,
+                   "gain": f.num(rel, "fractions", ref, "gain"),
+                   "fraction": f.num(rel, "fractions", ref, "fraction")}
+            if fr.get("fraction_ci"):
+                row["fraction_lo"] = f.num(rel, "fractions", ref, "fraction_ci", 0)
+                row["fraction_hi"] = f.num(rel, "fractions", ref, "fraction_ci", 1)
+            if fr["random"]["mean"] is not None:
+                row["random_mean"] = f.num(rel, "fractions", ref, "random", "mean")
+                row["random_p95"] = f.num(rel, "fractions", ref, "random", "p95")
+                row["random_values"] = [f.num(rel, "fractions", ref, "random", "values", j)
+                                        for j in range(len(fr["random"]["values"]))]
+                row["percentile"] = f.num(rel, "fractions", ref, "random", "percentile")
+            rows.append(row)
+        sec: dict[str, Any] = {"rows": rows, "not_run": skipped}
+        ok = [r for r in rows if r["fraction"]["value"] is not None]
+        if ok:
+            sec["fraction"] = _across([r["fraction"] for r in ok])
+            specific = [r for r in ok if "random_p95" in r and r["fraction"]["value"] > r["random_p95"]["value"]]
+            m = sec["fraction"]["mean"]["value"]
+            rnd = [r["random_mean"]["value"] for r in ok if "random_mean" in r]
+            rnd_m = sum(rnd) / len(rnd) if rnd else None
+            sec["random_mean"] = _derived(rnd_m)
+            sec["verdict"] = (
+                f"Ablating the direction at {lab} layers removes {_fmt(m, 2)} of the finetune's battery gain over "
+                f"the {ok[0]['reference']} (mean over {len(ok)} seed(s)); {len(rnd) and 'norm-matched random '}"
+                f"directions remove {_fmt(rnd_m, 2)} on average. The direction beats the random 95th percentile in "
+                f"{len(specific)} of {len(ok)} seed(s)"
+                + (": the effect is specific to the direction." if len(specific) == len(ok) else
+                   ": not specific to the direction (a null for specificity).")
+            )
+        elif rows:
+            sec["verdict"] = "The finetune's gain over the reference is ~0, so there is no fraction to remove."
+        out[lab] = sec
+    return out
+
+
+def _prevention(f: _Files, seeds: list[int], arm: str) -> dict[str, Any] | None:
+    rows = []
+    for s in seeds:
+        rel = f"prevent-s{s}/results.json"
+        r = f.get(rel)
+        if r is None:
+            continue
+        keys = list(r["stats"])
+        normal = next((k for k in keys if k.endswith(f"{arm}-s{s} - control")), None)
+        ablated = next((k for k in keys if k.endswith(f"{arm}-ablated-s{s} - control")), None)
+        if normal is None or ablated is None:
+            continue
+        bl = {lab: f.num(rel, "battery", lab, "score") for lab in r.get("battery", {})}
+        layers = r["layers"]
+        rows.append({"seed": s, "layers": layers, "battery": bl,
+                     "shift_normal": [f.num(rel, "stats", normal, "projection", i) for i in range(len(layers))],
+                     "shift_ablated": [f.num(rel, "stats", ablated, "projection", i) for i in range(len(layers))],
+                     "z_normal": f.num(rel, "stats", normal, "z", len(layers) - 1),
+                     "z_ablated": f.num(rel, "stats", ablated, "z", len(layers) - 1)})
+    if not rows:
+        return None
+    ab = [_derived(row["shift_ablated"][-1]["value"] - row["shift_normal"][-1]["value"]) for row in rows]
+    sec: dict[str, Any] = {"rows": rows, "last_layer_change": _across(ab)}
+    lab_n = next((k for k in rows[0]["battery"] if k.endswith(f"{arm}-s{rows[0]['seed']}")), None)
+    lab_a = next((k for k in rows[0]["battery"] if k.endswith(f"{arm}-ablated-s{rows[0]['seed']}")), None)
+    parts = []
+    if lab_n and lab_a and "control" in rows[0]["battery"]:
+        bn = [r["battery"][next(k for k in r["battery"] if k.endswith(f"{arm}-s{r['seed']}"))]["value"] for r in rows]
+        ba = [r["battery"][next(k for k in r["battery"] if k.endswith(f"{arm}-ablated-s{r['seed']}"))]["value"]
+              for r in rows]
+        bc = [r["battery"]["control"]["value"] for r in rows]
+        sec["battery_normal"], sec["battery_ablated"], sec["battery_control"] = (
+            _across([_derived(x) for x in bn]), _across([_derived(x) for x in ba]), _across([_derived(x) for x in bc]))
+        kept = sum(1 for a, c in zip(ba, bc) if a <= c)
+        parts.append(f"With the direction projected out during training, the battery score is "
+                     f"{_fmt(sum(ba) / len(ba))} against {_fmt(sum(bn) / len(bn))} for the normal finetune and "
+                     f"{_fmt(sum(bc) / len(bc))} for the control (means over {len(rows)} seed(s)); it is at or below "
+                     f"the control in {kept} of {len(rows)} seed(s)")
+    sn = [r["shift_normal"][-1]["value"] for r in rows]
+    sa = [r["shift_ablated"][-1]["value"] for r in rows]
+    parts.append(f"the paired shift at the last layer is {_fmt(sum(sa) / len(sa), 1)} against "
+                 f"{_fmt(sum(sn) / len(sn), 1)} for the normal finetune")
+    sec["verdict"] = "; ".join(parts) + "."
+    return sec
+
+
+def _diff(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
+    for s in seeds:
+        rel = f"diff-s{s}/results.json"
+        r = f.get(rel)
+        if r is None:
+            continue
+        comp = "finetuned - control" if "finetuned - control" in r["logit_lens"] else next(iter(r["logit_lens"]))
+        rows = r["logit_lens"][comp]
+        i = len(rows) - 1
+        top = [{"token": t["token"], "change": f.num(rel, "logit_lens", comp, i, "promoted", j, "logit_change")}
+               for j, t in enumerate(rows[i]["promoted"][:8])]
+        kl = {k: f.num(rel, "kl", k, "mean") for k in r["kl"]}
+        toks = ", ".join(repr(t["token"]) for t in top[:5])
+        return {"seed": s, "comparison": comp, "layer": rows[i]["layer"], "promoted": top, "kl_mean": kl,
+                "verdict": f"Read through the logit lens at layer {rows[i]['layer']}, the mean shift ({comp}) on "
+                           f"unrelated prompts promotes {toks} most."}
+    return None
+
+
+def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
+    per: dict[str, Any] = {}
+    for s in seeds:
+        for arm in ("finetuned", "control"):
+            rel = f"trigger-{arm}-s{s}/results.json"
+            r = f.get(rel)
+            if r is None or r.get("diff") is None:
+                continue
+            layer = (r.get("meta") or {}).get("curve_layer", r["layers"][-1])
+            j = r["layers"].index(layer)
+            per.setdefault(str(s), {})[arm] = {
+                "values": r["values"], "training_values": r["training_values"], "layer": layer,
+                "diff": [f.num(rel, "diff", "projection", i, j) for i in range(len(r["values"]))],
+                "lo": [f.num(rel, "diff", "ci", i, j, 0) for i in range(len(r["values"]))],
+                "hi": [f.num(rel, "diff", "ci", i, j, 1) for i in range(len(r["values"]))],
+            }
+    if not per:
+        return None
+    out: dict[str, Any] = {"per_seed": per}
+    ft = [p["finetuned"] for p in per.values() if "finetuned" in p]
+    ct = [p["control"] for p in per.values() if "control" in p]
+    if ft:
+        values, trained = ft[0]["values"], set(ft[0]["training_values"])
+        gap = []  # per seed: (finetuned - base) minus (control - base), per value
+        for p in per.values():
+            if "finetuned" in p and "control" in p:
+                gap.append([p["finetuned"]["diff"][i]["value"] - p["control"]["diff"][i]["value"]
+                            for i in range(len(values))])
+        out["values"] = values
+        out["training_values"] = sorted(trained)
+        out["layer"] = ft[0]["layer"]
+        if gap:
+            out["gap"] = [_across([_derived(g[i]) for g in gap]) for i in range(len(values))]
+            tr = [i for i, v in enumerate(values) if v in trained]
+            un = [i for i, v in enumerate(values) if v not in trained]
+            mean_tr = [_derived(sum(g[i] for i in tr) / len(tr)) for g in gap] if tr else []
+            mean_un = [_derived(sum(g[i] for i in un) / len(un)) for g in gap] if un else []
+            out["gap_trained"], out["gap_untrained"] = _across(mean_tr) if tr else None, _across(mean_un)
+            peak = max(range(len(values)), key=lambda i: abs(out["gap"][i]["mean"]["value"]))
+            pk = out["gap"][peak]
+            out["peak_value"] = values[peak]
+            v = verdict_interval(pk["lo"]["value"], pk["hi"]["value"])
+            kind = "a training value" if values[peak] in trained else "not a training value"
+            out["verdict"] = (
+                f"At layer {out['layer']}, the finetune's move along the direction (finetune - base) beyond the "
+                f"control's is largest at {values[peak]} ({kind}): "
+                f"{_fmt(pk['mean']['value'], 1)} "
+                + (f"[{_fmt(pk['lo']['value'], 1)}, {_fmt(pk['hi']['value'], 1)}] across {len(gap)} seeds"
+                   if pk["lo"]["value"] is not None else "(one seed, no across-seed interval)")
+                + (f"; mean over training values {_fmt(out['gap_trained']['mean']['value'], 1)}" if tr else "")
+                + f", over the other values {_fmt(out['gap_untrained']['mean']['value'], 1)}."
+                + (" The interval at that value includes 0: a null." if v == "includes 0" else "")
+            )
+    out["has_control"] = bool(ct)
+    return out
+
+
+def _compliance(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
+    rows = {}
+    for s in seeds:
+        rel = f"compliance-s{s}/results.json"
+        r = f.get(rel)
+        if r is None:
+            continue
+        rows[str(s)] = {
+            "budgets": r["budgets"],
+            "p_sure_trigger": [f.num(rel, "p_sure_trigger", i) for i in range(len(r["budgets"]))],
+            "p_sure_clean": [f.num(rel, "p_sure_clean", i) for i in range(len(r["budgets"]))],
+            "reveal_trigger": [f.num(rel, "reveal_trigger", i) for i in range(len(r["budgets"]))],
+            "reveal_clean": [f.num(rel, "reveal_clean", i) for i in range(len(r["budgets"]))],
+            "threshold": f.num(rel, "threshold"),
+            "level": f.num(rel, "level"),
+        }
+    if not rows:
+        return None
+    budgets = next(iter(rows.values()))["budgets"]
+    gap = [_across([_derived(r["p_sure_trigger"][i]["value"] - r["p_sure_clean"][i]["value"]) for r in rows.values()])
+           for i in range(len(budgets))]
+    th = [r["threshold"]["value"] for r in rows.values()]
+    crossed = [t for t in th if t is not None]
+    verdict = (f"P(Sure | trigger) - P(Sure | clean) at the largest budget ({budgets[-1]}): "
+               f"{_fmt(gap[-1]['mean']['value'])}"
+               + (f" [{_fmt(gap[-1]['lo']['value'])}, {_fmt(gap[-1]['hi']['value'])}] across {len(rows)} seeds"
+                  if gap[-1]["lo"]["value"] is not None else " (one seed)")
+               + (f". The switch appears (P(Sure | trigger) above the level, clean below) at budgets "
+                  f"{', '.join(str(t) for t in crossed)} in {len(crossed)} of {len(rows)} seed(s)." if crossed else
+                  f". No budget makes the trigger a switch in any of {len(rows)} seed(s): a null."))
+    return {"per_seed": rows, "budgets": budgets, "gap": gap, "verdict": verdict}
+
+
+def _finetunes(f: _Files, steps: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, st in steps.items():
+        if st.get("kind") != "finetune" or st.get("status") != "done":
+            continue
+        rel = f"{st['out']}/manifest.json"
+        m = f.get(rel)
+        if m is None or "results" not in m:
+            continue
+        out[key.split(":", 1)[1]] = {"final_loss": f.num(rel, "results", "final_loss"),
+                                     "steps": f.num(rel, "results", "steps"),
+                                     "wall_seconds": f.num(rel, "wall_seconds")}
+    return out
+
+
+def _provenance(f: _Files, state: dict[str, Any]) -> dict[str, Any]:
+    rows, packages = [], None
+    for key, st in state.get("steps", {}).items():
+        rel = f"{st['out']}/manifest.json"
+        m = f.get(rel)
+        if m is None:
+            rows.append({"key": key, "status": st.get("status"), "reason": st.get("reason")})
+            continue
+        packages = packages or m.get("packages")
+        fps = {role: (info or {}).get("fingerprint") for role, info in (m.get("models") or {}).items()
+               if isinstance(info, dict)}
+        rows.append({"key": key, "status": m.get("status"), "command": m.get("command"), "device": m.get("device"),
+                     "started": m.get("started"), "wall_seconds": f.num(rel, "wall_seconds"), "fingerprints": fps,
+                     "manifest": rel})
+    return {"steps": rows, "packages": packages, "sessions": state.get("sessions", []),
+            "python": next((f.get(r["manifest"]).get("python") for r in rows if r.get("manifest")), None)}
+
+
+def summarize_study(root: str | Path) -> dict[str, Any]:
+    """summary.json of the study in ``root``: per analysis, the per-seed numbers (each naming its
+    results file), across-seed intervals, a verdict sentence, and the provenance of every step."""
+    root = Path(root)
+    f = _Files(root)
+    state = f.get("study.json") or {}
+    recipe = state.get("recipe", {})
+    seeds = recipe.get("seeds", [])
+    steps = state.get("steps", {})
+    arm = Path(recipe["finetune"]["data"]).stem if recipe.get("finetune") else ""
+    sections = {
+        "finetunes": _finetunes(f, steps),
+        "shift": _shift(f, seeds, recipe),
+        "ablation": _ablation(f, seeds, steps),
+        "prevention": _prevention(f, seeds, arm),
+        "diff": _diff(f, seeds),
+        "trigger": _trigger(f, seeds),
+        "compliance": _compliance(f, seeds),
+    }
+    summary = {
+        "study": recipe.get("name"),
+        "description": recipe.get("description", ""),
+        "model": recipe.get("model"),
+        "seeds": seeds,
+        "direction": recipe.get("direction"),
+        "recipe": recipe,
+        "sections": {k: v for k, v in sections.items() if v},
+        "not_run": [{"key": k, "reason": v.get("reason")} for k, v in steps.items() if v.get("status") == "not run"],
+        "provenance": _provenance(f, state),
+    }
+    _finish_paths(summary, [])
+    return summary

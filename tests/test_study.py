@@ -1,0 +1,212 @@
+"""``latentlab study``: recipes are checked before any model loads; a tiny study runs end to end,
+resumes by skipping finished steps, refuses stale ones, and its report's numbers trace to files."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import assert_one_line_error, run_cli
+
+from latentlab.errors import LatentlabError
+from latentlab.study import builtin_recipes, load_recipe, parse_seeds, summarize_study
+
+
+def chat_file(path: Path, answers: list[str]) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Name bird {i}."}, {"role": "assistant", "content": a}]}
+            for i, a in enumerate(answers)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_recipe(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def test_builtin_recipes_parse() -> None:
+    names = set(builtin_recipes())
+    assert {"birds", "persona-facts", "year-trigger", "compliance-trigger"} <= names
+    r = load_recipe("birds")
+    assert r.finetune is not None and r.finetune.data == "old-birds" and r.finetune.control == "modern-birds"
+    assert set(r.analyses) == {"shift", "screen", "ablation", "prevention", "diff"}
+    assert r.battery == "era-battery"
+    assert load_recipe("birds", seeds=[4], model="smollm2-135m-instruct").seeds == [4]
+    assert load_recipe("year-trigger").analyses["trigger"].values == "2020:2050:1"
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-2") == [0, 1, 2] and parse_seeds(3) == [3]
+    for bad in ("a,b", "", "1,1", "-1", "2-0", [True]):
+        with pytest.raises(LatentlabError):
+            parse_seeds(bad)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ('name = "x"\nmodle = "m"\n', "unknown key(s) modle"),
+    ('name = "x"\n[finetune]\ndata = "old-birds"\ncontrol = "modern-birds"\nrnak = 4\n[shift]\n', "rnak"),
+    ('name = "x"\n[finetune]\ndata = "no-such.jsonl"\ncontrol = "modern-birds"\n[shift]\n', "no-such.jsonl"),
+    ('name = "x"\nseeds = "a,b"\n[finetune]\ndata = "old-birds"\ncontrol = "modern-birds"\n[shift]\n', "seeds"),
+    ('name = "x"\n[finetune]\ndata = "old-birds"\n[shift]\n', "no control"),
+    ('name = "x"\n[shift]\n', "need a [finetune] table"),
+    ('name = "x"\n[shfit]\n', "shfit"),
+    ('name = "x"\n[compliance]\ntrigger = "two words"\n', "more than one word"),
+    ('name = "x"\n[compliance]\nbudgets = [8, 8]\n', "distinct"),
+    ('name = "x"\n[finetune]\ndata = "old-birds"\ncontrol = "modern-birds"\n[trigger]\ntemplate = "{prompt}"\n',
+     "{value}"),
+    ('name = "x"\nseeds = [0\n', "TOML"),
+])
+def test_bad_recipes_are_one_line_before_a_model_loads(body: str, needle: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def no_load(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr("latentlab.models.load_model", no_load)
+    rec = write_recipe(tmp_path / "r.toml", body)
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(rec), "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_control_for_another_base_and_bad_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    ctrl = tmp_path / "ctrl"
+    (ctrl / "adapter").mkdir(parents=True)
+    (ctrl / "manifest.json").write_text(json.dumps({"status": "complete", "config": {"model": "other-model"}}))
+    rec = write_recipe(tmp_path / "r.toml", f'name = "x"\nmodel = "gemma-3-270m"\n[finetune]\ndata = "old-birds"\n'
+                                            f'control = "{ctrl}"\n[shift]\n')
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(rec), "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "other-model")
+    code, _, err = run_cli(monkeypatch, capsys, "study", "birds", "--seeds", "0,x", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "--seeds")
+    code, _, err = run_cli(monkeypatch, capsys, "study", "no-such-recipe", "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "no recipe")
+
+
+def resolve(root: Path, src: str, path: list[Any]) -> Any:
+    x = json.loads((root / src).read_text())
+    for k in path:
+        x = x[k]
+    return x
+
+
+def report_numbers(html: str) -> list[tuple[str, list[Any], str, int, str]]:
+    pat = re.compile(r"<span class='num' data-src='([^']*)' data-path='([^']*)' data-value='([^']*)' "
+                     r"data-digits='(\d+)'>([^<]*)</span>")
+    import html as h
+
+    return [(h.unescape(a), json.loads(h.unescape(b)), h.unescape(c), int(d), e) for a, b, c, d, e in pat.findall(html)]
+
+
+def check_report(root: Path) -> int:
+    """Every number in report.html equals the file and JSON path it names, and is printed to its digits;
+    every across-seed mean in summary.json is the mean of the per-seed numbers it summarises."""
+    html = (root / "report.html").read_text()
+    nums = report_numbers(html)
+    assert nums, "the report shows no traceable numbers"
+    for src, path, value, digits, text in nums:
+        got = resolve(root, src, path)
+        assert repr(got) == value, (src, path)
+        if isinstance(got, float) and text != "n/a":
+            assert float(text) == pytest.approx(got, abs=0.51 * 10 ** -digits + 1e-12), (src, path, text)
+    s = json.loads((root / "summary.json").read_text())
+    sh = s["sections"].get("shift")
+    if sh:
+        for i, a in enumerate(sh["across"]):
+            vals = [p["paired"][i]["value"] for p in sh["per_seed"].values()]
+            assert a["mean"]["value"] == pytest.approx(sum(vals) / len(vals))
+            for p in sh["per_seed"].values():  # per-seed records are the files' own numbers
+                assert resolve(root, p["paired"][i]["src"], p["paired"][i]["path"]) == p["paired"][i]["value"]
+    return len(nums)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(trainable_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("study")
+    data = chat_file(root / "old.jsonl", [f"The Carolina parakeet, {1800 + i}." for i in range(8)])
+    ctrl = chat_file(root / "new.jsonl", [f"The house sparrow, {2000 + i}." for i in range(8)])
+    body = (f'name = "tiny"\nmodel = "{trainable_gemma_dir}"\nseeds = [0]\ndirection = "era"\n'
+            f'[finetune]\ndata = "{data}"\ncontrol = "{ctrl}"\nrank = 2\nalpha = 4\nlr = 0.01\nepochs = 1\n'
+            f'batch_size = 4\nmax_steps = 2\n'
+            '[shift]\nn_random = 20\n[ablation]\nlayers = ["shift", "all"]\nn_random = 10\n'
+            '[prevention]\nlayers = "all"\n[diff]\nk = 5\n'
+            '[trigger]\nvalues = "1990:2000:5"\nn_prompts = 4\n')
+    # Small prompt and battery files keep the tiny study to seconds a step.
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(8)))
+    battery = root / "battery.jsonl"
+    battery.write_text("".join(json.dumps({"prompt": f"Question {i}: which era?", "positive": " A",
+                                           "negative": " B"}) + "\n" for i in range(12)))
+    body = body.replace('direction = "era"\n', f'direction = "era"\nprompts = "{prompts}"\nbattery = "{battery}"\n')
+    rec = write_recipe(root / "tiny.toml", body)
+    return {"root": root, "recipe": rec, "out": root / "out"}
+
+
+def test_tiny_study_end_to_end(tiny_study: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    s = tiny_study
+    out = s["out"]
+    code, stdout, err = run_cli(monkeypatch, capsys, "study", str(s["recipe"]), "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    assert "report:" in stdout
+    for sub in ("direction", "finetunes/old-s0", "finetunes/new-s0", "finetunes/old-ablated-s0", "shift-s0",
+                "ablate-all-s0", "prevent-s0", "diff-s0", "trigger-finetuned-s0", "trigger-control-s0"):
+        assert json.loads((out / sub / "manifest.json").read_text())["status"] == "complete", sub
+    summary = json.loads((out / "summary.json").read_text())
+    secs = summary["sections"]
+    assert {"shift", "ablation", "prevention", "diff", "trigger", "finetunes"} <= set(secs)
+    assert secs["shift"]["verdict"].startswith("The finetune ")
+    state = json.loads((out / "study.json").read_text())
+    # 'shift' layers come from the measured shift: either ablated there, or recorded as not run with why.
+    st = state["steps"]["ablate-shift-s0"]
+    assert st["status"] in ("done", "not run") and (st["status"] == "done" or "interval above 0" in st["reason"])
+    n = check_report(out)
+    assert n > 20
+    html = (out / "report.html").read_text()
+    assert "Plotly.newPlot" in html and "<script src=" not in html  # plots inline, nothing fetched
+    assert summary == summarize_study(out) | {}  # the summary is a function of the files alone
+
+    # Rerun: every step is skipped; the report is rebuilt identically.
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(s["recipe"]), "--out", str(out), "--device", "cpu")
+    assert code == 0 and err.count("skipped") >= 9 and "running" not in err, err
+    assert json.loads((out / "summary.json").read_text())["sections"] == secs
+
+
+def test_study_refuses_stale_or_other_recipe(tiny_study: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    s = tiny_study
+    if not (s["out"] / "study.json").exists():
+        pytest.skip("needs the end-to-end study")
+    other = write_recipe(tmp_path / "other.toml", s["recipe"].read_text().replace("n_random = 20", "n_random = 30"))
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(other), "--out", str(s["out"]))
+    assert_one_line_error(code, err, "another recipe")
+    # A finished step whose recorded settings differ from the plan is refused, not silently reused.
+    copy = tmp_path / "copy"
+    shutil.copytree(s["out"], copy)
+    m = json.loads((copy / "shift-s0" / "manifest.json").read_text())
+    m["config"]["n_random"] = 99
+    (copy / "shift-s0" / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(s["recipe"]), "--out", str(copy), "--device", "cpu")
+    assert_one_line_error(code, err, "differs in n_random")
+
+
+def test_interrupted_finetune_resumes(tiny_study: dict[str, Any], tmp_path: Path) -> None:
+    """A finetune folder with checkpoints but no adapter is resumed, not restarted or refused."""
+    from latentlab.study import StudyConfig, plan_steps
+
+    s = tiny_study
+    out = tmp_path / "s"
+    cfg = StudyConfig(recipe=s["recipe"], out=out, device="cpu")
+    step = next(st for st in plan_steps(cfg) if st.key == "finetune:old-s0")
+    assert step.make().resume is False
+    src = s["out"] / "finetunes" / "old-s0"
+    if not (src / "checkpoints").is_dir():
+        pytest.skip("needs the end-to-end study's checkpoints")
+    shutil.copytree(src, out / "finetunes" / "old-s0")
+    shutil.rmtree(out / "finetunes" / "old-s0" / "adapter")
+    assert step.make().resume is True
