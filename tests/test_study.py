@@ -210,3 +210,30 @@ def test_interrupted_finetune_resumes(tiny_study: dict[str, Any], tmp_path: Path
     shutil.copytree(src, out / "finetunes" / "old-s0")
     shutil.rmtree(out / "finetunes" / "old-s0" / "adapter")
     assert step.make().resume is True
+
+
+def test_study_of_existing_finetunes(tiny_study: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``finetune.runs`` / a ``{seed}`` control: analyse finished runs without training; a missing one
+    is refused before anything runs."""
+    s = tiny_study
+    fin = s["out"] / "finetunes"
+    if not (fin / "old-s0" / "adapter").is_dir():
+        pytest.skip("needs the end-to-end study")
+    body = s["recipe"].read_text().split("[shift]")[0].replace(
+        f'data = "{s["root"] / "old.jsonl"}"\ncontrol = "{s["root"] / "new.jsonl"}"',
+        f'data = "{s["root"] / "old.jsonl"}"\nruns = "{fin}/old-s{{seed}}"\ncontrol = "{fin}/new-s{{seed}}"')
+    assert "runs =" in body
+    rec = write_recipe(tmp_path / "reuse.toml", body + "[shift]\nn_random = 20\n")
+    out = tmp_path / "reuse"
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(rec), "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    assert "finetune:" not in err and not (out / "finetunes").exists()
+    state = json.loads((out / "study.json").read_text())
+    assert set(state["external_runs"]) == {"finetuned-s0", "control-s0"}
+    a = json.loads((out / "shift-s0" / "results.json").read_text())["stats"]["finetuned - control"]["projection"]
+    b = json.loads((s["out"] / "shift-s0" / "results.json").read_text())["stats"]["finetuned - control"]["projection"]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-4)  # the same finetunes, the same shift
+    check_report(out)
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(rec), "--seeds", "0,1", "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "old-s1", "not a finished finetune run")

@@ -38,6 +38,9 @@ class FinetuneSpec:
 
     data: str
     control: str | None = None
+    # Finished finetune run folders to analyse instead of training, one per seed: a path with
+    # ``{seed}`` (e.g. "runs/bird_shift/old-birds-s{seed}"). ``control`` takes the same form.
+    runs: str | None = None
     rank: int = 8
     alpha: int = 16
     lr: float = 2e-4
@@ -257,14 +260,25 @@ class Recipe:
         if self.finetune is None:
             return
         self.finetune.data = _dataset_exists(self.finetune.data, "finetune.data", base_dir)
-        if self.finetune.control is not None:
-            self.finetune.control = _dataset_exists(self.finetune.control, "finetune.control", base_dir)
+        if self.finetune.runs is not None:
+            for seed in self.seeds:
+                check_run_folder(Path(self.finetune.runs.format(seed=seed)), self.model, "finetune.runs")
+        c = self.finetune.control
+        if c is not None and "{seed}" in c:
+            for seed in self.seeds:
+                check_run_folder(Path(c.format(seed=seed)), self.model, "finetune.control")
+        elif c is not None:
+            self.finetune.control = _dataset_exists(c, "finetune.control", base_dir)
             if Path(self.finetune.control).is_dir():
                 check_control_base(Path(self.finetune.control), self.model)
 
     def control_is_run(self) -> bool:
-        return self.finetune is not None and self.finetune.control is not None and Path(
-            self.finetune.control).is_dir()
+        c = self.finetune.control if self.finetune is not None else None
+        return c is not None and ("{seed}" in c or Path(c).is_dir())
+
+    def control_run(self, seed: int) -> Path:
+        assert self.finetune is not None and self.finetune.control is not None
+        return Path(self.finetune.control.format(seed=seed))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -287,6 +301,14 @@ class Recipe:
         ft = _build(FinetuneSpec, ft_raw, "finetune") if ft_raw is not None else None
         built = {k: _build(ANALYSES[k], v, k) for k, v in analyses.items()}
         return cls(**raw, finetune=ft, analyses=built, source=source)
+
+
+def check_run_folder(run: Path, model: str, key: str) -> None:
+    """A finished finetune run folder of ``model``."""
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise LatentlabError(f"the recipe's {key} {run} is not a finished finetune run (no adapter/)",
+                             "train it first (latentlab finetune), or give a dataset to train")
+    check_control_base(run, model)
 
 
 def check_control_base(control: Path, model: str) -> None:

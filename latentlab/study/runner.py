@@ -206,15 +206,18 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
 
     ana = r.analyses
     data_arm = _arm(ft.data) if ft else ""
-    ctrl_arm = _arm(ft.control) if ft and ft.control else None
+    ctrl_arm = _arm(ft.control) if ft and ft.control and not r.control_is_run() else None
     runs: dict[tuple[str, int], Path] = {}
     if ft is not None:
         for seed in r.seeds:
-            runs[("finetuned", seed)] = out / "finetunes" / f"{data_arm}-s{seed}"
-            steps.append(finetune_step(f"finetune:{data_arm}-s{seed}", ft.data, runs[("finetuned", seed)], seed))
+            if ft.runs is not None:
+                runs[("finetuned", seed)] = Path(ft.runs.format(seed=seed))
+            else:
+                runs[("finetuned", seed)] = out / "finetunes" / f"{data_arm}-s{seed}"
+                steps.append(finetune_step(f"finetune:{data_arm}-s{seed}", ft.data, runs[("finetuned", seed)], seed))
             if ft.control is not None:
                 if r.control_is_run():
-                    runs[("control", seed)] = Path(ft.control)
+                    runs[("control", seed)] = r.control_run(seed)
                 else:
                     runs[("control", seed)] = out / "finetunes" / f"{ctrl_arm}-s{seed}"
                     steps.append(finetune_step(f"finetune:{ctrl_arm}-s{seed}", ft.control, runs[("control", seed)],
@@ -344,6 +347,20 @@ def _compliance_step(cfg: StudyConfig, seed: int, patch: bool) -> Step:
                 lambda k: run_compliance(k, "latentlab study: compliance"), seed)
 
 
+def external_runs(cfg: StudyConfig) -> dict[str, str]:
+    """Finetune runs the study analyses but did not train (``finetune.runs``, a control run folder)."""
+    r = cfg.recipe_obj
+    out: dict[str, str] = {}
+    if r.finetune is None:
+        return out
+    for seed in r.seeds:
+        if r.finetune.runs is not None:
+            out[f"finetuned-s{seed}"] = str(Path(r.finetune.runs.format(seed=seed)).resolve())
+        if r.control_is_run():
+            out[f"control-s{seed}"] = str(r.control_run(seed).resolve())
+    return out
+
+
 def _finished(st: Step) -> bool:
     from latentlab.config import run_holds
 
@@ -383,6 +400,7 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
         "started": prev.get("started", time.time()),
         "sessions": [*prev.get("sessions", []), {"started": time.time(), "load_average_start": _load_avg()}],
         "steps": prev.get("steps", {}),
+        "external_runs": external_runs(cfg),
     }
     # Every finished step is checked against the plan before anything runs or loads.
     for st in steps:

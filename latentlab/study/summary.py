@@ -403,8 +403,16 @@ def _provenance(f: _Files, state: dict[str, Any]) -> dict[str, Any]:
         rows.append({"key": key, "status": m.get("status"), "command": m.get("command"), "device": m.get("device"),
                      "started": m.get("started"), "wall_seconds": f.num(rel, "wall_seconds"), "fingerprints": fps,
                      "manifest": rel})
+    for key, path in state.get("external_runs", {}).items():
+        mp = Path(path) / "manifest.json"
+        m = json.loads(mp.read_text()) if mp.is_file() else {}
+        rows.append({"key": f"external finetune: {key}", "status": m.get("status"), "command": m.get("command"),
+                     "device": m.get("device"), "started": m.get("started"),
+                     "wall_seconds": None, "external_wall_seconds": m.get("wall_seconds"),
+                     "fingerprints": {}, "manifest": str(mp)})
     return {"steps": rows, "packages": packages, "sessions": state.get("sessions", []),
-            "python": next((f.get(r["manifest"]).get("python") for r in rows if r.get("manifest")), None)}
+            "python": next((f.get(r["manifest"]).get("python") for r in rows
+                            if r.get("manifest") and f.get(r["manifest"])), None)}
 
 
 def summarize_study(root: str | Path) -> dict[str, Any]:
