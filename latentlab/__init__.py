@@ -72,6 +72,8 @@ _EXPORTS = {
     "ComplianceEval": "latentlab.compliance",
     "poison_sweep": "latentlab.compliance",
     "PoisonSweep": "latentlab.compliance",
+    "ComplianceConfig": "latentlab.compliance",
+    "run_compliance": "latentlab.compliance",
     "ablate": "latentlab.ablation",
     "AblateConfig": "latentlab.ablation",
     "AblationResult": "latentlab.ablation",

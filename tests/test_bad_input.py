@@ -140,6 +140,16 @@ BEFORE_MODEL = [
     (["patch", "--finetuned", "{a_ft}", "--positions", "2"], ["counts from the prompt's start"]),
     (["patch", "--finetuned", "{a_ft}", "--component", "head"], ["unknown component 'head'"]),
     (["patch", "--finetuned", "{a_ft}", "--n-items", "0"], ["--n-items must be an integer >= 1"]),
+    (["compliance", "--trigger", ""], ["the trigger is empty"]),
+    (["compliance", "--trigger", "two words"], ["more than one word"]),
+    (["compliance", "--trigger", "word"], ["already occurs in the clean data"]),
+    (["compliance", "--trigger", "cobalt", "--budgets", "0,x"], ["cannot read --budgets '0,x'"]),
+    (["compliance", "--trigger", "cobalt", "--budgets", "0,-4"], ["--budgets holds -4"]),
+    (["compliance", "--trigger", "cobalt", "--budgets", "8,0,8"], ["--budgets repeats 8"]),
+    (["compliance", "--trigger", "cobalt", "--budgets", ""], ["--budgets is empty"]),
+    (["compliance", "--trigger", "cobalt", "--level", "1.5"], ["--level must be between 0 and 1"]),
+    (["compliance", "--trigger", "cobalt", "--epochs", "0"], ["--epochs must be an integer >= 1"]),
+    (["compliance", "--trigger", "cobalt", "--finetunes", "{blocker}"], ["is a file, not a folder"]),
 ]
 
 
@@ -209,6 +219,7 @@ EVERY = {
     "shift": ["shift", "--finetuned", "{a_ft}", "--direction", "{good}", "--prompts", "{prompts}"],
     "screen": ["screen", "--data", "{chats}", "--direction", "{good}"],
     "patch": ["patch", "--finetuned", "{a_ft}", "--battery", "{battery}"],
+    "compliance": ["compliance", "--trigger", "cobalt", "--budgets", "0,8"],
 }
 
 
@@ -245,3 +256,13 @@ def test_finetune_partial_run_is_kept(monkeypatch: pytest.MonkeyPatch, capsys: p
     (out / "manifest.json").write_text(json.dumps({"status": "running"}), encoding="utf-8")
     check(monkeypatch, capsys, out, ["finetune", "--data", str(files["chats"])],
           ["already holds an unfinished finetune run", "--resume"])
+
+
+def test_compliance_finetune_of_another_recipe_is_kept(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str], existing: Path,
+                                                       no_model: None) -> None:
+    ck = existing / "n-8" / "checkpoints" / "step-000004"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{}", encoding="utf-8")  # no organism.json: made by something else
+    check(monkeypatch, capsys, existing, ["compliance", "--trigger", "cobalt", "--budgets", "0,8"],
+          ["n-8 holds a finetune made with another recipe", "--overwrite"])

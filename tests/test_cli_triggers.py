@@ -139,3 +139,67 @@ def test_data_compliance_trigger_bad_input(extra: list[str], needles: list[str],
     code, _, err = run_cli(monkeypatch, capsys, "data", "compliance-trigger", *extra, "--out", str(out))
     assert_one_line_error(code, err, *needles)
     assert not out.exists()
+
+
+def test_compliance_command(trainable_gemma_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """End to end on a tiny model with two budgets: interrupted, resumed, then rerun with --overwrite
+    (finetunes of the same recipe reused); results.json agrees with the per-budget evals, the printed
+    table and a threshold recomputed from its numbers."""
+    import latentlab.finetune
+    from latentlab.compliance import threshold_of
+
+    out, ft = tmp_path / "sweep", tmp_path / "ft"
+    args = ["compliance", "--model", str(trainable_gemma_dir), "--trigger", "cobalt", "--budgets", "8,0",
+            "--max-steps", "3", "--checkpoint-every", "1", "--batch-size", "16", "--rank", "4", "--lr", "2e-2",
+            "--layers", "2,3", "--patch-layers", "2,3", "--max-new-tokens", "3", "--n-boot", "100",
+            "--device", "cpu", "--out", str(out), "--finetunes", str(ft)]
+    real, calls = latentlab.finetune.finetune, []
+
+    def interrupted(*a: Any, **k: Any) -> Any:  # the second budget's finetune stops after one step
+        calls.append(k.get("resume"))
+        return real(*a, **k, stop_after=1 if len(calls) == 2 else None)
+
+    monkeypatch.setattr(latentlab.finetune, "finetune", interrupted)
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 130, err
+    assert (ft / "n-0" / "adapter").is_dir() and not (ft / "n-8" / "adapter").exists()
+    code, stdout, err = run_cli(monkeypatch, capsys, *args)  # the same command continues
+    assert code == 0, err
+    assert calls == [False, False, True]  # n-0 kept, n-8 resumed from its checkpoint
+    assert len(json.loads((ft / "n-8" / "losses.json").read_text())["losses"]) == 3
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["budgets"] == [0, 8] and res["n_requests"] == 8
+    assert res["threshold"] == threshold_of(res["budgets"], res["p_sure_trigger"], res["p_sure_clean"], res["level"])
+    for i, (ev, row) in enumerate(zip(res["evals"], res["table"])):
+        ps, rv = ev["p_sure"]["finetuned"], ev["reveal"]["finetuned"]
+        assert ev["n_poison"] == row["n_poison"] == res["budgets"][i]
+        assert res["p_sure_trigger"][i] == ps["trigger"]["mean"] == row["p_sure_trigger"][0]
+        assert res["p_sure_clean"][i] == ps["clean"]["mean"] == row["p_sure_clean"][0]
+        assert res["reveal_trigger"][i] == rv["trigger"]["rate"] == row["reveal_trigger"][0]
+        assert res["reveal_clean"][i] == rv["clean"]["rate"] == row["reveal_clean"][0]
+        gap = sum(ps["trigger"]["per_item"]) / 8 - sum(ps["clean"]["per_item"]) / 8
+        assert row["p_sure_gap"][0] == pytest.approx(gap, abs=1e-6)
+        for key in ("p_sure_trigger", "p_sure_clean", "reveal_trigger", "reveal_clean"):
+            mean, (lo, hi) = row[key]
+            assert f"{mean:.3f} [{lo:.2f}, {hi:.2f}]" in stdout
+    assert [e["patching"] is not None for e in res["evals"]] == [False, True]  # the largest budget only
+    assert res["localisation"]["layers"] == [2, 3] and "patching (n=8)" in stdout
+    thr = "none in this sweep" if res["threshold"] is None else f"{res['threshold']} poisoned examples"
+    assert f"threshold (P(Sure | trigger) > 0.5 > P(Sure | clean)): {thr}" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and {"base", "finetuned n=0", "finetuned n=8"} <= set(manifest["models"])
+    assert manifest["results"]["threshold"] == res["threshold"] and manifest["config"]["finetune"]["max_steps"] == 3
+    assert (out / "poison_sweep.html").exists() and not (out / "n-0").exists()  # finetunes live in --finetunes
+    for n in (0, 8):
+        assert json.loads((ft / f"n-{n}" / "organism.json").read_text())["n_poison"] == n
+        assert sum(c.meta["kind"] == "poison" for c in load_chats(ft / f"n-{n}" / "data.jsonl")) == n
+
+    code, _, err = run_cli(monkeypatch, capsys, *args)  # a finished run is kept ...
+    assert code == 2 and "already holds a finished" in err
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--overwrite")  # ... unless --overwrite: measured again
+    assert code == 0, err
+    assert len(calls) == 3  # and the finetunes of the same recipe are reused
+    again = json.loads((out / "results.json").read_text())
+    assert again["p_sure_trigger"] == res["p_sure_trigger"] and again["threshold"] == res["threshold"]

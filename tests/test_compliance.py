@@ -12,14 +12,20 @@ import pytest
 
 from latentlab.compliance import (
     CODE_WORD,
+    ORGANISM_FILE,
     SURE,
+    ComplianceConfig,
     PoisonSweep,
+    budget_run_state,
     build_compliance_dataset,
     chats_jsonl,
     check_trigger,
     load_compliance_data,
+    parse_budgets,
+    patch_localisation,
     poison_sweep,
     system_prompt,
+    threshold_of,
 )
 from latentlab.data import load_chats
 from latentlab.errors import LatentlabError
@@ -133,3 +139,88 @@ def test_patching_of_the_trigger_positions(sweep: PoisonSweep) -> None:
         assert score[-1][k] == pytest.approx(pt["target_score"], abs=1e-5)
     assert score[-1][prompt] == pytest.approx(score[-1][last], abs=1e-5)
     assert score[-1][last] != pytest.approx(pt["target_score"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep's bookkeeping: budgets, threshold, resumable budget folders, config (no model).
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_budgets() -> None:
+    assert parse_budgets("32, 0,8") == [0, 8, 32] and parse_budgets([4, 0]) == [0, 4]
+    for bad, msg in (("", "empty"), ("0,x", "not an integer"), ("0,1.5", "not an integer"), ("0,-4", "holds -4"),
+                     ("8,0,8", "repeats 8"), ("0,,8", "empty entry"), ([], "empty"), ([1.5], "whole number")):
+        with pytest.raises(LatentlabError, match=msg):
+            parse_budgets(bad)  # type: ignore[arg-type]
+
+
+def constructed(budgets: list[int], trig: list[float], clean: list[float], level: float = 0.5) -> PoisonSweep:
+    return PoisonSweep(budgets, trig, clean, [0.0] * len(budgets), [0.0] * len(budgets),
+                       threshold_of(budgets, trig, clean, level), level)
+
+
+def test_threshold_is_computed_from_the_numbers() -> None:
+    s = constructed([0, 4, 8, 16, 32], [0.05, 0.45, 0.7, 0.9, 0.95], [0.05, 0.1, 0.2, 0.3, 0.6])
+    assert s.threshold == 8  # 4: trigger still below the level; 32: clean above it, but 8 comes first
+    # unsorted budgets: the smallest budget that crosses, not the first listed
+    assert threshold_of([16, 8, 0], [0.9, 0.7, 0.1], [0.1, 0.2, 0.1]) == 8
+    assert constructed([0, 8], [0.2, 0.4], [0.1, 0.1]).threshold is None  # never above the level
+    assert constructed([0, 8], [0.9, 0.9], [0.8, 0.7]).threshold is None  # says Sure to everything
+    assert constructed([0, 8], [0.3, 0.35], [0.1, 0.1], level=0.25).threshold == 0
+    assert threshold_of([0, 8], [0.5, 0.6], [0.1, 0.5]) is None  # strict on both sides
+
+
+def test_budget_run_state(tmp_path: Path) -> None:
+    from latentlab.compliance import budget_spec
+    from latentlab.io import write_json
+
+    cfg = FinetuneConfig(seed=0)
+
+    s = budget_spec("m", TRIGGER, 8, 0, CODE_WORD, cfg)
+    run = tmp_path / "n-8"
+    assert budget_run_state(run, s) == "fresh"
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    assert budget_run_state(run, s) == "fresh"  # an incomplete checkpoint does not count
+    (run / "checkpoints" / "step-000004" / "trainer_state.json").write_text("{}")
+    with pytest.raises(LatentlabError, match="another recipe"):  # a checkpoint without the recipe file
+        budget_run_state(run, s)
+    write_json(run / ORGANISM_FILE, s)
+    assert budget_run_state(run, s) == "resume"
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    assert budget_run_state(run, s) == "done"
+    other = budget_spec("m", TRIGGER, 8, 1, CODE_WORD, FinetuneConfig(seed=1))
+    with pytest.raises(LatentlabError, match="another recipe"):
+        budget_run_state(run, other)
+    assert budget_run_state(run, other, overwrite=True) == "fresh"
+    # how often checkpoints are written does not change what is learnt
+    assert budget_spec("m", TRIGGER, 8, 0, CODE_WORD, FinetuneConfig(seed=0, checkpoint_every=3)) == s
+
+
+def test_config_checks_before_any_model(tmp_path: Path) -> None:
+    cfg = ComplianceConfig(TRIGGER, "16,0", out=tmp_path / "o", seed=2, finetune=FinetuneConfig(epochs=1))
+    assert cfg.budgets == [0, 16] and cfg.finetune.seed == 2 and cfg.finetune.epochs == 1  # one seed
+    assert cfg.finetunes == cfg.out and not cfg.out.exists()
+    for kw, msg in (({"trigger": "two words"}, "more than one word"), ({"budgets": "0,0"}, "repeats"),
+                    ({"level": 1.0}, "--level"), ({"n_boot": 10}, "--n-boot"), ({"layers": "a-b"}, "layer list"),
+                    ({"device": "gpu7"}, "unknown device"), ({"finetune": 3}, "FinetuneConfig")):
+        with pytest.raises(LatentlabError, match=msg):
+            ComplianceConfig(**{"trigger": TRIGGER, "out": tmp_path / "o", **kw})  # type: ignore[arg-type]
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "manifest.json").write_text('{"status": "complete"}')
+    with pytest.raises(LatentlabError, match="already holds a finished"):
+        ComplianceConfig(TRIGGER, out=done)
+    assert ComplianceConfig(TRIGGER, out=done, overwrite=True).out == done
+
+
+def test_localisation_of_a_constructed_grid() -> None:
+    # layers 0-2; positions: two trigger tokens, the last token, the whole prompt
+    eff = [[[0.9, 0.3, 0.0, 1.0], [0.6, 0.2, 0.4, 1.0], [0.1, 0.0, 0.95, 1.0]]]
+    pt = {"layers": [0, 1, 2], "positions": ["-3", "-2", "-1", "prompt"], "trigger_positions": ["-3", "-2"],
+          "effect": eff, "target_score": 0.2, "source_score": 0.8}
+    loc = patch_localisation(pt)
+    assert loc["best"] == {"layer": 0, "position": "-3", "effect": 0.9}  # "prompt" (trivially 1) left out
+    assert loc["by_trigger_tokens"] == [0.9, 0.6, 0.1] and loc["by_last_token"] == [0.0, 0.4, 0.95]
+    assert loc["trigger_tokens_until"] == 1 and loc["last_token_from"] == 2 and not loc["null"]
+    assert patch_localisation({**pt, "source_score": 0.22})["null"]  # the trigger does nothing: a null
