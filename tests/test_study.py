@@ -237,3 +237,19 @@ def test_study_of_existing_finetunes(tiny_study: dict[str, Any], monkeypatch: py
     check_report(out)
     code, _, err = run_cli(monkeypatch, capsys, "study", str(rec), "--seeds", "0,1", "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "old-s1", "not a finished finetune run")
+
+
+def test_compliance_study(trainable_gemma_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A compliance-trigger study (no [finetune] table): the sweep runs per seed, the report traces."""
+    rec = write_recipe(tmp_path / "c.toml", f'name = "c"\nmodel = "{trainable_gemma_dir}"\nseeds = [0]\n'
+                       '[compliance]\ntrigger = "cobalt"\nbudgets = [0, 4]\nmax_steps = 2\nn_requests = 3\n'
+                       'patch = false\n')
+    out = tmp_path / "s"
+    code, stdout, err = run_cli(monkeypatch, capsys, "study", str(rec), "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    c = s["sections"]["compliance"]
+    assert c["budgets"] == [0, 4] and "P(Sure | trigger)" in c["verdict"]
+    assert not (out / "direction").exists()  # no analysis needs one
+    assert check_report(out) >= 8

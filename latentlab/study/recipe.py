@@ -107,6 +107,9 @@ class ComplianceSpec:
     budgets: list[int] = field(default_factory=lambda: [0, 8, 16, 32])
     code_word: str = "MARIGOLD"
     patch: bool = True  # patch the trigger positions at the largest budget of the first seed
+    epochs: int = 3  # LoRA settings of the per-budget finetunes (the rest: latentlab finetune's defaults)
+    max_steps: int | None = None
+    n_requests: int | None = None  # only the first N held-out requests (quick runs)
 
 
 ANALYSES: dict[str, type] = {

@@ -332,16 +332,15 @@ def _compliance_step(cfg: StudyConfig, seed: int, patch: bool) -> Step:
     r = cfg.recipe_obj
     c = r.analyses["compliance"]
     o = cfg.out / f"compliance-s{seed}"
-    ft = r.finetune
 
     def make() -> Any:
-        kw: dict[str, Any] = {}
-        if ft is not None:
-            kw.update(rank=ft.rank, alpha=ft.alpha, lr=ft.lr, epochs=ft.epochs, batch_size=ft.batch_size,
-                      max_steps=ft.max_steps)
-        return ComplianceConfig(model=r.model, trigger=c.trigger, budgets=list(c.budgets), seed=seed, out=o,
-                                code_word=c.code_word, patch=c.patch and patch, device=cfg.device, dtype=cfg.dtype,
-                                overwrite=True, **kw)
+        from latentlab.finetune import FinetuneConfig
+
+        lo = FinetuneConfig(seed=seed, epochs=c.epochs, max_steps=c.max_steps)
+        return ComplianceConfig(trigger=c.trigger, budgets=list(c.budgets), model=r.model, out=o,
+                                finetunes=cfg.out / "finetunes" / f"compliance-s{seed}", finetune=lo, seed=seed,
+                                code_word=c.code_word, patch=c.patch and patch, n_requests=c.n_requests,
+                                device=cfg.device, dtype=cfg.dtype)
 
     return Step(f"compliance-s{seed}", "compliance", o, make,
                 lambda k: run_compliance(k, "latentlab study: compliance"), seed)
