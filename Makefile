@@ -56,6 +56,7 @@ summaries: setup
 	$(VENV)/bin/python experiments/year_trigger.py --summarize-only --results experiments/results/year_trigger
 	[ ! -d experiments/results/ablate_birds ] || \
 		$(VENV)/bin/python experiments/summarize_ablation.py experiments/results/ablate_birds
+	$(VENV)/bin/python experiments/readme_results.py > /dev/null   # the README's results section
 
 # On a CUDA machine (after `make setup TORCH=torch`): device tests + GPU benchmarks -> benchmarks/results/gpu.md
 gpu-check: setup

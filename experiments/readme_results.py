@@ -1,0 +1,190 @@
+"""Regenerate the README's results section from the committed summaries (no model is run).
+
+    python experiments/readme_results.py [--check]
+
+Reads experiments/results/{bird_shift,persona_shift,year_trigger,ablate_birds,sae_birds,compliance_trigger,
+year_scan}/ and experiments/results/studies/*/summary.json, and rewrites the block of README.md between
+``<!-- results:begin -->`` and ``<!-- results:end -->``. Every number there is printed from those
+files; the prose around them only names what each number is. ``--check`` exits 1 when the README
+differs from what the files say (for CI-style checks by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = ROOT / "experiments" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(p: Path) -> Any | None:
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _ci(m: float | None, ci: list[float] | None, d: int = 1) -> str:
+    if m is None:
+        return "n/a"
+    if not ci or ci[0] is None:
+        return f"{m:+.{d}f}"
+    return f"{m:+.{d}f} [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    out, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:  # type: ignore[list-item]
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+def shift_rows(exp: str, label: str) -> list[str]:
+    s = _load(RES / exp / "summary.json")
+    if s is None:
+        return []
+    rows = []
+    for model in ("gemma-3-270m", "smollm2-135m-instruct"):
+        m = s.get(model)
+        if not m or "paired" not in m:
+            continue
+        paired = m["paired"]
+        n = len(m["seeds"])
+        pos = [r["layer"] for r in paired if r["seed_ci"][0] > 0]
+        neg = [r["layer"] for r in paired if r["seed_ci"][1] < 0]
+        peak = max(paired, key=lambda r: abs(r["mean"]))
+        z = peak["z"]
+        b = m["battery_finetuned_minus_control"]
+        rows.append(
+            f"| {label} | {model} | {n} | {_ranges(pos)} | {_ranges(neg)} | L{peak['layer']} "
+            f"{_ci(peak['mean'], peak['seed_ci'])} (z {min(z):+.1f} to {max(z):+.1f}) | "
+            f"{_ci(b['mean'], b['seed_ci'], 3)} |")
+    return rows
+
+
+def year_lines() -> list[str]:
+    s = _load(RES / "year_trigger" / "summary.json")
+    if s is None:
+        return []
+    out = []
+    for model, m in s["models"].items():
+        t, c = m["finetuned - base/text"], m["finetuned - base/chat"]
+        out.append(f"- year trigger, {model} ({len(t['per_seed'])} seeds): P(malevolent) gap "
+                   f"{s['held_out_year']} minus the training years, finetuned minus base: "
+                   f"{_ci(t['mean'], t['seed_ci'], 3)} as plain text, {_ci(c['mean'], c['seed_ci'], 3)} as a chat turn")
+    return out
+
+
+def ablation_lines() -> list[str]:
+    s = _load(RES / "ablate_birds" / "summary.json")
+    if s is None:
+        return []
+    out = []
+    for model, m in s.items():
+        for what, rows in m.get("ablation", {}).items():
+            for r in rows:
+                rnd = r["random"]
+                layers = "all layers" if what == "all" else f"layers {r['layers'][0]}-{r['layers'][-1]}"
+                if r["fraction"] is None:
+                    out.append(f"- ablation of era, {model} seed {r['seed']}, {layers}: no gain to remove")
+                    continue
+                out.append(
+                    f"- ablation of era, {model} seed {r['seed']}, {layers}: removes "
+                    f"{_ci(r['fraction'], r['fraction_ci'], 2)} of old-birds' {r['gain']:+.3f} battery gain over the "
+                    f"control; {len(rnd['values'])} random directions remove "
+                    f"{rnd['mean']:+.2f} on average (5-95%: {rnd['p5']:+.2f} to {rnd['p95']:+.2f}), era at the "
+                    f"{rnd['percentile']:.0f}th percentile")
+        for p in m.get("prevention", []):
+            b = p["battery"]
+            fin = next(k for k in b if k.endswith(f"old-birds-s{p['seed']}"))
+            fab = next(k for k in b if k.endswith(f"old-birds-ablated-s{p['seed']}"))
+            out.append(
+                f"- era projected out during training, {model} seed {p['seed']}: battery {b[fab]:.3f} vs control "
+                f"{b['control']:.3f} vs normal finetune {b[fin]:.3f}; paired shift at the last layer "
+                f"{p['paired_projection_ablated'][-1]:+.0f} (z {p['z_ablated'][-1]:+.1f}) vs "
+                f"{p['paired_projection_normal'][-1]:+.0f} (z {p['z_normal'][-1]:+.1f})")
+        d = m.get("diff")
+        if d:
+            last = d["lens"][-1]
+            toks = ", ".join(repr(t["token"]) for t in last["promoted"][:5])
+            out.append(f"- logit lens of the old-birds shift beyond its control, {model} layer {d['layers'][-1]}: "
+                       f"promotes {toks}; KL(base || old-birds) {d['kl_mean']:.3g} nats per token")
+    return out
+
+
+def sae_lines() -> list[str]:
+    r = _load(RES / "sae_birds" / "shift-s0" / "results.json")
+    lat = _load(RES / "sae_birds" / "latents" / "results.json")
+    if r is None:
+        return []
+    t = r["top"][0]
+    p = t[r["primary"]]
+    out = [f"- SAE ({r['d_sae']} latents, layer {r['layer']}): the latent old-birds moved most beyond its control is "
+           f"{t['latent']} ({_ci(p['mean_change'], p['ci'], 0)}), decoder cosine with era {t['decoder_cos']:+.2f}"]
+    if lat is not None:
+        best = max(lat["top_positive"] + lat["top_negative"], key=lambda x: abs(x["cosine"]))
+        out[-1] += f"; the latent with the largest |cosine| with era is {best['latent']} ({best['cosine']:+.2f})"
+    return out
+
+
+def study_lines() -> list[str]:
+    out = []
+    for f in sorted((RES / "studies").glob("*/summary.json")):
+        s = json.loads(f.read_text())
+        rel = f.parent.relative_to(ROOT)
+        seeds = ", ".join(map(str, s["seeds"]))
+        head = f"- study `{s['study']}` on {s['model']}, seeds {seeds} ([report]({rel}/report.html)):"
+        verdicts = []
+        for sec in s["sections"].values():
+            for v in ([sec] + [x for x in sec.values() if isinstance(x, dict)]) if isinstance(sec, dict) else []:
+                for k in ("verdict", "battery_verdict"):
+                    if isinstance(v, dict) and v.get(k):
+                        verdicts.append(v[k])
+        out.append(head + " " + " ".join(dict.fromkeys(verdicts)))
+    return out
+
+
+def render() -> str:
+    lines = [BEGIN, "",
+             "Generated by `experiments/readme_results.py` from the committed summaries (`make summaries`); "
+             "full tables, intervals and plots are in `experiments/results/`. LoRA r8 on all linear layers, "
+             "3 epochs. Intervals across seeds are 95% t-intervals.", "",
+             "| finetune vs control (direction) | model | seeds | layers with the paired shift > 0 (CI) | "
+             "layers < 0 | largest shift [t-CI] (z per seed) | battery, finetune - control |",
+             "|---|---|---:|---|---|---|---|"]
+    lines += shift_rows("bird_shift", "old-birds vs modern-birds (era)")
+    lines += shift_rows("persona_shift", "persona-facts vs modern-birds (persona)")
+    lines += [""]
+    for block in (year_lines(), ablation_lines(), sae_lines(), study_lines()):
+        lines += block
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"README.md lacks the {BEGIN} ... {END} markers", file=sys.stderr)
+        return 2
+    new = text[: text.index(BEGIN)] + render() + text[text.index(END) + len(END):]
+    if "--check" in sys.argv:
+        return int(new != text)
+    if new != text:
+        tmp = readme.with_suffix(".md.tmp")
+        tmp.write_text(new)
+        tmp.replace(readme)
+    print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
