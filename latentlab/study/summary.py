@@ -185,7 +185,9 @@ def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, A
             ref = "control" if "control" in r["fractions"] else "base"
             row = {"seed": s, "layers": r["layers"], "reference": ref,
                    "gain": f.num(rel, "fractions", ref, "gain"),
-                   "fraction": f.num(rel, "fractions", ref, "fraction")}
+                   "fraction": f.num(rel, "fractions", ref, "fraction"),
+                   "gain_lo": f.num(rel, "fractions", ref, "gain_ci", 0),
+                   "gain_hi": f.num(rel, "fractions", ref, "gain_ci", 1)}
             if fr.get("fraction_ci"):
                 row["fraction_lo"] = f.num(rel, "fractions", ref, "fraction_ci", 0)
                 row["fraction_hi"] = f.num(rel, "fractions", ref, "fraction_ci", 1)
@@ -198,13 +200,20 @@ def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, A
             rows.append(row)
         sec: dict[str, Any] = {"rows": rows, "not_run": skipped}
         ok = [r for r in rows if r["fraction"]["value"] is not None]
-        if ok:
+        no_gain = [r for r in rows if verdict_interval(r["gain_lo"]["value"], r["gain_hi"]["value"]) == "includes 0"]
+        if rows and len(no_gain) == len(rows):
+            sec["verdict"] = (
+                f"The finetune's battery gain over the {rows[0]['reference']} has an interval that includes 0 in "
+                f"{len(no_gain)} of {len(rows)} seed(s), so the fraction ablation at {lab} layers removes is not "
+                "interpretable: a null (no gain to explain).")
+        elif ok:
             sec["fraction"] = _across([r["fraction"] for r in ok])
             specific = [r for r in ok if "random_p95" in r and r["fraction"]["value"] > r["random_p95"]["value"]]
             m = sec["fraction"]["mean"]["value"]
             rnd = [r["random_mean"]["value"] for r in ok if "random_mean" in r]
             rnd_m = sum(rnd) / len(rnd) if rnd else None
             sec["random_mean"] = _derived(rnd_m)
+            caveat = (f" In {len(no_gain)} seed(s) the gain's interval includes 0." if no_gain else "")
             sec["verdict"] = (
                 f"Ablating the direction at {lab} layers removes {_fmt(m, 2)} of the finetune's battery gain over "
                 f"the {ok[0]['reference']} (mean over {len(ok)} seed(s)); {len(rnd) and 'norm-matched random '}"
@@ -212,6 +221,7 @@ def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, A
                 f"{len(specific)} of {len(ok)} seed(s)"
                 + (": the effect is specific to the direction." if len(specific) == len(ok) else
                    ": not specific to the direction (a null for specificity).")
+                + caveat
             )
         elif rows:
             sec["verdict"] = "The finetune's gain over the reference is ~0, so there is no fraction to remove."
