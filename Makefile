@@ -60,6 +60,7 @@ summaries: setup
 		$(VENV)/bin/python experiments/summarize_compliance.py experiments/results/compliance_trigger
 	[ ! -d experiments/results/year_scan ] || \
 		$(VENV)/bin/python experiments/summarize_year_scan.py experiments/results/year_scan
+	[ ! -d experiments/results/studies ] || $(VENV)/bin/python experiments/summarize_studies.py
 	$(VENV)/bin/python experiments/readme_results.py > /dev/null   # the README's results section
 
 # On a CUDA machine (after `make setup TORCH=torch`): device tests + GPU benchmarks -> benchmarks/results/gpu.md

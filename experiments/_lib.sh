@@ -16,3 +16,19 @@ keep() {
   done
   return 0
 }
+
+# keep_study SRC DST: copy a study folder's light files (no adapters, checkpoints or activations)
+# into DST, keeping its layout, so report.html's data-src links resolve in the copy.
+keep_study() {
+  mkdir -p "$2"
+  (cd "$1" && find . -path ./finetunes -prune -o -type f \( -name '*.json' -o -name '*.png' \
+      -o -name 'direction*.safetensors' -o -path ./report.html \) -print) | while read -r f; do
+    mkdir -p "$2/$(dirname "$f")" && cp "$1/$f" "$2/$f"
+  done
+  # the finetunes' own manifests and results (provenance), without their weights
+  if [ -d "$1/finetunes" ]; then
+    (cd "$1" && find finetunes -maxdepth 3 -type f \( -name manifest.json -o -name results.json -o -name 'loss.png' \) -print) |
+      while read -r f; do mkdir -p "$2/$(dirname "$f")" && cp "$1/$f" "$2/$f"; done
+  fi
+  return 0
+}

@@ -231,6 +231,7 @@ def test_study_of_existing_finetunes(tiny_study: dict[str, Any], monkeypatch: py
     assert "finetune:" not in err and not (out / "finetunes").exists()
     state = json.loads((out / "study.json").read_text())
     assert set(state["external_runs"]) == {"finetuned-s0", "control-s0"}
+    assert (out / "external" / "control-s0" / "manifest.json").is_file()  # provenance travels with the study
     a = json.loads((out / "shift-s0" / "results.json").read_text())["stats"]["finetuned - control"]["projection"]
     b = json.loads((s["out"] / "shift-s0" / "results.json").read_text())["stats"]["finetuned - control"]["projection"]
     assert a == pytest.approx(b, rel=1e-5, abs=1e-4)  # the same finetunes, the same shift

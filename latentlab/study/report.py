@@ -166,8 +166,7 @@ def _provenance_html(prov: dict[str, Any], not_run: list[dict[str, Any]]) -> str
     for r in prov["steps"]:
         fps = ", ".join(f"{k}: {str(v)[:12]}" for k, v in (r.get("fingerprints") or {}).items() if v)
         rows.append([html.escape(r["key"]), html.escape(str(r.get("status"))), html.escape(str(r.get("device"))),
-                     _num(r.get("wall_seconds"), 0, False) if r.get("wall_seconds")
-                     else html.escape(str(r.get("external_wall_seconds") or "")),
+                     _num(r.get("wall_seconds"), 0, False) if r.get("wall_seconds") else "",
                      html.escape(str(r.get("started") or "")), html.escape(fps),
                      f"<code>{html.escape(r.get('manifest') or r.get('reason') or '')}</code>"])
     pk = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)

@@ -401,6 +401,14 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
         "steps": prev.get("steps", {}),
         "external_runs": external_runs(cfg),
     }
+    # External finetunes' manifests and results are copied in, so the study folder alone (and a
+    # copy of its light files) carries their provenance.
+    for key, path in state["external_runs"].items():
+        for name in ("manifest.json", "results.json"):
+            src = Path(path) / name
+            if src.is_file():
+                ensure_writable_dir(cfg.out / "external" / key)
+                write_json(cfg.out / "external" / key / name, read_json(src))
     # Every finished step is checked against the plan before anything runs or loads.
     for st in steps:
         if _finished(st):

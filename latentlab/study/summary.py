@@ -414,12 +414,12 @@ def _provenance(f: _Files, state: dict[str, Any]) -> dict[str, Any]:
                      "started": m.get("started"), "wall_seconds": f.num(rel, "wall_seconds"), "fingerprints": fps,
                      "manifest": rel})
     for key, path in state.get("external_runs", {}).items():
-        mp = Path(path) / "manifest.json"
-        m = json.loads(mp.read_text()) if mp.is_file() else {}
-        rows.append({"key": f"external finetune: {key}", "status": m.get("status"), "command": m.get("command"),
-                     "device": m.get("device"), "started": m.get("started"),
-                     "wall_seconds": None, "external_wall_seconds": m.get("wall_seconds"),
-                     "fingerprints": {}, "manifest": str(mp)})
+        rel = f"external/{key}/manifest.json"  # copied in by the runner
+        m = f.get(rel) or {}
+        rows.append({"key": f"external finetune: {key} ({path})", "status": m.get("status"),
+                     "command": m.get("command"), "device": m.get("device"), "started": m.get("started"),
+                     "wall_seconds": f.num(rel, "wall_seconds") if m else None, "fingerprints": {},
+                     "manifest": rel if m else None})
     return {"steps": rows, "packages": packages, "sessions": state.get("sessions", []),
             "python": next((f.get(r["manifest"]).get("python") for r in rows
                             if r.get("manifest") and f.get(r["manifest"])), None)}
