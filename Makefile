@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 PIP     = $(VENV)/bin/python -m pip
 STAMP   = $(VENV)/.latentlab-installed
 
-.PHONY: setup demo test lint unit integration bench png clean gpu-check summaries
+.PHONY: setup demo test lint unit integration bench png clean gpu-check summaries notebook
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/latentlab models
 	$(VENV)/bin/latentlab steer --direction era --out runs/demo
+
+# JupyterLab on notebooks/ (the `notebook` extra; `make test` executes every notebook and checks its outputs).
+notebook: setup
+	$(VENV)/bin/jupyter lab notebooks/
 
 lint: setup
 	$(VENV)/bin/ruff check latentlab tests benchmarks experiments scripts
