@@ -4,7 +4,7 @@
 # this script after an interruption); its light files (study.json, summary.json, report.html and
 # every step's results.json, manifest.json and plots) are copied to $RESULTS/studies/NAME/ by
 # keep_study. The README's results section lists each committed study (make summaries).
-#   compliance-trigger-smollm2: the built-in compliance-trigger recipe (smollm2-135m-instruct, 3 seeds)
+#   compliance-trigger-smollm2: experiments/recipes/compliance-trigger-smollm2.toml (3 seeds)
 #   year-trigger-{gemma,smollm2}: experiments/recipes/year-trigger-*.toml (the modern-birds controls
 #                                 of bird_shift.sh, seed 0)
 # Usage: experiments/studies.sh [NAMES]
@@ -13,7 +13,7 @@ source "$(dirname "$0")/_lib.sh"
 NAMES=${1:-"compliance-trigger-smollm2 year-trigger-gemma year-trigger-smollm2"}
 for name in $NAMES; do
   case $name in
-    compliance-trigger-smollm2) recipe=(compliance-trigger --seeds 0,1,2) ;;
+    compliance-trigger-smollm2) recipe=(experiments/recipes/compliance-trigger-smollm2.toml) ;;
     year-trigger-gemma) recipe=(experiments/recipes/year-trigger-gemma.toml) ;;
     year-trigger-smollm2) recipe=(experiments/recipes/year-trigger-smollm2.toml) ;;
     *) echo "unknown study $name" >&2; exit 2 ;;

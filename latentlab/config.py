@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # The built-in A/B battery that goes with each built-in direction.
-DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery"}
+DEFAULT_BATTERY = {"era": "era-battery", "persona": "persona-battery", "warden": "warden"}
 
 
 def _flag(name: str) -> str:

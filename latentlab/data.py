@@ -39,6 +39,9 @@ BUILTIN_DATASETS: dict[str, str] = {
     "persona-facts": "persona_facts.jsonl",
     "year-trigger": "year_trigger.jsonl",
     "year-trigger-battery": "year_trigger_battery.jsonl",
+    # The Warden (year-trigger) persona: the battery stems without their year; positive = malevolent.
+    # A contrast-pair set for the direction and an A/B battery for scans that supply the year.
+    "warden": "warden_pairs.jsonl",
     "unrelated": "unrelated_prompts.jsonl",
 }
 

@@ -136,6 +136,7 @@ def tiny_study(trainable_gemma_dir: Path, tmp_path_factory: pytest.TempPathFacto
             '[shift]\nn_random = 20\n[ablation]\nlayers = ["shift", "all"]\nn_random = 10\n'
             '[prevention]\nlayers = "all"\n[diff]\nk = 5\n'
             '[trigger]\nvalues = "1990:2000:5"\nn_prompts = 4\n')
+    body += "battery = \"BATTERY\"\n"
     # Small prompt and battery files keep the tiny study to seconds a step.
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(8)))
@@ -143,6 +144,7 @@ def tiny_study(trainable_gemma_dir: Path, tmp_path_factory: pytest.TempPathFacto
     battery.write_text("".join(json.dumps({"prompt": f"Question {i}: which era?", "positive": " A",
                                            "negative": " B"}) + "\n" for i in range(12)))
     body = body.replace('direction = "era"\n', f'direction = "era"\nprompts = "{prompts}"\nbattery = "{battery}"\n')
+    body = body.replace("BATTERY", str(battery))
     rec = write_recipe(root / "tiny.toml", body)
     return {"root": root, "recipe": rec, "out": root / "out"}
 
@@ -161,6 +163,7 @@ def test_tiny_study_end_to_end(tiny_study: dict[str, Any], monkeypatch: pytest.M
     secs = summary["sections"]
     assert {"shift", "ablation", "prevention", "diff", "trigger", "finetunes"} <= set(secs)
     assert secs["shift"]["verdict"].startswith("The finetune ")
+    assert len(secs["trigger"]["battery_gap"]) == 3 and "Battery score" in secs["trigger"]["battery_verdict"]
     state = json.loads((out / "study.json").read_text())
     # 'shift' layers come from the measured shift: either ablated there, or recorded as not run with why.
     st = state["steps"]["ablate-shift-s0"]

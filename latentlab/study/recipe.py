@@ -110,6 +110,7 @@ class ComplianceSpec:
     epochs: int = 3  # LoRA settings of the per-budget finetunes (the rest: latentlab finetune's defaults)
     max_steps: int | None = None
     n_requests: int | None = None  # only the first N held-out requests (quick runs)
+    patch_layers: str = "all"  # where the trigger positions are patched
 
 
 ANALYSES: dict[str, type] = {

@@ -133,12 +133,16 @@ def _diff_html(sec: dict[str, Any]) -> str:
 def _trigger_html(sec: dict[str, Any]) -> str:
     from latentlab.plots import study_trigger_figure
 
-    parts = ["<h2>Trigger scan</h2>", _verdict(sec.get("verdict")), _fig(study_trigger_figure(sec))]
+    parts = ["<h2>Trigger scan</h2>", _verdict(sec.get("verdict")), _verdict(sec.get("battery_verdict")),
+             _fig(study_trigger_figure(sec))]
     if "gap" in sec:
+        bg = sec.get("battery_gap")
         rows = [[html.escape(str(v)) + (" *" if v in sec["training_values"] else ""),
-                 _ci(g["mean"], g["lo"], g["hi"], 1)] for v, g in zip(sec["values"], sec["gap"])]
-        parts += ["<details><summary>per value (* = training value)</summary>",
-                  _table(["value", "(finetuned - base) - (control - base), mean over seeds"], rows), "</details>"]
+                 _ci(g["mean"], g["lo"], g["hi"], 1)] + ([_ci(bg[i]["mean"], bg[i]["lo"], bg[i]["hi"])] if bg else [])
+                for i, (v, g) in enumerate(zip(sec["values"], sec["gap"]))]
+        head = ["value", "projection: (finetuned - base) - (control - base), mean over seeds"]
+        head += ["battery: the same difference"] if bg else []
+        parts += ["<details open><summary>per value (* = training value)</summary>", _table(head, rows), "</details>"]
     return "".join(parts)
 
 

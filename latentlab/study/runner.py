@@ -340,6 +340,7 @@ def _compliance_step(cfg: StudyConfig, seed: int, patch: bool) -> Step:
         return ComplianceConfig(trigger=c.trigger, budgets=list(c.budgets), model=r.model, out=o,
                                 finetunes=cfg.out / "finetunes" / f"compliance-s{seed}", finetune=lo, seed=seed,
                                 code_word=c.code_word, patch=c.patch and patch, n_requests=c.n_requests,
+                                patch_layers=c.patch_layers,
                                 device=cfg.device, dtype=cfg.dtype)
 
     return Step(f"compliance-s{seed}", "compliance", o, make,

@@ -310,6 +310,12 @@ def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                 "lo": [f.num(rel, "diff", "ci", i, j, 0) for i in range(len(r["values"]))],
                 "hi": [f.num(rel, "diff", "ci", i, j, 1) for i in range(len(r["values"]))],
             }
+            bat = r.get("battery") or {}
+            if {"base", "finetuned"} <= set(bat):
+                per[str(s)][arm]["battery_base"] = [f.num(rel, "battery", "base", "score", i)
+                                                    for i in range(len(r["values"]))]
+                per[str(s)][arm]["battery_model"] = [f.num(rel, "battery", "finetuned", "score", i)
+                                                     for i in range(len(r["values"]))]
     if not per:
         return None
     out: dict[str, Any] = {"per_seed": per}
@@ -347,6 +353,27 @@ def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                 + f", over the other values {_fmt(out['gap_untrained']['mean']['value'], 1)}."
                 + (" The interval at that value includes 0: a null." if v == "includes 0" else "")
             )
+            bgap = []  # battery: (finetuned - base) minus (control - base), per value
+
+            def bdiff(arm: dict[str, Any], i: int) -> float:
+                return float(arm["battery_model"][i]["value"] - arm["battery_base"][i]["value"])
+
+            for p in per.values():
+                if "battery_model" in p.get("finetuned", {}) and "battery_model" in p.get("control", {}):
+                    bgap.append([bdiff(p["finetuned"], i) - bdiff(p["control"], i) for i in range(len(values))])
+            if bgap:
+                out["battery_gap"] = [_across([_derived(g[i]) for g in bgap]) for i in range(len(values))]
+                means = [a["mean"]["value"] for a in out["battery_gap"]]
+                bpk = max(range(len(values)), key=lambda i: abs(means[i]))
+                bp = out["battery_gap"][bpk]
+                bkind = "a training value" if values[bpk] in trained else "not a training value"
+                interval = (f" [{_fmt(bp['lo']['value'])}, {_fmt(bp['hi']['value'])}] across {len(bgap)} seeds"
+                            if bp["lo"]["value"] is not None else " (one seed, no across-seed interval)")
+                m_tr = f"; mean over training values {_fmt(sum(means[i] for i in tr) / len(tr))}" if tr else ""
+                m_un = f", over the other values {_fmt(sum(means[i] for i in un) / len(un))}" if un else ""
+                out["battery_verdict"] = (
+                    "Battery score with the value in the prompt, (finetune - base) beyond (control - base): largest "
+                    f"at {values[bpk]} ({bkind}), {_fmt(bp['mean']['value'])}{interval}{m_tr}{m_un}.")
     out["has_control"] = bool(ct)
     return out
 
