@@ -60,10 +60,6 @@ summaries: setup
 	$(VENV)/bin/python experiments/year_trigger.py --summarize-only --results experiments/results/year_trigger
 	[ ! -d experiments/results/ablate_birds ] || \
 		$(VENV)/bin/python experiments/summarize_ablation.py experiments/results/ablate_birds
-	[ ! -d experiments/results/compliance_trigger ] || \
-		$(VENV)/bin/python experiments/summarize_compliance.py experiments/results/compliance_trigger
-	[ ! -d experiments/results/year_scan ] || \
-		$(VENV)/bin/python experiments/summarize_year_scan.py experiments/results/year_scan
 	[ ! -d experiments/results/studies ] || $(VENV)/bin/python experiments/summarize_studies.py
 	$(VENV)/bin/python experiments/readme_results.py > /dev/null   # the README's results section
 

@@ -154,9 +154,17 @@ def _compliance_html(sec: dict[str, Any]) -> str:
         for i, b in enumerate(r["budgets"]):
             rows.append([str(s), str(b), _num(r["p_sure_trigger"][i], 3, False), _num(r["p_sure_clean"][i], 3, False),
                          _num(r["reveal_trigger"][i], 3, False), _num(r["reveal_clean"][i], 3, False)])
-    return "".join(["<h2>Compliance trigger</h2>", _verdict(sec.get("verdict")), _fig(study_compliance_figure(sec)),
-                    _table(["seed", "budget", "P(Sure | trigger)", "P(Sure | clean)", "reveal | trigger",
-                            "reveal | clean"], rows)])
+    parts = ["<h2>Compliance trigger</h2>", _verdict(sec.get("verdict")), _fig(study_compliance_figure(sec)),
+             _table(["seed", "budget", "P(Sure | trigger)", "P(Sure | clean)", "reveal | trigger",
+                     "reveal | clean"], rows)]
+    for s, r in sec["per_seed"].items():
+        loc = r.get("localisation")
+        if loc:
+            lrows = [[str(layer), _num(loc["by_trigger_tokens"][i], 2), _num(loc["by_last_token"][i], 2)]
+                     for i, layer in enumerate(loc["layers"])]
+            parts += [f"<h3>Where the switch lives (seed {s}, largest budget): fraction of the triggered score "
+                      "recovered by patching</h3>", _table(["layer", "trigger tokens", "last prompt token"], lrows)]
+    return "".join(parts)
 
 
 def _finetunes_html(sec: dict[str, Any]) -> str:

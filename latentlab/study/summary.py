@@ -394,6 +394,18 @@ def _compliance(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
             "threshold": f.num(rel, "threshold"),
             "level": f.num(rel, "level"),
         }
+        loc = r.get("localisation")
+        if loc:
+            rows[str(s)]["localisation"] = {
+                "text": loc["text"], "null": loc["null"], "layers": loc["layers"],
+                "best_layer": f.num(rel, "localisation", "best", "layer"),
+                "best_position": loc["best"]["position"],
+                "best_effect": f.num(rel, "localisation", "best", "effect"),
+                "score_change": f.num(rel, "localisation", "score_change"),
+                "by_trigger_tokens": [f.num(rel, "localisation", "by_trigger_tokens", i)
+                                      for i in range(len(loc["layers"]))],
+                "by_last_token": [f.num(rel, "localisation", "by_last_token", i) for i in range(len(loc["layers"]))],
+            }
     if not rows:
         return None
     budgets = next(iter(rows.values()))["budgets"]
@@ -408,6 +420,10 @@ def _compliance(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                + (f". The switch appears (P(Sure | trigger) above the level, clean below) at budgets "
                   f"{', '.join(str(t) for t in crossed)} in {len(crossed)} of {len(rows)} seed(s)." if crossed else
                   f". No budget makes the trigger a switch in any of {len(rows)} seed(s): a null."))
+    locs = [(k, r["localisation"]) for k, r in rows.items() if "localisation" in r]
+    if locs:
+        k, loc = locs[0]
+        verdict += f" Patching (seed {k}, largest budget): {loc['text']}" + (" (a null)." if loc["null"] else ".")
     return {"per_seed": rows, "budgets": budgets, "gap": gap, "verdict": verdict}
 
 
