@@ -190,8 +190,10 @@ def screen_dataset(
         own = [o.split("\n")[0] for o in own]
     train_ex = [render_chat(c, model.tokenizer) for c in chats]
     own_ex = [Example(p + o, p) for p, o in zip(prompts, own)]
-    a = collect(model, train_ex, "all", "response_mean", batch_size=batch_size, progress=progress)
-    b = collect(model, own_ex, "all", "response_mean", batch_size=batch_size, progress=progress)
+    direction.check(model, direction.layers)  # width and layer range, with the usual one-line error
+    # The direction's own layers (one fitted on some layers screens those), not all of them.
+    a = collect(model, train_ex, direction.layers, "response_mean", batch_size=batch_size, progress=progress)
+    b = collect(model, own_ex, direction.layers, "response_mean", batch_size=batch_size, progress=progress)
     units = direction.units()
     scores = ((a.acts - b.acts) * units).sum(-1)  # [n, layers]
     return {

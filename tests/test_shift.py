@@ -273,6 +273,12 @@ def test_screen_dataset(model_name: str, request: pytest.FixtureRequest) -> None
     assert torch.allclose(per.mean(0), torch.tensor(res["mean"]), atol=1e-4)
     with pytest.raises(LatentlabError, match="no training examples"):
         screen_dataset(model, [], d, progress=False)
+    # A direction fitted on some layers screens exactly those (it used to fail on a shape mismatch).
+    part = [0, model.n_layers - 1]
+    dp = Direction(d.vectors[part], part, torch.ones(2), "rand")
+    rp = screen_dataset(model, data, dp, max_new_tokens=4, progress=False)
+    assert rp["layers"] == part and torch.tensor(rp["per_example"]).shape == (4, 2)
+    assert rp["mean"] == pytest.approx([res["mean"][0], res["mean"][-1]], rel=1e-4, abs=1e-4)
 
 
 def test_screen_scores_a_marker_response_above_the_model_own(tiny_gemma: Any) -> None:
