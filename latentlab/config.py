@@ -49,7 +49,7 @@ def _int_at_least(name: str, value: Any, minimum: int, flag: str | None) -> int:
     flag = flag or _flag(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise LatentlabError(
-            f"{flag} must be an integer >= {minimum}, got {value!r}", f"pass {flag} {max(minimum, 1)} or more"
+            f"{flag} must be an integer >= {minimum}, got {value!r}", f"pass {flag} {minimum} or more"
         )
     return value
 
