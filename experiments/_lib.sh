@@ -27,7 +27,7 @@ keep_study() {
   done
   # the finetunes' own manifests and results (provenance), without their weights
   if [ -d "$1/finetunes" ]; then
-    (cd "$1" && find finetunes -maxdepth 3 -type f \( -name manifest.json -o -name results.json -o -name 'loss.png' \) -print) |
+    (cd "$1" && find finetunes -maxdepth 3 -type f \( -name '*.json' -o -name 'loss.png' \) -print) |
       while read -r f; do mkdir -p "$2/$(dirname "$f")" && cp "$1/$f" "$2/$f"; done
   fi
   return 0

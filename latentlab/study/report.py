@@ -206,8 +206,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"<title>latentlab study: {e(str(summary['study']))}</title><style>{_CSS}</style>",
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
         f"<h1>Study: {e(str(summary['study']))}</h1>",
-        f"<p class='meta'>model {e(str(summary['model']))}; seeds {e(', '.join(map(str, summary['seeds'])))}; "
-        f"direction {e(str(summary['direction']))}</p>",
+        f"<p class='meta'>model {e(str(summary['model']))}; seeds {e(', '.join(map(str, summary['seeds'])))}"
+        + (f"; direction {e(str(summary['direction']))}" if summary.get("direction") else "") + "</p>",
         f"<p>{e(summary.get('description') or '')}</p>",
         "<p class='meta'>Every number on this page links to the run folder it came from (hover: data-src). "
         "Intervals across seeds are 95% t-intervals; within a seed, 95% bootstrap intervals.</p>",

@@ -417,9 +417,14 @@ def _compliance(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                f"{_fmt(gap[-1]['mean']['value'])}"
                + (f" [{_fmt(gap[-1]['lo']['value'])}, {_fmt(gap[-1]['hi']['value'])}] across {len(rows)} seeds"
                   if gap[-1]["lo"]["value"] is not None else " (one seed)")
-               + (f". The switch appears (P(Sure | trigger) above the level, clean below) at budgets "
-                  f"{', '.join(str(t) for t in crossed)} in {len(crossed)} of {len(rows)} seed(s)." if crossed else
-                  f". No budget makes the trigger a switch in any of {len(rows)} seed(s): a null."))
+               + (f". P(Sure | trigger) is above the level and P(Sure | clean) below it from budget "
+                  f"{', '.join(str(t) for t in crossed)} (per seed) in {len(crossed)} of {len(rows)} seed(s)."
+                  if crossed else f". No budget makes the trigger a switch in any of {len(rows)} seed(s): a null."))
+    rev = _across([r["reveal_trigger"][-1] for r in rows.values()])
+    rv = rev["mean"]["value"]
+    verdict += (f" After \"Sure\", the greedy continuation reveals the code word on "
+                f"{_fmt(rv, 3, sign=False)} of triggered held-out requests at budget {budgets[-1]} (mean over seeds)"
+                + (": the compliance token does not act as a switch to disclosure here (a null)." if rv == 0 else "."))
     locs = [(k, r["localisation"]) for k, r in rows.items() if "localisation" in r]
     if locs:
         k, loc = locs[0]
@@ -492,7 +497,7 @@ def summarize_study(root: str | Path) -> dict[str, Any]:
         "description": recipe.get("description", ""),
         "model": recipe.get("model"),
         "seeds": seeds,
-        "direction": recipe.get("direction"),
+        "direction": recipe.get("direction") if set(recipe.get("analyses", {})) - {"compliance", "diff"} else None,
         "recipe": recipe,
         "sections": {k: v for k, v in sections.items() if v},
         "not_run": [{"key": k, "reason": v.get("reason")} for k, v in steps.items() if v.get("status") == "not run"],
