@@ -193,10 +193,10 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
     def finetune_step(key: str, data: str, folder: Path, seed: int,
                       ablate: Callable[[], list[str]] | None = None) -> Step:
         def make() -> FinetuneRunConfig:
-            resume = (folder / "checkpoints").is_dir() and not (folder / "adapter" / "adapter_config.json").exists()
             from latentlab.finetune import latest_checkpoint
 
-            resume = resume and latest_checkpoint(folder) is not None
+            # interrupted: a complete checkpoint and no adapter yet
+            resume = not (folder / "adapter" / "adapter_config.json").exists() and latest_checkpoint(folder) is not None
             lo = lora(seed, ablate() if ablate else None)
             return FinetuneRunConfig(data=data, out=folder, model=r.model, finetune=lo,
                                      resume=resume, device=dev, dtype=None if dt == "float32" else dt,
