@@ -188,6 +188,14 @@ def test_study_refuses_stale_or_other_recipe(tiny_study: dict[str, Any], monkeyp
     other = write_recipe(tmp_path / "other.toml", s["recipe"].read_text().replace("n_random = 20", "n_random = 30"))
     code, _, err = run_cli(monkeypatch, capsys, "study", str(other), "--out", str(s["out"]))
     assert_one_line_error(code, err, "another recipe")
+    # Adding a seed keeps the finished seed's steps (only the new seed's steps are planned to run) ...
+    from latentlab.study import StudyConfig
+
+    StudyConfig(recipe=str(s["recipe"]), out=str(s["out"]), seeds="0,1", device="cpu")
+    # ... but a study can't silently drop its seeds.
+    fewer = write_recipe(tmp_path / "fewer.toml", s["recipe"].read_text().replace("seeds = [0]", "seeds = [1]"))
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(fewer), "--out", str(s["out"]))
+    assert_one_line_error(code, err, "differs in seeds")
     # A finished step whose recorded settings differ from the plan is refused, not silently reused.
     copy = tmp_path / "copy"
     shutil.copytree(s["out"], copy)

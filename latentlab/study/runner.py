@@ -61,10 +61,13 @@ class StudyConfig:
             old = json.loads(state.read_text()).get("recipe", {})
             new = _norm(self._recipe.to_dict())
             diff = sorted(k for k in set(old) | set(new) if k != "source" and old.get(k) != new.get(k))
+            # Adding seeds to a study keeps every finished step valid: only the new seeds' steps run.
+            if diff == ["seeds"] and set(old.get("seeds", [])) <= set(new["seeds"]):
+                diff = []
             if diff:
                 raise LatentlabError(
                     f"--out {self.out} holds a study of another recipe (differs in {', '.join(diff)})",
-                    "choose a new --out, or rerun with the recipe, model and seeds it was started with",
+                    "choose a new --out, or rerun with the recipe it was started with (seeds may only be added)",
                 )
         elif self.report_only:
             raise LatentlabError(f"--report-only: {self.out} holds no study ({STATE} missing)",
