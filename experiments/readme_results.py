@@ -83,41 +83,51 @@ def year_lines() -> list[str]:
     return out
 
 
+def _seeds_ci(x: dict[str, Any], d: int, one: list[float] | None = None, sign: str = "+") -> str:
+    """An across-seed mean with its t-interval, or one seed's value (marked so: no replication
+    interval; ``one`` is that seed's bootstrap interval over items, where there is one)."""
+    if x["ci"]:
+        lo, hi = x["ci"]
+        return f"{x['mean']:{sign}.{d}f} [{lo:{sign}.{d}f}, {hi:{sign}.{d}f}]"
+    b = f" [{one[0]:{sign}.{d}f}, {one[1]:{sign}.{d}f}]" if one else ""
+    return f"{x['mean']:{sign}.{d}f}{b} (one seed)"
+
+
 def ablation_lines() -> list[str]:
     s = _load(RES / "ablate_birds" / "summary.json")
     if s is None:
         return []
-    out = []
+    out = ["", "Does the era direction carry the old-birds behaviour? (`experiments/ablate_birds.sh`) The fraction of "
+           "old-birds' battery gain over its control that projecting era out of the residual stream removes, "
+           "against 10 norm-matched random directions per seed (their mean per seed, averaged over seeds):", "",
+           "| model | ablated at | seeds | gain, old - control | era removes | random directions remove | "
+           "seeds with era above the random 95th pct |", "|---|---|---:|---|---|---|---:|"]
+    prev = ["", "Era projected out of the shift layers during training only (battery P(era); paired shift along "
+            "era at the last layer, finetune - control):", "",
+            "| model | seeds | battery: normal finetune | era ablated in training | control | "
+            "shift: normal | shift: ablated in training |", "|---|---|---:|---|---|---|---|"]
+    lens = []
     for model, m in s.items():
-        for what, rows in m.get("ablation", {}).items():
-            for r in rows:
-                rnd = r["random"]
-                layers = "all layers" if what == "all" else f"layers {r['layers'][0]}-{r['layers'][-1]}"
-                if r["fraction"] is None:
-                    out.append(f"- ablation of era, {model} seed {r['seed']}, {layers}: no gain to remove")
-                    continue
-                out.append(
-                    f"- ablation of era, {model} seed {r['seed']}, {layers}: removes "
-                    f"{_ci(r['fraction'], r['fraction_ci'], 2)} of old-birds' {r['gain']:+.3f} battery gain over the "
-                    f"control; {len(rnd['values'])} random directions remove "
-                    f"{rnd['mean']:+.2f} on average (5-95%: {rnd['p5']:+.2f} to {rnd['p95']:+.2f}), era at the "
-                    f"{rnd['percentile']:.0f}th percentile")
-        for p in m.get("prevention", []):
-            b = p["battery"]
-            fin = next(k for k in b if k.endswith(f"old-birds-s{p['seed']}"))
-            fab = next(k for k in b if k.endswith(f"old-birds-ablated-s{p['seed']}"))
-            out.append(
-                f"- era projected out during training, {model} seed {p['seed']}: battery {b[fab]:.3f} vs control "
-                f"{b['control']:.3f} vs normal finetune {b[fin]:.3f}; paired shift at the last layer "
-                f"{p['paired_projection_ablated'][-1]:+.0f} (z {p['z_ablated'][-1]:+.1f}) vs "
-                f"{p['paired_projection_normal'][-1]:+.0f} (z {p['z_normal'][-1]:+.1f})")
+        for what, a in m.get("across_seeds", {}).items():
+            rows = m["ablation"][what]
+            layers = "all layers" if what == "all" else f"layers {rows[0]['layers'][0]}-{rows[0]['layers'][-1]}"
+            out.append(f"| {model} | {layers} | {a['n']} | "
+                       f"{_seeds_ci(a['gain'], 3, rows[0]['gain_ci'] if a['n'] == 1 else None)} | "
+                       f"{_seeds_ci(a['fraction'], 2, rows[0]['fraction_ci'] if a['n'] == 1 else None)} | "
+                       f"{_seeds_ci(a['random_mean'], 2)} | {a['above_random_p95']} of {a['n']} |")
+        p = m.get("prevention_across_seeds")
+        if p:
+            prev.append(f"| {model} | {p['n']} | {_seeds_ci(p['battery_normal'], 3, sign='')} | "
+                        f"{_seeds_ci(p['battery_ablated'], 3, sign='')} | "
+                        f"{_seeds_ci(p['battery_control'], 3, sign='')} | "
+                        f"{_seeds_ci(p['paired_last_normal'], 0)} | {_seeds_ci(p['paired_last_ablated'], 0)} |")
         d = m.get("diff")
         if d:
             last = d["lens"][-1]
             toks = ", ".join(repr(t["token"]) for t in last["promoted"][:5])
-            out.append(f"- logit lens of the old-birds shift beyond its control, {model} layer {d['layers'][-1]}: "
-                       f"promotes {toks}; KL(base || old-birds) {d['kl_mean']:.3g} nats per token")
-    return out
+            lens.append(f"- logit lens of the old-birds shift beyond its control, {model} layer {d['layers'][-1]} "
+                        f"(seed 0): promotes {toks}; KL(base || old-birds) {d['kl_mean']:.3g} nats per token")
+    return out + prev + ["", *lens]
 
 
 def sae_lines() -> list[str]:

@@ -33,6 +33,24 @@ def _fmt(x: float | None, ci: list[float] | None = None, d: int = 2) -> str:
     return f"{x:+.{d}f}" + (f" [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]" if ci else "")
 
 
+def _mean_ci(vals: list[float]) -> dict[str, Any]:
+    m, lo, hi = seed_interval(vals)
+    return {"mean": m, "ci": None if len(vals) < 2 else [lo, hi], "per_seed": vals}
+
+
+def _across(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds: the fraction era removes, the random directions' mean fraction (one mean per
+    seed, so seeds stay the replication unit) and how many seeds put era above the random 95th pct."""
+    return {
+        "n": len(rows), "seeds": [r["seed"] for r in rows],
+        "gain": _mean_ci([r["gain"] for r in rows]),
+        "fraction": _mean_ci([r["fraction"] for r in rows]),
+        "random_mean": _mean_ci([r["random"]["mean"] for r in rows]),
+        "above_random_p95": sum(r["fraction"] > r["random"]["p95"] for r in rows),
+        "percentiles": [r["random"]["percentile"] for r in rows],
+    }
+
+
 def summarize(root: Path) -> tuple[dict[str, Any], str]:
     out: dict[str, Any] = {}
     md = ["# Does the era direction carry the old-birds behaviour? (experiments/ablate_birds.sh)", ""]
@@ -62,10 +80,16 @@ def summarize(root: Path) -> tuple[dict[str, Any], str]:
                 md.append(f"| {label} | {s} | {_fmt(f['gain'], f['gain_ci'], 3)} | "
                           f"{_fmt(f['fraction'], f['fraction_ci'])} | {rnd_s} | {z} | {pct} |")
                 res["ablation"].setdefault(what, []).append({"seed": s, "layers": layers, **f})
-            ok = [x for x in fracs if x is not None]
-            if len(ok) >= 2:
-                m, lo, hi = seed_interval(ok)
-                md.append(f"| {what} | mean | | {m:+.2f} [{lo:+.2f}, {hi:+.2f}] (t across {len(ok)} seeds) | | | |")
+            rows = [r for r in res["ablation"].get(what, []) if r["fraction"] is not None]
+            if rows:
+                agg = _across(rows)
+                res.setdefault("across_seeds", {})[what] = agg
+                if agg["n"] >= 2:
+                    f_, r_ = agg["fraction"], agg["random_mean"]
+                    md.append(f"| {what} | mean | {_fmt(agg['gain']['mean'], agg['gain']['ci'], 3)} | "
+                              f"{_fmt(f_['mean'], f_['ci'])} (t across {agg['n']} seeds) | "
+                              f"{_fmt(r_['mean'], r_['ci'])} | | era > random p95 in "
+                              f"{agg['above_random_p95']}/{agg['n']} |")
         md += ["", "### Prevention: era projected out of the shift layers during training only", "",
                "| seed | battery: base | old-birds | old-birds, era ablated in training | modern-birds |"
                " paired shift along era at the last layer (finetune - control): normal | ablated-in-training |",
@@ -91,6 +115,18 @@ def summarize(root: Path) -> tuple[dict[str, Any], str]:
                 "paired_ci_normal": sn["projection_ci"], "paired_ci_ablated": sa["projection_ci"],
                 "z_normal": sn["z"], "z_ablated": sa["z"],
             })
+        prev = res["prevention"]
+        if prev:
+            def score(p: dict[str, Any], suffix: str) -> float:
+                return next(v for k, v in p["battery"].items() if k.endswith(suffix.format(s=p["seed"])))
+            res["prevention_across_seeds"] = {
+                "n": len(prev), "seeds": [p["seed"] for p in prev],
+                "battery_normal": _mean_ci([score(p, "old-birds-s{s}") for p in prev]),
+                "battery_ablated": _mean_ci([score(p, "old-birds-ablated-s{s}") for p in prev]),
+                "battery_control": _mean_ci([p["battery"]["control"] for p in prev]),
+                "paired_last_normal": _mean_ci([p["paired_projection_normal"][-1] for p in prev]),
+                "paired_last_ablated": _mean_ci([p["paired_projection_ablated"][-1] for p in prev]),
+            }
         d = _load(mdir / "diff-s0")
         if d is not None:
             lens = d["logit_lens"].get("finetuned - control") or d["logit_lens"]["finetuned - base"]
