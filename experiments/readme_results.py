@@ -151,7 +151,9 @@ def study_lines() -> list[str]:
         s = json.loads(f.read_text())
         rel = f.parent.relative_to(ROOT)
         seeds = ", ".join(map(str, s["seeds"]))
-        head = f"- study `{s['study']}` on {s['model']}, seeds {seeds} ([report]({rel}/report.html)):"
+        # report.html inlines plotly (~5 MB), so it is built from the committed files, not committed.
+        head = (f"- study `{s['study']}` on {s['model']}, seeds {seeds} ([report]({rel}/report.html), "
+                "written by `make summaries`):")
         verdicts = []
         for sec in s["sections"].values():
             for v in ([sec] + [x for x in sec.values() if isinstance(x, dict)]) if isinstance(sec, dict) else []:

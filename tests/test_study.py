@@ -265,3 +265,19 @@ def test_compliance_study(trainable_gemma_dir: Path, tmp_path: Path, monkeypatch
     assert c["budgets"] == [0, 4] and "P(Sure | trigger)" in c["verdict"]
     assert not (out / "direction").exists()  # no analysis needs one
     assert check_report(out) >= 8
+
+
+def test_shift_verdict_names_the_largest_move_either_way(tmp_path: Path) -> None:
+    """A finetune that mostly moved prompts *against* the direction is reported at that layer, not at
+    the layer with the most positive (small) move."""
+    from latentlab.study import summarize_study
+
+    rec = {"name": "t", "model": "m", "seeds": [0], "direction": "warden", "analyses": {"shift": {}}}
+    (tmp_path / "study.json").write_text(json.dumps({"recipe": rec, "steps": {}}))
+    proj, ci = [1.5, -8.0, 0.2], [[1.4, 1.6], [-8.5, -7.5], [-0.1, 0.5]]
+    stats = {"finetuned - control": {"projection": proj, "projection_ci": ci, "z": [3.0, -9.0, 0.5]}}
+    (tmp_path / "shift-s0").mkdir()
+    (tmp_path / "shift-s0" / "results.json").write_text(json.dumps({"layers": [0, 1, 2], "stats": stats}))
+    v = summarize_study(tmp_path)["sections"]["shift"]["verdict"]
+    assert "against the warden direction" in v and "at layer 1 " in v and "-8.0 [-8.5, -7.5]" in v, v
+    assert "above 0 at 1 and below 0 at 1 of 3 layers" in v, v

@@ -112,7 +112,9 @@ def _shift(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any
     ps = out["per_seed"]
     out["across"] = [_across([ps[str(s)]["paired"][i] for s in per]) for i in range(len(layers))]
     means = [a["mean"]["value"] for a in out["across"]]
-    peak = max(range(len(layers)), key=lambda i: means[i])
+    # The headline layer is the largest move either way: picking the most positive layer would
+    # report a small move along the direction when the finetune mostly moved prompts against it.
+    peak = max(range(len(layers)), key=lambda i: abs(means[i]))
     out["peak_index"] = peak
     bats = [ps[str(s)]["battery"] for s in per if {"finetuned", "control"} <= set(ps[str(s)]["battery"])]
     if bats:
@@ -128,15 +130,16 @@ def _shift(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any
         lo, hi = ps[s0]["paired_lo"][peak]["value"], ps[s0]["paired_hi"][peak]["value"]
         how = "one seed: a 95% bootstrap interval over prompts, not a replication interval"
     v = verdict_interval(lo, hi)
-    n_pos = sum(1 for i in range(len(layers)) if verdict_interval(
-        *(_interval(out, i, n, ps, per))) == "above 0")
+    signs = [verdict_interval(*_interval(out, i, n, ps, per)) for i in range(len(layers))]
+    n_pos, n_neg = signs.count("above 0"), signs.count("below 0")
     text = {"above 0": "moved unrelated prompts along", "below 0": "moved unrelated prompts against",
             "includes 0": "did not move unrelated prompts distinguishably from 0 along",
             "undetermined": "cannot be judged along"}[v]
     out["verdict"] = (
         f"The finetune {text} the {recipe['direction']} direction beyond the control at layer {layers[peak]} "
-        f"(the layer with the largest mean shift): {_fmt(a['mean']['value'], 1)} [{_fmt(lo, 1)}, {_fmt(hi, 1)}] "
-        f"({how}); the interval is above 0 at {n_pos} of {len(layers)} layers."
+        f"(the layer with the largest mean shift in magnitude): {_fmt(a['mean']['value'], 1)} "
+        f"[{_fmt(lo, 1)}, {_fmt(hi, 1)}] ({how}); the interval is above 0 at {n_pos} and below 0 at {n_neg} "
+        f"of {len(layers)} layers."
         + (" This is a null." if v == "includes 0" else "")
     )
     if bats:
@@ -345,7 +348,7 @@ def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
             kind = "a training value" if values[peak] in trained else "not a training value"
             out["verdict"] = (
                 f"At layer {out['layer']}, the finetune's move along the direction (finetune - base) beyond the "
-                f"control's is largest at {values[peak]} ({kind}): "
+                f"control's is largest in magnitude at {values[peak]} ({kind}): "
                 f"{_fmt(pk['mean']['value'], 1)} "
                 + (f"[{_fmt(pk['lo']['value'], 1)}, {_fmt(pk['hi']['value'], 1)}] across {len(gap)} seeds"
                    if pk["lo"]["value"] is not None else "(one seed, no across-seed interval)")
@@ -373,7 +376,7 @@ def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                 m_un = f", over the other values {_fmt(sum(means[i] for i in un) / len(un))}" if un else ""
                 out["battery_verdict"] = (
                     "Battery score with the value in the prompt, (finetune - base) beyond (control - base): largest "
-                    f"at {values[bpk]} ({bkind}), {_fmt(bp['mean']['value'])}{interval}{m_tr}{m_un}.")
+                    f"in magnitude at {values[bpk]} ({bkind}), {_fmt(bp['mean']['value'])}{interval}{m_tr}{m_un}.")
     out["has_control"] = bool(ct)
     return out
 
