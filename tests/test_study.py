@@ -58,6 +58,8 @@ def test_parse_seeds() -> None:
     ('name = "x"\n[compliance]\nbudgets = [8, 8]\n', "distinct"),
     ('name = "x"\n[finetune]\ndata = "old-birds"\ncontrol = "modern-birds"\n[trigger]\ntemplate = "{prompt}"\n',
      "{value}"),
+    ('name = "x"\n[finetune]\ndata = "old-birds"\ncontrol = "modern-birds"\n[trigger]\nvalues = "2020:2030:5"\n'
+     'held_out = [2029]\n', "not one of the scanned values"),
     ('name = "x"\nseeds = [0\n', "TOML"),
 ])
 def test_bad_recipes_are_one_line_before_a_model_loads(body: str, needle: str, tmp_path: Path,
@@ -135,7 +137,7 @@ def tiny_study(trainable_gemma_dir: Path, tmp_path_factory: pytest.TempPathFacto
             f'batch_size = 4\nmax_steps = 2\n'
             '[shift]\nn_random = 20\n[ablation]\nlayers = ["shift", "all"]\nn_random = 10\n'
             '[prevention]\nlayers = "all"\n[diff]\nk = 5\n'
-            '[trigger]\nvalues = "1990:2000:5"\nn_prompts = 4\n')
+            '[trigger]\nvalues = "1990:2000:5"\nn_prompts = 4\nheld_out = [1995]\n')
     body += "battery = \"BATTERY\"\n"
     # Small prompt and battery files keep the tiny study to seconds a step.
     prompts = root / "prompts.jsonl"
@@ -164,6 +166,8 @@ def test_tiny_study_end_to_end(tiny_study: dict[str, Any], monkeypatch: pytest.M
     assert {"shift", "ablation", "prevention", "diff", "trigger", "finetunes"} <= set(secs)
     assert secs["shift"]["verdict"].startswith("The finetune ")
     assert len(secs["trigger"]["battery_gap"]) == 3 and "Battery score" in secs["trigger"]["battery_verdict"]
+    (held,) = secs["trigger"]["held_out"]  # the held-out value is reported beside the training values
+    assert held["verdict"].startswith("Held-out value 1995") and held["projection"]["n_values"] == 3
     state = json.loads((out / "study.json").read_text())
     # 'shift' layers come from the measured shift: either ablated there, or recorded as not run with why.
     st = state["steps"]["ablate-shift-s0"]

@@ -99,6 +99,9 @@ class TriggerSpec:
     layer: int | None = None
     n_prompts: int | None = 48
     battery: str | None = None
+    # Values never seen in training whose effect is the question (2029 for the year trigger): the
+    # summary reports each one's move beside the training values'. Summary only; no step reads it.
+    held_out: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -253,8 +256,15 @@ class Recipe:
             from latentlab.triggers import check_template, parse_values
 
             t = self.analyses["trigger"]
-            parse_values(t.values)
+            values = parse_values(t.values)
             check_template(t.template)
+            if not isinstance(t.held_out, list):
+                t.held_out = [t.held_out]
+            t.held_out = [str(v) for v in t.held_out]
+            for v in t.held_out:
+                if v not in values:
+                    raise LatentlabError(f"[trigger] held_out {v!r} is not one of the scanned values ({t.values})",
+                                         "list values inside trigger.values, e.g. held_out = [2029]")
 
     def check_sources(self, base_dir: Path | None = None) -> None:
         """Datasets exist; a control run folder was trained on this recipe's model."""

@@ -134,7 +134,7 @@ def _trigger_html(sec: dict[str, Any]) -> str:
     from latentlab.plots import study_trigger_figure
 
     parts = ["<h2>Trigger scan</h2>", _verdict(sec.get("verdict")), _verdict(sec.get("battery_verdict")),
-             _fig(study_trigger_figure(sec))]
+             *[_verdict(h.get("verdict")) for h in sec.get("held_out", [])], _fig(study_trigger_figure(sec))]
     if "gap" in sec:
         bg = sec.get("battery_gap")
         rows = [[html.escape(str(v)) + (" *" if v in sec["training_values"] else ""),

@@ -297,7 +297,7 @@ def _diff(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
     return None
 
 
-def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
+def _trigger(f: _Files, seeds: list[int], held_out: list[str]) -> dict[str, Any] | None:
     per: dict[str, Any] = {}
     for s in seeds:
         for arm in ("finetuned", "control"):
@@ -377,7 +377,45 @@ def _trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                 out["battery_verdict"] = (
                     "Battery score with the value in the prompt, (finetune - base) beyond (control - base): largest "
                     f"in magnitude at {values[bpk]} ({bkind}), {_fmt(bp['mean']['value'])}{interval}{m_tr}{m_un}.")
+            if held_out:
+                out["held_out"] = _held_out(held_out, values, tr, gap, bgap, out["layer"])
     out["has_control"] = bool(ct)
+    return out
+
+
+def _held_out(held: list[str], values: list[Any], tr: list[int], gap: list[list[float]],
+              bgap: list[list[float]], layer: int) -> list[dict[str, Any]]:
+    """Each held-out value's move (projection and battery gaps) beside the training values': its rank
+    among all scanned values, and per seed its gap minus the training values' mean, with a t-interval
+    across seeds (the replication test of "is this value special?")."""
+    out = []
+    vals = [str(v) for v in values]
+    for h in held:
+        if h not in vals:
+            continue
+        i = vals.index(h)
+        row: dict[str, Any] = {"value": values[i]}
+        parts = []
+        for key, g, d, what in (("projection", gap, 1, f"the move along the direction at layer {layer}"),
+                                ("battery", bgap, 3, "the battery score")):
+            if not g:
+                continue
+            means = [sum(x[j] for x in g) / len(g) for j in range(len(values))]
+            rank = 1 + sum(m > means[i] for m in means)
+            minus = _across([_derived(x[i] - sum(x[j] for j in tr) / len(tr)) for x in g]) if tr else None
+            row[key] = {"mean": _derived(means[i]), "rank_from_top": rank, "n_values": len(values),
+                        "minus_training": minus}
+            text = f"{what} {_fmt(means[i], d)} (rank {rank} of {len(values)} from the most positive)"
+            if minus is not None:
+                lo, hi = minus["lo"]["value"], minus["hi"]["value"]
+                ci = (f" [{_fmt(lo, d)}, {_fmt(hi, d)}] across {len(g)} seeds" if lo is not None
+                      else " (one seed, no across-seed interval)")
+                null = " (the interval includes 0: a null)" if verdict_interval(lo, hi) == "includes 0" else ""
+                text += f", {_fmt(minus['mean']['value'], d)}{ci} beyond the training values' mean{null}"
+            parts.append(text)
+        row["verdict"] = f"Held-out value {values[i]}, (finetune - base) beyond (control - base): " + "; ".join(
+            parts) + "."
+        out.append(row)
     return out
 
 
@@ -492,7 +530,8 @@ def summarize_study(root: str | Path) -> dict[str, Any]:
         "ablation": _ablation(f, seeds, steps),
         "prevention": _prevention(f, seeds, arm),
         "diff": _diff(f, seeds),
-        "trigger": _trigger(f, seeds),
+        "trigger": _trigger(f, seeds, [str(v) for v in recipe.get("analyses", {}).get("trigger", {})
+                                       .get("held_out", [])]),
         "compliance": _compliance(f, seeds),
     }
     summary = {
