@@ -160,6 +160,8 @@ def study_lines() -> list[str]:
                 for k in ("verdict", "battery_verdict"):
                     if isinstance(v, dict) and v.get(k):
                         verdicts.append(v[k])
+            if isinstance(sec, dict):
+                verdicts += [h["verdict"] for h in sec.get("held_out", [])]
         out.append(head + " " + " ".join(dict.fromkeys(verdicts)))
     return out
 
