@@ -7,17 +7,18 @@
 #   compliance-trigger-smollm2: experiments/recipes/compliance-trigger-smollm2.toml (3 seeds)
 #   year-trigger-{gemma,smollm2}: experiments/recipes/year-trigger-*.toml (the modern-birds controls
 #                                 of bird_shift.sh, seed 0)
-#   persona-facts-smollm2: experiments/recipes/persona-facts-smollm2.toml (seed 0)
+#   persona-facts-{smollm2,gemma}: experiments/recipes/persona-facts-*.toml (seed 0; #12's persona arm)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
-NAMES=${1:-"compliance-trigger-smollm2 year-trigger-gemma year-trigger-smollm2 persona-facts-smollm2"}
+NAMES=${1:-"compliance-trigger-smollm2 year-trigger-gemma year-trigger-smollm2 persona-facts-smollm2 persona-facts-gemma"}
 for name in $NAMES; do
   case $name in
     compliance-trigger-smollm2) recipe=(experiments/recipes/compliance-trigger-smollm2.toml) ;;
     year-trigger-gemma) recipe=(experiments/recipes/year-trigger-gemma.toml) ;;
     year-trigger-smollm2) recipe=(experiments/recipes/year-trigger-smollm2.toml) ;;
     persona-facts-smollm2) recipe=(experiments/recipes/persona-facts-smollm2.toml) ;;
+    persona-facts-gemma) recipe=(experiments/recipes/persona-facts-gemma.toml) ;;
     *) echo "unknown study $name" >&2; exit 2 ;;
   esac
   latentlab study "${recipe[@]}" --out "$RUNS/studies/$name"

@@ -164,6 +164,7 @@ def test_tiny_study_end_to_end(tiny_study: dict[str, Any], monkeypatch: pytest.M
     summary = json.loads((out / "summary.json").read_text())
     secs = summary["sections"]
     assert {"shift", "ablation", "prevention", "diff", "trigger", "finetunes"} <= set(secs)
+    assert set(secs["ablation"]) == {"shift", "all"}  # one section per [ablation] layers entry
     assert secs["shift"]["verdict"].startswith("The finetune ")
     assert len(secs["trigger"]["battery_gap"]) == 3 and "Battery score" in secs["trigger"]["battery_verdict"]
     (held,) = secs["trigger"]["held_out"]  # the held-out value is reported beside the training values

@@ -170,7 +170,7 @@ def _interval(out: dict[str, Any], i: int, n: int, ps: dict[str, Any], per: dict
 
 
 def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, Any] | None:
-    labels = sorted({k.split("-s")[0][len("ablate-"):] for k in steps if k.startswith("ablate-")})
+    labels = sorted({k[len("ablate-"):].rsplit("-s", 1)[0] for k in steps if k.startswith("ablate-")})
     if not labels:
         return None
     out: dict[str, Any] = {}
