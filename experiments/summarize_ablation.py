@@ -64,14 +64,12 @@ def summarize(root: Path) -> tuple[dict[str, Any], str]:
                "| layers | seed | gain (old - modern) | fraction removed [95% CI] | random: mean (5-95%) | z | pct |",
                "|---|---:|---|---|---|---:|---:|"]
         for what in ("shift", "all"):
-            fracs = []
             for s in seeds:
                 r = _load(mdir / f"ablate-{what}-s{s}")
                 if r is None:
                     continue
                 f = r["fractions"]["control"]
                 rnd = f["random"]
-                fracs.append(f["fraction"])
                 layers = r["layers"]
                 label = "all" if what == "all" else f"{layers[0]}-{layers[-1]}"
                 rnd_s = "n/a" if rnd["mean"] is None else f"{rnd['mean']:+.2f} ({rnd['p5']:+.2f}, {rnd['p95']:+.2f})"
@@ -111,18 +109,17 @@ def summarize(root: Path) -> tuple[dict[str, Any], str]:
                       f"(z {sa['z'][-1]:+.1f}) |")
             res["prevention"].append({
                 "seed": s, "battery": {k: v["score"] for k, v in b.items()},
+                "battery_normal": b[fin]["score"], "battery_ablated": b[fab]["score"],
                 "paired_projection_normal": sn["projection"], "paired_projection_ablated": sa["projection"],
                 "paired_ci_normal": sn["projection_ci"], "paired_ci_ablated": sa["projection_ci"],
                 "z_normal": sn["z"], "z_ablated": sa["z"],
             })
         prev = res["prevention"]
         if prev:
-            def score(p: dict[str, Any], suffix: str) -> float:
-                return next(v for k, v in p["battery"].items() if k.endswith(suffix.format(s=p["seed"])))
             res["prevention_across_seeds"] = {
                 "n": len(prev), "seeds": [p["seed"] for p in prev],
-                "battery_normal": _mean_ci([score(p, "old-birds-s{s}") for p in prev]),
-                "battery_ablated": _mean_ci([score(p, "old-birds-ablated-s{s}") for p in prev]),
+                "battery_normal": _mean_ci([p["battery_normal"] for p in prev]),
+                "battery_ablated": _mean_ci([p["battery_ablated"] for p in prev]),
                 "battery_control": _mean_ci([p["battery"]["control"] for p in prev]),
                 "paired_last_normal": _mean_ci([p["paired_projection_normal"][-1] for p in prev]),
                 "paired_last_ablated": _mean_ci([p["paired_projection_ablated"][-1] for p in prev]),

@@ -59,7 +59,7 @@ class StudyConfig:
         state = self.out / STATE
         if state.is_file():
             old = _step_settings(json.loads(state.read_text()).get("recipe", {}))
-            new = _step_settings(_norm(self._recipe.to_dict()))
+            new = _step_settings(self._recipe.to_dict())
             diff = sorted(k for k in set(old) | set(new) if k != "source" and old.get(k) != new.get(k))
             # Adding seeds to a study keeps every finished step valid: only the new seeds' steps run.
             if diff == ["seeds"] and set(old.get("seeds", [])) <= set(new["seeds"]):
@@ -114,7 +114,7 @@ SUMMARY_ONLY = (("trigger", "held_out"),)
 
 def _step_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe without its summary-only settings (what decides whether a finished study matches)."""
-    out = json.loads(json.dumps(recipe))
+    out = _norm(recipe)  # a copy
     for analysis, key in SUMMARY_ONLY:
         out.get("analyses", {}).get(analysis, {}).pop(key, None)
     return out
