@@ -33,7 +33,7 @@ notebook: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 lint: setup
-	$(VENV)/bin/ruff check latentlab tests benchmarks experiments scripts
+	$(VENV)/bin/ruff check latentlab tests benchmarks experiments scripts notebooks
 
 test: setup lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider

@@ -7,7 +7,7 @@
 #   compliance-trigger-smollm2: experiments/recipes/compliance-trigger-smollm2.toml (3 seeds)
 #   year-trigger-{gemma,smollm2}: experiments/recipes/year-trigger-*.toml (the modern-birds controls
 #                                 of bird_shift.sh, seeds 0-2)
-#   persona-facts-{smollm2,gemma}: experiments/recipes/persona-facts-*.toml (smollm2 seeds 0-2, gemma 0-1; #12's persona arm)
+#   persona-facts-{smollm2,gemma}: experiments/recipes/persona-facts-*.toml (seeds 0-2 on both; #12's persona arm)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"

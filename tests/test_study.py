@@ -194,9 +194,21 @@ def test_study_refuses_stale_or_other_recipe(tiny_study: dict[str, Any], monkeyp
     code, _, err = run_cli(monkeypatch, capsys, "study", str(other), "--out", str(s["out"]))
     assert_one_line_error(code, err, "another recipe")
     # Adding a seed keeps the finished seed's steps (only the new seed's steps are planned to run) ...
-    from latentlab.study import StudyConfig
+    from latentlab.study import StudyConfig, plan_steps
 
     StudyConfig(recipe=str(s["recipe"]), out=str(s["out"]), seeds="0,1", device="cpu")
+    # ... so does adding an [ablation] layers entry (its steps are new folders), or rewording the
+    # description ...
+    grown = write_recipe(tmp_path / "grown.toml",
+                         s["recipe"].read_text().replace('layers = ["shift", "all"]', 'layers = ["shift", "all", "0"]')
+                         .replace('name = "tiny"', 'name = "tiny"\ndescription = "Reworded."'))
+    planned = {st.key for st in plan_steps(StudyConfig(recipe=str(grown), out=str(s["out"]), device="cpu"))}
+    assert {"ablate-shift-s0", "ablate-all-s0", "ablate-L0-s0"} <= planned
+    # ... but dropping one is refused, as is any other change to the analyses.
+    shrunk = write_recipe(tmp_path / "shrunk.toml",
+                          s["recipe"].read_text().replace('layers = ["shift", "all"]', 'layers = ["all"]'))
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(shrunk), "--out", str(s["out"]))
+    assert_one_line_error(code, err, "differs in analyses")
     # ... but a study can't silently drop its seeds.
     fewer = write_recipe(tmp_path / "fewer.toml", s["recipe"].read_text().replace("seeds = [0]", "seeds = [1]"))
     code, _, err = run_cli(monkeypatch, capsys, "study", str(fewer), "--out", str(s["out"]))

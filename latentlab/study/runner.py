@@ -58,16 +58,14 @@ class StudyConfig:
                                  "choose another --out for the study")
         state = self.out / STATE
         if state.is_file():
-            old = _step_settings(json.loads(state.read_text()).get("recipe", {}))
             new = _step_settings(self._recipe.to_dict())
-            diff = sorted(k for k in set(old) | set(new) if k != "source" and old.get(k) != new.get(k))
-            # Adding seeds to a study keeps every finished step valid: only the new seeds' steps run.
-            if diff == ["seeds"] and set(old.get("seeds", [])) <= set(new["seeds"]):
-                diff = []
+            old = _grown(_step_settings(json.loads(state.read_text()).get("recipe", {})), new)
+            diff = sorted(k for k in set(old) | set(new) if k not in PROSE and old.get(k) != new.get(k))
             if diff:
                 raise LatentlabError(
                     f"--out {self.out} holds a study of another recipe (differs in {', '.join(diff)})",
-                    "choose a new --out, or rerun with the recipe it was started with (seeds may only be added)",
+                    "choose a new --out, or rerun with the recipe it was started with (seeds and "
+                    "[ablation] layers entries may only be added)",
                 )
         elif self.report_only:
             raise LatentlabError(f"--report-only: {self.out} holds no study ({STATE} missing)",
@@ -117,6 +115,30 @@ def _step_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     out = _norm(recipe)  # a copy
     for analysis, key in SUMMARY_ONLY:
         out.get("analyses", {}).get(analysis, {}).pop(key, None)
+    return out
+
+
+# Top-level recipe keys no step reads (where the recipe came from, and the report's prose).
+PROSE = ("source", "description")
+
+# List settings a finished study may grow: every finished step stays valid (step folders are named by
+# seed and by ablation layer spec), so only the new entries' steps run.
+GROWABLE = (("seeds",), ("analyses", "ablation", "layers"))
+
+
+def _grown(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with each growable list replaced by ``new``'s where ``new`` only adds entries to it."""
+    out = _norm(old)
+    for path in GROWABLE:
+        o, n = out, new
+        for key in path[:-1]:
+            o, n = o.get(key), n.get(key)
+            if not isinstance(o, dict) or not isinstance(n, dict):
+                break
+        else:
+            a, b = o.get(path[-1]), n.get(path[-1])
+            if isinstance(a, list) and isinstance(b, list) and set(map(str, a)) <= set(map(str, b)):
+                o[path[-1]] = b
     return out
 
 
