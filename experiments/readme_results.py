@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from latentlab.stats import seed_interval
+
 ROOT = Path(__file__).resolve().parent.parent
 RES = ROOT / "experiments" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -93,34 +95,85 @@ def _seeds_ci(x: dict[str, Any], d: int, one: list[float] | None = None, sign: s
     return f"{x['mean']:{sign}.{d}f}{b} (one seed)"
 
 
+def _v(x: Any) -> Any:
+    """A study summary's number (``{"value", "src", "path"}``) as its plain value."""
+    return x["value"] if isinstance(x, dict) and "value" in x else x
+
+
+def _mean_ci(vals: list[float]) -> dict[str, Any]:
+    m, lo, hi = seed_interval(vals)
+    return {"mean": m, "ci": None if len(vals) < 2 else [lo, hi]}
+
+
+def _study_ablation(sec: dict[str, Any]) -> dict[str, Any]:
+    """A study's [ablation] and [prevention] sections in ablate_birds' across-seed shape (seeds are
+    the replication unit: one fraction and one random-direction mean per seed)."""
+    across, rows_by = {}, {}
+    for what, a in sec.get("ablation", {}).items():
+        rows = [r for r in a.get("rows", []) if _v(r.get("fraction")) is not None]
+        if not rows:
+            continue
+        rows_by[what] = [{"layers": r["layers"], "gain_ci": [_v(r["gain_lo"]), _v(r["gain_hi"])],
+                          "fraction_ci": [_v(r["fraction_lo"]), _v(r["fraction_hi"])]} for r in rows]
+        across[what] = {"n": len(rows), "gain": _mean_ci([_v(r["gain"]) for r in rows]),
+                        "fraction": _mean_ci([_v(r["fraction"]) for r in rows]),
+                        "random_mean": _mean_ci([_v(r["random_mean"]) for r in rows]),
+                        "above_random_p95": sum(_v(r["fraction"]) > _v(r["random_p95"]) for r in rows)}
+    prev = None
+    prows = sec.get("prevention", {}).get("rows", [])
+    if prows:
+        def battery(r: dict[str, Any], which: str) -> float:
+            if which == "control":
+                return _v(r["battery"]["control"])
+            ablated = f"-ablated-s{r['seed']}"
+            return _v(next(v for k, v in r["battery"].items()
+                           if k.startswith("finetuned:") and k.endswith(ablated) == (which == "ablated")))
+
+        prev = {"n": len(prows), **{f"battery_{w}": _mean_ci([battery(r, w) for r in prows])
+                                    for w in ("normal", "ablated", "control")},
+                "paired_last_normal": _mean_ci([_v(r["shift_normal"][-1]) for r in prows]),
+                "paired_last_ablated": _mean_ci([_v(r["shift_ablated"][-1]) for r in prows])}
+    return {"across_seeds": across, "ablation": rows_by, "prevention_across_seeds": prev}
+
+
 def ablation_lines() -> list[str]:
     s = _load(RES / "ablate_birds" / "summary.json")
     if s is None:
         return []
-    out = ["", "Does the era direction carry the old-birds behaviour? (`experiments/ablate_birds.sh`) The fraction of "
-           "old-birds' battery gain over its control that projecting era out of the residual stream removes, "
-           "against 10 norm-matched random directions per seed (their mean per seed, averaged over seeds):", "",
-           "| model | ablated at | seeds | gain, old - control | era removes | random directions remove | "
-           "seeds with era above the random 95th pct |", "|---|---|---:|---|---|---|---:|"]
-    prev = ["", "Era projected out of the shift layers during training only (battery P(era); paired shift along "
-            "era at the last layer, finetune - control):", "",
-            "| model | seeds | battery: normal finetune | era ablated in training | control | "
-            "shift: normal | shift: ablated in training |", "|---|---|---:|---|---|---|---|"]
-    lens = []
-    for model, m in s.items():
+    # The era arm (ablate_birds.sh) and the persona arm (the persona-facts studies), one table each.
+    arms = [("era", "old-birds", m, model) for model, m in s.items()]
+    for f in sorted((RES / "studies").glob("persona-facts-*/summary.json")):
+        st = json.loads(f.read_text())
+        arms.append(("persona", "persona-facts", _study_ablation(st["sections"]), st["model"]))
+    out = ["", "Does the direction carry the behaviour? (era: `experiments/ablate_birds.sh`; persona: the "
+           "persona-facts studies of `experiments/studies.sh`) The fraction of the finetune's battery gain over "
+           "its modern-birds control that projecting the direction out of the residual stream removes, against "
+           "10 norm-matched random directions per seed (their mean per seed, averaged over seeds):", "",
+           "| finetune (direction) | model | ablated at | seeds | gain, finetune - control | direction removes | "
+           "random directions remove | seeds with the direction above the random 95th pct |",
+           "|---|---|---|---:|---|---|---|---:|"]
+    prev = ["", "The direction projected out of the shift layers during training only (battery score; paired "
+            "shift along the direction at the last layer, finetune - control):", "",
+            "| finetune (direction) | model | seeds | battery: normal finetune | ablated in training | control | "
+            "shift: normal | shift: ablated in training |", "|---|---|---:|---|---|---|---|---|"]
+    for direction, finetune, m, model in arms:
         for what, a in m.get("across_seeds", {}).items():
             rows = m["ablation"][what]
-            layers = "all layers" if what == "all" else f"layers {rows[0]['layers'][0]}-{rows[0]['layers'][-1]}"
-            out.append(f"| {model} | {layers} | {a['n']} | "
+            layers = "all layers" if what == "all" else "shift layers " + _ranges(sorted(
+                {x for r in rows for x in r["layers"]}))
+            out.append(f"| {finetune} ({direction}) | {model} | {layers} | {a['n']} | "
                        f"{_seeds_ci(a['gain'], 3, rows[0]['gain_ci'] if a['n'] == 1 else None)} | "
                        f"{_seeds_ci(a['fraction'], 2, rows[0]['fraction_ci'] if a['n'] == 1 else None)} | "
                        f"{_seeds_ci(a['random_mean'], 2)} | {a['above_random_p95']} of {a['n']} |")
         p = m.get("prevention_across_seeds")
         if p:
-            prev.append(f"| {model} | {p['n']} | {_seeds_ci(p['battery_normal'], 3, sign='')} | "
+            prev.append(f"| {finetune} ({direction}) | {model} | {p['n']} | "
+                        f"{_seeds_ci(p['battery_normal'], 3, sign='')} | "
                         f"{_seeds_ci(p['battery_ablated'], 3, sign='')} | "
                         f"{_seeds_ci(p['battery_control'], 3, sign='')} | "
                         f"{_seeds_ci(p['paired_last_normal'], 0)} | {_seeds_ci(p['paired_last_ablated'], 0)} |")
+    lens = []
+    for model, m in s.items():
         d = m.get("diff")
         if d:
             last = d["lens"][-1]
