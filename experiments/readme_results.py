@@ -157,7 +157,8 @@ def ablation_lines() -> list[str]:
             "| finetune (direction) | model | seeds | battery: normal finetune | ablated in training | control | "
             "shift: normal | shift: ablated in training |", "|---|---|---:|---|---|---|---|---|"]
     for direction, finetune, m, model in arms:
-        for what, a in m.get("across_seeds", {}).items():
+        # The shift layers first, all layers last, other layer specs between.
+        for what, a in sorted(m.get("across_seeds", {}).items(), key=lambda kv: (kv[0] != "shift", kv[0] == "all")):
             rows = m["ablation"][what]
             layers = "all layers" if what == "all" else "shift layers " + _ranges(sorted(
                 {x for r in rows for x in r["layers"]}))
