@@ -160,8 +160,9 @@ def ablation_lines() -> list[str]:
         # The shift layers first, all layers last, other layer specs between.
         for what, a in sorted(m.get("across_seeds", {}).items(), key=lambda kv: (kv[0] != "shift", kv[0] == "all")):
             rows = m["ablation"][what]
-            layers = "all layers" if what == "all" else "shift layers " + _ranges(sorted(
-                {x for r in rows for x in r["layers"]}))
+            used = _ranges(sorted({x for r in rows for x in r["layers"]}))
+            one = "layer" if used.isdigit() else "layers"
+            layers = {"all": "all layers", "shift": f"shift layers {used}"}.get(what, f"{one} {used} only")
             out.append(f"| {finetune} ({direction}) | {model} | {layers} | {a['n']} | "
                        f"{_seeds_ci(a['gain'], 3, rows[0]['gain_ci'] if a['n'] == 1 else None)} | "
                        f"{_seeds_ci(a['fraction'], 2, rows[0]['fraction_ci'] if a['n'] == 1 else None)} | "

@@ -39,6 +39,14 @@ def test_builtin_recipes_parse() -> None:
     assert load_recipe("year-trigger").analyses["trigger"].values == "2020:2050:1"
 
 
+def test_ablation_labels_in_words() -> None:
+    """Verdicts name where the direction was ablated: a layer spec's step label read back."""
+    from latentlab.study.summary import _where
+
+    assert [_where(x) for x in ("shift", "all", "L16", "L3_5")] == [
+        "shift layers", "all layers", "layer 16", "layers 3, 5"]
+
+
 def test_parse_seeds() -> None:
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-2") == [0, 1, 2] and parse_seeds(3) == [3]
     for bad in ("a,b", "", "1,1", "-1", "2-0", [True]):

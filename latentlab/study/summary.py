@@ -169,6 +169,14 @@ def _interval(out: dict[str, Any], i: int, n: int, ps: dict[str, Any], per: dict
     return ps[s0]["paired_lo"][i]["value"], ps[s0]["paired_hi"][i]["value"]
 
 
+def _where(label: str) -> str:
+    """An ablation step label in words: ``shift``/``all`` layers, or ``L16`` -> layer 16."""
+    if label in ("shift", "all"):
+        return f"{label} layers"
+    layers = label.removeprefix("L").split("_")
+    return f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(layers)
+
+
 def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, Any] | None:
     labels = sorted({k[len("ablate-"):].rsplit("-s", 1)[0] for k in steps if k.startswith("ablate-")})
     if not labels:
@@ -207,7 +215,7 @@ def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, A
         if rows and len(no_gain) == len(rows):
             sec["verdict"] = (
                 f"The finetune's battery gain over the {rows[0]['reference']} has an interval that includes 0 in "
-                f"{len(no_gain)} of {len(rows)} seed(s), so the fraction ablation at {lab} layers removes is not "
+                f"{len(no_gain)} of {len(rows)} seed(s), so the fraction ablation at {_where(lab)} removes is not "
                 "interpretable: a null (no gain to explain).")
         elif ok:
             sec["fraction"] = _across([r["fraction"] for r in ok])
@@ -218,7 +226,7 @@ def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, A
             sec["random_mean"] = _derived(rnd_m)
             caveat = (f" In {len(no_gain)} seed(s) the gain's interval includes 0." if no_gain else "")
             sec["verdict"] = (
-                f"Ablating the direction at {lab} layers removes {_fmt(m, 2)} of the finetune's battery gain over "
+                f"Ablating the direction at {_where(lab)} removes {_fmt(m, 2)} of the finetune's battery gain over "
                 f"the {ok[0]['reference']} (mean over {len(ok)} seed(s)); {len(rnd) and 'norm-matched random '}"
                 f"directions remove {_fmt(rnd_m, 2)} on average. The direction beats the random 95th percentile in "
                 f"{len(specific)} of {len(ok)} seed(s)"
