@@ -3,12 +3,13 @@
 # For each model and seed, with the bird_shift.sh finetunes (old-birds, modern-birds control; they
 # are trained here if missing):
 #   1. ablation: project the era direction out of the residual stream (all positions) at the layers
-#      where the shift lives, and at all layers, in base, finetune and control; the fraction of the
-#      old-birds battery gain over the control that it removes, against 10 random directions;
+#      where the shift lives, at the layer of the largest mean shift alone ("peak"), and at all
+#      layers, in base, finetune and control; the fraction of the old-birds battery gain over the
+#      control that it removes, against 10 random directions;
 #   2. prevention: finetune old-birds again with the era direction projected out at those layers
 #      during training only (--ablate), then its shift and battery against the normal finetune;
 #   3. diff: logit lens of the old-birds shift and per-token KL on unrelated prompts (seed 0).
-# Writes $RESULTS/ablate_birds/MODEL/{ablate-shift-sS,ablate-all-sS,prevent-sS,diff-s0,old-birds-ablated-sS}/
+# Writes $RESULTS/ablate_birds/MODEL/{ablate-shift-sS,ablate-peak-sS,ablate-all-sS,prevent-sS,diff-s0,old-birds-ablated-sS}/
 # and $RESULTS/ablate_birds/summary.{md,json} (experiments/summarize_ablation.py).
 # Skips finished runs and resumes interrupted finetunes.
 # Usage: experiments/ablate_birds.sh [MODELS] [SEEDS]
@@ -18,6 +19,7 @@ MODELS=${1:-"gemma-3-270m smollm2-135m-instruct"}
 SEEDS=${2:-"0 1 2"}
 OUT="$RESULTS/ablate_birds"
 declare -A SHIFT_LAYERS=([gemma-3-270m]=8-17 [smollm2-135m-instruct]=14-29)  # from bird_shift/summary.md
+declare -A PEAK_LAYER=([gemma-3-270m]=17 [smollm2-135m-instruct]=29)  # its largest mean shift, likewise
 finetune_once() {  # finetune_once RUN_FOLDER ARGS...: train unless an adapter is there, resume if interrupted
   local F=$1; shift
   local resume=(); [ -d "$F/checkpoints" ] && [ ! -f "$F/adapter/adapter_config.json" ] && resume=(--resume)
@@ -36,8 +38,8 @@ for seed in $SEEDS; do
     P="$RUNS/ablate_birds/$model/old-birds-ablated-s$seed"
     finetune_once "$P" --data old-birds --model "$model" --seed "$seed" --ablate "$D@$L"
     keep "$P" "$M/old-birds-ablated-s$seed"
-    for what in shift all; do
-      layers=$L; [ "$what" = all ] && layers=all
+    for what in shift peak all; do
+      case $what in shift) layers=$L ;; peak) layers=${PEAK_LAYER[$model]} ;; all) layers=all ;; esac
       [ -f "$M/ablate-$what-s$seed/results.json" ] || latentlab ablate --base "$model" \
         --finetuned "$R/old-birds-s$seed" --control "$R/modern-birds-s$seed" --direction "$D" \
         --layers "$layers" --n-random 10 --battery era-battery --seed "$seed" --out "$M/ablate-$what-s$seed"

@@ -63,7 +63,7 @@ def summarize(root: Path) -> tuple[dict[str, Any], str]:
         md += [f"## {model}", "", "### Ablating era: fraction of the old-birds gain over the control removed", "",
                "| layers | seed | gain (old - modern) | fraction removed [95% CI] | random: mean (5-95%) | z | pct |",
                "|---|---:|---|---|---|---:|---:|"]
-        for what in ("shift", "all"):
+        for what in ("shift", "peak", "all"):
             for s in seeds:
                 r = _load(mdir / f"ablate-{what}-s{s}")
                 if r is None:
@@ -71,7 +71,7 @@ def summarize(root: Path) -> tuple[dict[str, Any], str]:
                 f = r["fractions"]["control"]
                 rnd = f["random"]
                 layers = r["layers"]
-                label = "all" if what == "all" else f"{layers[0]}-{layers[-1]}"
+                label = "all" if what == "all" else f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
                 rnd_s = "n/a" if rnd["mean"] is None else f"{rnd['mean']:+.2f} ({rnd['p5']:+.2f}, {rnd['p95']:+.2f})"
                 z = "n/a" if rnd["z"] is None else f"{rnd['z']:+.1f}"
                 pct = "n/a" if rnd["percentile"] is None else f"{rnd['percentile']:.0f}"
