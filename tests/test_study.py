@@ -83,6 +83,22 @@ def test_bad_recipes_are_one_line_before_a_model_loads(body: str, needle: str, t
     assert not (tmp_path / "s").exists()
 
 
+def test_recipe_without_name_is_named_after_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's recipe needs no ``name``; any other missing required key is a LatentlabError, not a TypeError."""
+    from latentlab.study import Recipe
+
+    rec = write_recipe(tmp_path / "my_recipe.toml", 'model = "gemma-3-270m"\nseeds = [0]\n')
+    assert load_recipe(rec).name == "my_recipe"
+    assert load_recipe(write_recipe(tmp_path / "other.toml", 'name = "mine"\n')).name == "mine"
+    with pytest.raises(LatentlabError, match="has no name"):
+        Recipe.from_dict({"model": "gemma-3-270m"})
+    monkeypatch.setattr("latentlab.models.load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    bad = write_recipe(tmp_path / "bad.toml", "[finetune]\ncontrol = \"modern-birds\"\n[shift]\n")
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(bad), "--out", str(tmp_path / "s"))
+    assert_one_line_error(code, err, "[finetune]", "data")
+
+
 def test_control_for_another_base_and_bad_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     ctrl = tmp_path / "ctrl"

@@ -9,7 +9,7 @@ The built-in recipes live in ``latentlab/recipes/`` (``birds``, ``persona-facts`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -312,6 +312,12 @@ class Recipe:
                 f"recipe {source or ''} has unknown key(s) {', '.join(unknown)}".replace("  ", " "),
                 f"use only {', '.join(sorted(top | {'finetune'} | set(ANALYSES)))}",
             )
+        # A missing required key is the user's to fix, not a TypeError from the constructor.
+        missing = [f.name for f in fields(cls) if f.init and f.default is MISSING
+                   and f.default_factory is MISSING and f.name not in raw]
+        if missing:
+            raise LatentlabError(f"recipe {source or ''} has no {', '.join(missing)}".replace("  ", " "),
+                                 f"add {missing[0]} = \"...\" at the top of the recipe")
         ft = _build(FinetuneSpec, ft_raw, "finetune") if ft_raw is not None else None
         built = {k: _build(ANALYSES[k], v, k) for k, v in analyses.items()}
         return cls(**raw, finetune=ft, analyses=built, source=source)
@@ -365,6 +371,7 @@ def load_recipe(spec: str | Path, **overrides: Any) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise LatentlabError(f"cannot read recipe {path}: {e}", "fix the TOML syntax") from None
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw.setdefault("name", path.stem)  # a user's recipe is named after its file unless it says otherwise
     recipe = Recipe.from_dict(raw, source=str(path))
     recipe.check_sources(path.parent)
     return recipe
