@@ -58,7 +58,7 @@ def _isolate_builtin_models(request: pytest.FixtureRequest, monkeypatch: pytest.
             f"a unit test tried to convert the built-in model {spec.name}; mark it @pytest.mark.integration"
         )
 
-    monkeypatch.setattr("latentlab.models._locate_gguf", refuse)
+    monkeypatch.setattr("latentlab.models.builtin._locate_gguf", refuse)
 
 
 # --------------------------------------------------------------------------------------------

