@@ -7,8 +7,11 @@ unit vector does nothing, a raw difference vector is arbitrary).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,117 +20,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentlab.activations import ActivationSet, collect
-from latentlab.data import Pair, dataset_hash, load_pairs, pair_examples
+from latentlab.data import BUILTIN_DATASETS, Pair, dataset_hash, load_pairs, pair_examples
+from latentlab.direction import Direction
 from latentlab.errors import LatentlabError
-from latentlab.io import load_tensors, save_tensors
-from latentlab.models import LoadedModel
+from latentlab.io import make_temp_dir, replace_dir, sha256_text, write_json
+from latentlab.models import LoadedModel, latentlab_home
+from latentlab.probes import ProbeReport, fit_probes
 from latentlab.stats import norm_matched
 
 Method = Literal["mean_diff", "pca"]
-
-
-@dataclass
-class Direction:
-    """Per-layer direction vectors (positive pole minus negative pole)."""
-
-    vectors: Float[Tensor, "n_layers d_model"]
-    layers: list[int]
-    resid_norms: Float[Tensor, " n_layers"]
-    name: str = "direction"
-    position: str = "last"
-    method: str = "mean_diff"
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def _col(self, layer: int) -> int:
-        if layer not in self.layers:
-            raise LatentlabError(
-                f"the {self.name} direction has no layer {layer} (has {self.layers[0]}-{self.layers[-1]})",
-                "refit the direction at that layer",
-            )
-        return self.layers.index(layer)
-
-    def vector(self, layer: int) -> Float[Tensor, " d_model"]:
-        return self.vectors[self._col(layer)]
-
-    def unit(self, layer: int) -> Float[Tensor, " d_model"]:
-        v = self.vector(layer)
-        return v / v.norm().clamp_min(1e-12)
-
-    def resid_norm(self, layer: int) -> float:
-        """Mean L2 norm of the residual stream at this layer (at the direction's position)."""
-        return float(self.resid_norms[self._col(layer)])
-
-    def units(self) -> Float[Tensor, "n_layers d_model"]:
-        return self.vectors / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    def validate(self, source: str | Path | None = None) -> Direction:
-        """Refuse NaN/inf or all-zero vectors (a broken fit or file): they would steer or project nothing."""
-        where = f" in {source}" if source is not None else ""
-        if not bool(torch.isfinite(self.vectors).all()):
-            raise LatentlabError(f"the {self.name} direction{where} holds NaN or infinite values", "refit it")
-        zero = [layer for layer, n in zip(self.layers, self.vectors.norm(dim=-1).tolist()) if n == 0.0]
-        if zero:
-            raise LatentlabError(
-                f"the {self.name} direction{where} is all zeros at layer(s) {zero[:6]}", "refit the direction"
-            )
-        if self.vectors.shape[0] != len(self.layers):
-            raise LatentlabError(f"the {self.name} direction{where} is malformed (vectors != layers)", "refit it")
-        return self
-
-    def check(self, model: Any, layers: Sequence[int] | None = None) -> Direction:
-        """Usable on ``model`` (a LoadedModel): same width, and every layer in ``layers`` (default: all)."""
-        self.validate()
-        d = self.vectors.shape[-1]
-        if d != model.d_model:
-            raise LatentlabError(
-                f"the {self.name} direction has width {d}, but {model.info.name} has d_model {model.d_model}",
-                "use a direction fitted on this model",
-            )
-        need = list(range(model.n_layers)) if layers is None else list(layers)
-        missing = [layer for layer in need if layer not in self.layers]
-        if missing:
-            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
-            raise LatentlabError(
-                f"the {self.name} direction lacks layer(s) {shown} of {model.info.name}",
-                "fit it with --layers all, or choose layers it has",
-            )
-        return self
-
-    def save(self, path: str | Path) -> Path:
-        """Tensors + sidecar; the sidecar says how to use them (hook point, add/ablate, scale, layer map)
-        so a file taken to another tool cannot be applied at the wrong site silently."""
-        from latentlab.vectors import sidecar_fields  # lazy: latentlab.vectors imports this module
-
-        meta = {
-            **self.meta,
-            **sidecar_fields(self),
-            "name": self.name,
-            "layers": self.layers,
-            "position": self.position,
-            "method": self.method,
-            "norms": self.vectors.norm(dim=-1).tolist(),
-            "resid_norms": self.resid_norms.tolist(),
-        }
-        return save_tensors(path, {"vectors": self.vectors, "resid_norms": self.resid_norms}, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Direction:
-        p = Path(path)
-        if p.is_dir():
-            p = p / "direction.safetensors"
-        t, meta = load_tensors(p)
-        for k in ("name", "layers", "position", "method"):
-            if k not in meta:
-                raise LatentlabError(
-                    f"{p} is not a latentlab direction (sidecar lacks {k!r})",
-                    "pass a file written by `latentlab direction`",
-                )
-        name, layers, position, method = (meta.pop(k) for k in ("name", "layers", "position", "method"))
-        for key in ("norms", "resid_norms", "hook_point", "operation", "scale_convention", "layer_map"):
-            meta.pop(key, None)  # bookkeeping the sidecar carries for readers; save() rewrites it
-        if "vectors" not in t or "resid_norms" not in t:
-            raise LatentlabError(f"{p} is not a latentlab direction (no vectors tensor)", "pass a direction file")
-        return cls(t["vectors"], layers, t["resid_norms"], name, position, method, meta).validate(p)
 
 
 def fit_direction(
@@ -260,7 +161,6 @@ def direction_and_probes(
     progress: bool = True,
 ) -> tuple[Direction, Any]:
     """Fit the direction on the train split and per-layer probes (CV + held-out test split) from one collection."""
-    from latentlab.probes import fit_probes
 
     train, test, prov = resolve_pairs(source)
     tp, tn = collect_pairs(model, train, layers, position, batch_size, progress)
@@ -275,181 +175,159 @@ def direction_and_probes(
 
 
 # --------------------------------------------------------------------------------------------
-# What the commands share: a --direction option, resolved before a model loads.
+# The fit cache, and the one way a --direction value becomes a Direction.
 # --------------------------------------------------------------------------------------------
 
+CACHE_VERSION = 1
 
+
+def cache_key(model: LoadedModel, source: str | Path, layers: Sequence[int], position: str, method: str) -> str:
+    """The fit's identity: same weights, data and options give the same direction and probes."""
+    parts = {
+        "v": CACHE_VERSION,
+        "base": model.info.base_fingerprint,
+        "adapter": model.info.adapter_fingerprint,
+        "data": dataset_hash(source),
+        "layers": list(layers),
+        "position": position,
+        "method": method,
+        "dtype": model.info.dtype,
+    }
+    return sha256_text(json.dumps(parts, sort_keys=True))[:20]
+
+
+def fitted_direction(
+    model: LoadedModel,
+    source: str | Path,
+    layers: Sequence[int] | str | None = "all",
+    position: str = "last",
+    method: Method = "mean_diff",
+    refit: bool = False,
+    progress: bool = True,
+) -> tuple[Direction, ProbeReport, bool]:
+    """(direction, probes, reused?) for :func:`direction_and_probes`, from ``$LATENTLAB_HOME/directions``
+    when this exact fit was done before (``refit=True`` fits again and replaces the entry).
+
+    Why a cache: a fit is a pure function of the weights, the data and the options, and refitting
+    on every run costs seconds on 270M and minutes of GPU time on 32B. An entry is a folder written
+    whole and renamed into place; a damaged one is refitted.
+    """
+    layer_list = model.check_layers(layers)
+    key = cache_key(model, source, layer_list, position, method)
+    folder = latentlab_home() / "directions" / key
+    if not refit and (folder / "done.json").exists():
+        try:
+            return Direction.load(folder / "direction"), ProbeReport.load(folder / "probes"), True
+        except Exception:  # noqa: BLE001 - any damage (truncated safetensors, bad JSON): refit and replace
+            pass
+    d, report = direction_and_probes(model, source, layer_list, position, method, progress=progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(folder.parent, f".{key}.tmp-")
+    d.save(tmp / "direction")
+    report.save(tmp / "probes")
+    write_json(tmp / "done.json", {"model": model.info.name, "source": str(source), "key": key})
+    replace_dir(tmp, folder)
+    return d, report, False
+
+
+def clear_cache(what: str = "directions") -> int:
+    """Remove cached fits; returns how many entries were removed."""
+    root = latentlab_home() / what
+    if not root.exists():
+        return 0
+    entries = [p for p in root.iterdir() if p.is_dir()]
+    for p in entries:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(entries)
+
+
+def _check_form(spec: str, flag: str) -> str:
+    if Path(spec).suffix in (".safetensors", ".jsonl") or spec in BUILTIN_DATASETS:
+        return spec
+    raise LatentlabError(
+        f"{flag} {spec!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
+        "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
+    )
+
+
+@dataclass(frozen=True)
+class DirectionSpec:
+    """A ``--direction`` value: parsed when a config is built, resolved on a model at run time.
+
+    Parsing reads what can be read without a model (a saved direction is loaded and validated, a
+    pair file is read), so a bad name or file fails before any model loads. Resolving returns the
+    saved direction checked against the model, or fits the pair source on every layer through the
+    fit cache (:func:`fitted_direction`). This is the one way every command gets its direction.
+    """
+
+    text: str
+    saved: Direction | None = None
+
+    @classmethod
+    def parse(cls, spec: str | Path | Direction | DirectionSpec, flag: str = "--direction") -> DirectionSpec:
+        if isinstance(spec, DirectionSpec):
+            return spec
+        if isinstance(spec, Direction):
+            return cls(spec.name, spec.validate())
+        s = str(spec)
+        if Path(s).is_dir() and (Path(s) / "direction.safetensors").is_file():
+            return cls(s, Direction.load(s))
+        _check_form(s, flag)
+        if Path(s).suffix == ".safetensors":
+            return cls(s, Direction.load(s))
+        resolve_pairs(s)
+        return cls(s)
+
+    @property
+    def name(self) -> str:
+        """The direction's name: a saved one's own, or the source's (``era``, a file's stem)."""
+        return self.saved.name if self.saved is not None else source_name(self.text)
+
+    def resolve_with_probes(
+        self, model: LoadedModel, *, refit: bool = False, log: Callable[[str], Any] | None = None
+    ) -> tuple[Direction, ProbeReport | None]:
+        """(direction, probes or None for a saved one) usable on ``model``; says whether a fit was reused."""
+        if self.saved is not None:
+            return self.saved.check(model, self.saved.layers), None
+        d, report, reused = fitted_direction(model, self.text, "all", refit=refit)
+        d.meta["reused_from_cache"] = reused
+        (log or _stderr)(describe_fit(reused, d.name, model))
+        return d, report
+
+    def resolve(self, model: LoadedModel, *, refit: bool = False, out: Path | None = None,
+                log: Callable[[str], Any] | None = None) -> Direction:
+        """The direction on ``model``; with ``out``, a fitted one is saved into that run folder too,
+        so the run is self-contained."""
+        d, _ = self.resolve_with_probes(model, refit=refit, log=log)
+        if out is not None and self.saved is None:
+            d.save(Path(out) / f"direction-{d.name}")
+        return d
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def describe_fit(reused: bool, name: str, model: Any) -> str:
+    """The one line a command prints so the user knows whether work was redone."""
+    if reused:
+        return f"reusing the cached {name} direction and probes for {model.info.name} (--refit to fit again)"
+    return f"fitted the {name} direction and probes on {model.info.name} (cached for next time)"
+
+
+# Transitional: the entry points the stages are being moved off (use DirectionSpec).
 def direction_spec(spec: str | Path) -> Direction | str:
-    """A saved direction (``.safetensors``, loaded and validated now) or a contrast-pair source to fit
-    on the model later (a built-in name or a ``.jsonl``, read now so a bad file fails before a model loads)."""
-    from latentlab.config import check_direction_spec
-
-    if Path(spec).is_dir() and (Path(spec) / "direction.safetensors").is_file():
-        return Direction.load(spec)
-    s = check_direction_spec(spec)
-    if Path(s).suffix == ".safetensors":
-        return Direction.load(s)
-    resolve_pairs(s)
-    return s
+    s = DirectionSpec.parse(spec)
+    return s.saved if s.saved is not None else s.text
 
 
 def fit_or_use(model: LoadedModel, spec: Direction | str, refit: bool = False) -> tuple[Direction, Any]:
-    """``spec`` as a Direction usable on ``model``: a saved one checked (width), a source fitted on
-    every layer, or reused from the fit cache (:mod:`latentlab.cache`: same weights, data and options
-    give the same fit, so it is done once; ``refit=True`` forces it). Returns (direction, probes or None)."""
-    if isinstance(spec, Direction):
-        return spec.check(model, spec.layers), None
-    from latentlab.cache import describe, fitted_direction
-
-    d, report, reused = fitted_direction(model, spec, "all", refit=refit)
-    d.meta["reused_from_cache"] = reused
-    import sys
-
-    print(describe(reused, d.name, model), file=sys.stderr)
-    return d, report
+    return DirectionSpec.parse(spec).resolve_with_probes(model, refit=refit)
 
 
 def resolve_direction(model: LoadedModel | None, spec: Direction | str, out: Path | None = None) -> Direction:
-    """``spec`` as a Direction: a saved one as it is; a pair source fitted (all layers, via the fit
-    cache) on ``model`` and, with ``out``, saved into that run folder so the run is self-contained."""
     if isinstance(spec, Direction):
         return spec
     if model is None:
         raise LatentlabError(f"fitting the {spec} direction needs a model", "pass a model, or a saved direction")
-    d, _ = fit_or_use(model, spec)
-    if out is not None:
-        d.save(Path(out) / f"direction-{d.name}")
-    return d
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab direction / probe: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-METHODS = ("mean_diff", "pca")
-FIT_POSITIONS = ("last", "mean")
-
-
-@dataclass
-class DirectionConfig:
-    """What ``latentlab direction`` takes; validated on construction, recorded whole in the manifest."""
-
-    direction: str = "era"
-    out: Path = Path("runs/direction")
-    model: str = "gemma-3-270m"
-    adapter: Path | None = None
-    layers: str = "all"
-    position: str = "last"
-    method: str = "mean_diff"
-    device: str = "auto"
-    dtype: str = "float32"
-    overwrite: bool = False
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        from latentlab.config import check_choice, check_device_dtype, check_direction_spec, check_layer_spec, check_out
-
-        self.adapter = None if self.adapter is None else Path(self.adapter)
-        check_choice(self.method, METHODS, "--method", "method")
-        check_choice(self.position, FIT_POSITIONS, "--position", "position")
-        check_layer_spec(self.layers)
-        check_device_dtype(self.device, self.dtype)
-        check_direction_spec(self.direction)
-        if Path(self.direction).suffix == ".safetensors":
-            raise LatentlabError(
-                "--direction is a saved direction; this command fits one", "pass era, persona or a pair FILE.jsonl"
-            )
-        self.out = check_out(self.out, self.overwrite)
-
-
-@dataclass
-class ProbeConfig:
-    """What ``latentlab probe`` takes: as :class:`DirectionConfig` (mean_diff), plus an optional extra test file."""
-
-    direction: str = "era"
-    out: Path = Path("runs/probe")
-    model: str = "gemma-3-270m"
-    adapter: Path | None = None
-    layers: str = "all"
-    position: str = "last"
-    test: Path | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    overwrite: bool = False
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        DirectionConfig(
-            self.direction, self.out, self.model, self.adapter, self.layers, self.position, "mean_diff",
-            self.device, self.dtype, self.overwrite,
-        )
-        self.out = Path(self.out).expanduser()
-        self.adapter = None if self.adapter is None else Path(self.adapter)
-        self.test = None if self.test is None else Path(self.test)
-
-
-@dataclass
-class FitRun:
-    """A fitted direction and its probes, and the run folder they were written to."""
-
-    direction: Direction
-    report: Any
-    out: Path
-    model: str
-    results: dict[str, Any] = field(default_factory=dict)
-
-
-def _fit(cfg: DirectionConfig | ProbeConfig, method: str, command: str | None, name: str, progress: bool):  # noqa: ANN202
-    from dataclasses import asdict
-
-    from latentlab.models import load_model
-    from latentlab.runs import Run
-
-    spec = direction_spec(cfg.direction)
-    m = load_model(
-        cfg.model,
-        adapter=cfg.adapter,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        device_map=cfg.device_map,
-        progress=progress,
-    )
-    layers = m.check_layers(cfg.layers)
-    d, report = direction_and_probes(m, spec, layers, cfg.position, method, progress=progress)  # type: ignore[arg-type]
-    from latentlab.stats import check_finite
-
-    check_finite(d.vectors, "the direction vectors", name)
-    run = Run.start(cfg.out, command or f"latentlab.run_{name}", asdict(cfg))
-    run.add_model("model", m.info)
-    return run, m, d, report
-
-
-def run_direction(config: DirectionConfig, command: str | None = None, progress: bool = True) -> FitRun:
-    """``latentlab direction``: fit a direction and probes; writes ``out/direction.safetensors``."""
-    run, m, d, report = _fit(config, config.method, command, "direction", progress)
-    d.save(run.out / "direction")
-    results = {"layers": d.layers, "norms": d.vectors.norm(dim=-1).tolist(), "best_probe_layer": report.best_layer}
-    run.finish(results=results)
-    return FitRun(d, report, run.out, m.info.name, results)
-
-
-def run_probe(config: ProbeConfig, command: str | None = None, progress: bool = True) -> FitRun:
-    """``latentlab probe``: per-layer probes (k-fold and held-out accuracy), results.json, probes and plot."""
-    from latentlab.io import write_json
-    from latentlab.plots import probe_accuracy_figure, save_figure
-
-    extra = load_pairs(config.test) if config.test is not None else None
-    run, m, d, report = _fit(config, "mean_diff", command, "probe", progress)
-    results = report.to_dict()
-    if extra is not None:
-        ep, en = collect_pairs(m, extra, d.layers, config.position)
-        results["user_test"] = [
-            {"layer": layer, "acc": a, "ci": ci} for layer, (a, ci) in zip(d.layers, report.score(ep, en))
-        ]
-    report.save(run.out / "probes")
-    write_json(run.out / "results.json", results)
-    save_figure(
-        probe_accuracy_figure(report, f"{d.name} probe accuracy by layer ({m.info.name})"), run.out, "probe_accuracy"
-    )
-    run.finish(results={"best_layer": report.best_layer})
-    return FitRun(d, report, run.out, m.info.name, results)
+    return DirectionSpec.parse(spec).resolve(model, out=out)

@@ -44,46 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentlab.directions import Direction
+from latentlab.direction import HOOK_POINT, SCALE_CONVENTION, Direction, sidecar_fields
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import atomic_path
 
 ARCH = "controlvector"
-HOOK_POINT = "blocks.{l}.hook_resid_post"
-SCALE_CONVENTION = "alpha x unit x typical residual norm"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
 _DIRECTION_RE = re.compile(r"^direction\.(-?\d+)$")
-
-
-def hook_point(layer: int) -> str:
-    return HOOK_POINT.format(l=layer)
-
-
-def layer_map(layers: Sequence[int]) -> list[dict[str, Any]]:
-    """For each latentlab layer: its hook, llama.cpp / repeng tensor name and HF hidden_states index."""
-    return [
-        {
-            "layer": int(layer),
-            "hook_point": hook_point(int(layer)),
-            "llama_cpp": f"direction.{int(layer)}" if layer >= 1 else None,  # llama.cpp rejects direction.0
-            "repeng_layer": int(layer),
-            "hf_hidden_states_index": int(layer) + 1,
-        }
-        for layer in layers
-    ]
-
-
-def sidecar_fields(direction: Direction) -> dict[str, Any]:
-    """What a saved direction's sidecar records so it can travel: hook point, operations, scale, layer map."""
-    return {
-        "hook_point": HOOK_POINT,
-        "operation": {
-            "add": "resid + alpha * unit_l * resid_norm_l (latentlab steer; llama.cpp control vector)",
-            "ablate": "resid - ((resid . unit_l) - m_l) * unit_l (m_l = 0 projects out, or a reference mean)",
-        },
-        "scale_convention": SCALE_CONVENTION,
-        "layer_map": layer_map(direction.layers),
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,9 +19,14 @@ from latentlab.cli import study as _study  # noqa: F401
 from latentlab.cli import triggers as _triggers  # noqa: F401
 from latentlab.cli import vectors as _vectors  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
+from latentlab.cli.generate import add_stage
 from latentlab.errors import LatentlabError
+from latentlab.stages import STAGES
 
 __all__ = ["app", "main"]
+
+for _stage in STAGES:
+    add_stage(_stage)
 
 
 def main() -> None:

@@ -211,7 +211,7 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
     if Path(r.direction).suffix == ".safetensors" or not uses_direction:
         direction_path = Path(r.direction)
     else:
-        from latentlab.directions import DirectionConfig, run_direction
+        from latentlab.stages.direction import DirectionConfig, run_direction
 
         direction_path = out / "direction" / "direction.safetensors"
         steps.append(Step("direction", "direction", out / "direction",
