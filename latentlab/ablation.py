@@ -35,15 +35,13 @@ residual is an attention sink whose norm is many times the others', which would 
 Random directions get their own means: the same mean activation projected on each.
 
 :func:`run_ablate` is ``latentlab ablate``: a validated :class:`AblateConfig` in, a run folder out.
-:func:`training_hooks` and :func:`parse_intervention` are preventative ablation / steering *during*
-finetuning (``latentlab finetune --ablate era@all --steer era:-0.5@10,12``).
+Preventative ablation / steering *during* finetuning (:func:`~latentlab.interventions.training_hooks`)
+uses the same math, in :mod:`latentlab.interventions`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,23 +50,25 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentlab.activations import collect
 from latentlab.data import BatteryItem, Example
 from latentlab.directions import Direction
+from latentlab.directions import direction_spec as _direction_spec
 from latentlab.errors import LatentlabError
 from latentlab.interventions import Ablate, Condition
-from latentlab.models import LoadedModel, resolve_adapter
+from latentlab.interventions import parse_intervention as parse_intervention  # FinetuneConfig, run_finetune
+from latentlab.io import read_json
+from latentlab.models import LoadedModel, parse_layers, resolve_adapter
+from latentlab.scoring import score_conditions
 from latentlab.stats import against_random, bootstrap_means, check_finite
 
 __all__ = [
     "MIN_RANDOM",
     "AblateConfig",
     "AblationResult",
-    "InterventionSpec",
     "ablate",
     "base_mean_projections",
-    "parse_intervention",
     "run_ablate",
-    "training_hooks",
 ]
 
 STAGE = "ablate"
@@ -87,8 +87,6 @@ def base_mean_activation(
 ) -> Float[Tensor, "n_layers d_model"]:
     """The base's mean residual stream over the prompts' tokens (BOS excluded), per layer: the mean
     over prompts of each prompt's token mean (see the module docstring for why all positions)."""
-    from latentlab.activations import collect
-
     acts = collect(base, [Example(p) for p in prompts], list(layers), "mean", batch_size=batch_size, progress=False)
     assert acts is not None
     return acts.acts.float().mean(0)
@@ -248,8 +246,6 @@ def ablate(
         for r in randoms:
             r.means = base_mean_projections(mean_act, r.units, layer_list)
     conditions: list[Condition] = [(None, 0.0), (real, 1.0), *((r, 1.0) for r in randoms)]
-    from latentlab.scoring import score_conditions
-
     s = {
         name: score_conditions(m, items, conditions, batch_size=batch_size, progress=progress).double()
         for name, m in models.items()
@@ -295,8 +291,6 @@ def ablate(
 
 
 def _recorded_base(adapter: Path) -> str | None:
-    from latentlab.io import read_json
-
     p = adapter / "latentlab_adapter.json"
     if not p.exists():
         return None
@@ -317,10 +311,7 @@ def check_same_base(finetuned: Path, control: Path) -> None:
 
 def direction_spec(spec: str | Path, layers: str) -> Direction | str:
     """A saved direction (loaded and checked now: NaN, zero, the requested layers) or a pair source."""
-    from latentlab.directions import direction_spec as _spec
-    from latentlab.models import parse_layers
-
-    d = _spec(spec)
+    d = _direction_spec(spec)
     if isinstance(d, Direction) and layers.strip() != "all":
         want = parse_layers(layers, max(d.layers) + 1)
         missing = [layer for layer in want if layer >= 0 and layer not in d.layers]
@@ -426,123 +417,3 @@ def run_ablate(config: AblateConfig, command: str | None = None, progress: bool 
     summary = {ref: {k: f[k] for k in ("gain", "fraction", "fraction_ci")} for ref, f in res.fractions.items()}
     run.finish(results=summary)
     return res
-
-
-# --------------------------------------------------------------------------------------------
-# Preventative ablation / steering during finetuning.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class InterventionSpec:
-    """A parsed ``--ablate`` / ``--steer`` string: direction source, coefficient, layers."""
-
-    kind: Literal["ablate", "steer"]
-    direction: str
-    coeff: float
-    layers: str  # "all" or a layer list ("10,12", "4-8")
-
-
-_SPEC = re.compile(r"^(?P<dir>[^:@]+?)(?::(?P<coeff>[^@]*))?(?:@(?P<layers>.*))?$")
-
-
-def parse_intervention(text: str, kind: Literal["ablate", "steer"]) -> InterventionSpec:
-    """Parse ``era@all``, ``era@10,12`` (ablate) or ``era:-0.5``, ``dir.safetensors:0.25@4-8`` (steer).
-
-    Ablation takes no coefficient (it removes the whole component); steering needs one. Layers
-    default to all; their range is checked against the model later (:func:`training_hooks`).
-    """
-    from latentlab.models import parse_layers
-
-    flag = f"--{kind}"
-    example = "era@all or era@10,12" if kind == "ablate" else "era:-0.5 or era:-0.5@10,12"
-    m = _SPEC.match(text.strip())
-    if m is None or not m.group("dir").strip():
-        raise LatentlabError(f"cannot read {flag} {text!r}", f"write it as {example}")
-    coeff_s, layers = m.group("coeff"), (m.group("layers") or "all").strip() or "all"
-    if kind == "ablate":
-        if coeff_s is not None:
-            raise LatentlabError(f"{flag} {text!r} has a coefficient, but ablation removes the whole component",
-                                 f"write it as {example} (steer with --steer era:-0.5)")
-        coeff = 1.0
-    else:
-        if coeff_s is None or not coeff_s.strip():
-            raise LatentlabError(f"{flag} {text!r} has no coefficient", f"write it as {example}")
-        try:
-            coeff = float(coeff_s)
-        except ValueError:
-            raise LatentlabError(f"{flag} {text!r}: {coeff_s!r} is not a number", f"write it as {example}") from None
-        if coeff != coeff or abs(coeff) == float("inf"):
-            raise LatentlabError(f"{flag} {text!r}: the coefficient must be finite", f"write it as {example}")
-    try:
-        parse_layers(layers, 1)
-    except LatentlabError:
-        raise LatentlabError(f"{flag} {text!r}: cannot read the layers {layers!r}", f"write it as {example}") from None
-    return InterventionSpec(kind, m.group("dir").strip(), coeff, layers)
-
-
-def _layers_of(spec: str, n_layers: int) -> list[int]:
-    from latentlab.models import select_layers
-
-    return select_layers(spec, n_layers)
-
-
-@contextlib.contextmanager
-def training_hooks(
-    hf_model: torch.nn.Module,
-    ablate: Sequence[tuple[Direction, str | Sequence[int]]] = (),
-    steer: Sequence[tuple[Direction, float, str | Sequence[int]]] = (),
-) -> Iterator[list[Any]]:
-    """Forward hooks on the decoder blocks' outputs (the residual stream after each block) of a plain
-    or peft HF model, for the duration of the ``with`` block (training included: they are autograd-
-    transparent, so gradients flow through the edited stream).
-
-    ``ablate``: ``(direction, layers)``: the component along the unit direction is projected out at
-    every position. ``steer``: ``(direction, coeff, layers)``: ``coeff x unit x the direction's
-    residual norm at that layer`` is added at every position (as :class:`latentlab.interventions.Steer`).
-    Steering is applied before ablation at a layer that has both. Yields the hook handles.
-    """
-    from latentlab.arch import decoder_blocks, text_config
-
-    blocks = decoder_blocks(hf_model)
-    n = len(blocks)
-    d_model = int(getattr(text_config(hf_model.config), "hidden_size", 0) or 0)
-    add: dict[int, Tensor] = {}
-    units: dict[int, list[Tensor]] = {}
-    for d, coeff, layers in steer:
-        ls = _layers_of(layers, n) if isinstance(layers, str) else _layers_of(",".join(map(str, layers)), n)
-        d.validate()
-        for layer in ls:
-            v = d.unit(layer) * d.resid_norm(layer) * float(coeff)
-            add[layer] = add.get(layer, 0) + v  # type: ignore[assignment]
-    for d, layers in ablate:
-        ls = _layers_of(layers, n) if isinstance(layers, str) else _layers_of(",".join(map(str, layers)), n)
-        d.validate()
-        for layer in ls:
-            units.setdefault(layer, []).append(d.unit(layer))
-    for vecs in [list(add.values()), [u for us in units.values() for u in us]]:
-        for v in vecs:
-            if d_model and v.shape[-1] != d_model:
-                raise LatentlabError(
-                    f"a direction has width {v.shape[-1]}, but the model has hidden size {d_model}",
-                    "use a direction fitted on this base model",
-                )
-
-    def make_hook(layer: int) -> Any:
-        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-            t = out[0] if isinstance(out, tuple) else out
-            if layer in add:
-                t = t + add[layer].to(t.device, t.dtype)
-            for u in units.get(layer, []):
-                uu = u.to(t.device, t.dtype)
-                t = t - (t @ uu)[..., None] * uu
-            return (t, *out[1:]) if isinstance(out, tuple) else t
-
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sorted(set(add) | set(units))]
-    try:
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()

@@ -11,6 +11,7 @@ Only the response tokens are trained on (the prompt is masked), as in the bird-n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -24,12 +25,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from latentlab import arch
 from latentlab.activations import encode_with, hf_last_token_acts, pad_batch
-from latentlab.data import Chat, load_chats, render_chat, render_prompt
+from latentlab.data import Chat, load_chats, load_prompts, render_chat, render_prompt
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
-from latentlab.io import load_tensors, read_json, replace_dir, save_tensors, sha256_text, write_json
-from latentlab.models import load_hf, resolve_device, resolve_source
+from latentlab.interventions import parse_intervention, training_hooks
+from latentlab.io import (
+    fingerprint_weights,
+    load_tensors,
+    read_json,
+    replace_dir,
+    save_tensors,
+    sha256_text,
+    write_json,
+)
+from latentlab.models import load_hf, resolve_device, resolve_dtype, resolve_source
 
 IGNORE = -100
 
@@ -182,14 +193,9 @@ def finetune(
         raise LatentlabError("the finetuning dataset is empty", "pass at least one chat")
     dev = resolve_device(device)
     name, source, base_fp = resolve_source(model, progress)
-    from latentlab import arch
-    from latentlab.models import resolve_dtype
-
     dt = resolve_dtype(dtype, dev)
     hf, tok = load_hf(source, dt, trust_remote_code=False, device=dev)
     if base_fp is None:
-        from latentlab.io import fingerprint_weights
-
         base_fp = fingerprint_weights(source) if isinstance(source, Path) else str(source)
     torch.manual_seed(cfg.seed)
     targets = cfg.target_modules or arch.default_lora_targets(hf)
@@ -216,8 +222,6 @@ def finetune(
             raise LatentlabError(f"max_steps must be >= 1, got {cfg.max_steps}", "pass a positive --max-steps")
         total = min(total, cfg.max_steps)
     if monitor and not monitor_prompts:
-        from latentlab.data import load_prompts
-
         monitor_prompts = load_prompts("unrelated")[:DEFAULT_MONITOR_PROMPTS]
     step, losses = 0, []
     mon: dict[str, Any] = {"steps": [], "projections": {k: [] for k in (monitor or {})}}
@@ -341,10 +345,6 @@ def _cfg_dict(cfg: FinetuneConfig) -> dict[str, Any]:
 def _training_hooks(pm: torch.nn.Module, cfg: FinetuneConfig, given: dict[str, Direction]) -> Callable[[], Any]:
     """A factory of the ``with`` context that applies ``cfg.ablate`` / ``cfg.steer`` to one training
     forward (a no-op context without them)."""
-    import contextlib
-
-    from latentlab.ablation import parse_intervention, training_hooks
-
     if not cfg.ablate and not cfg.steer:
         return contextlib.nullcontext
 

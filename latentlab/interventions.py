@@ -1,10 +1,15 @@
 """Interventions on the residual stream: add a vector, project a direction out, write a source in.
 
-Why one layer: steering, directional ablation and activation patching are the same mechanism, a
-hook at ``blocks.{l}.hook_resid_post`` that changes some rows at some positions. Every stage batches
-many *conditions* (an intervention and a coefficient) into one forward pass, each row of the batch
-carrying its own change, so an alpha sweep with random controls, or an ablation with ten random
-directions, costs one batched pass rather than one call per condition.
+Why one module: steering, directional ablation and activation patching are the same mechanism, a
+hook on the residual stream after a block that changes some rows at some positions, at inference
+(TransformerBridge hook points) and during finetuning (forward hooks on the HF decoder blocks). The
+per-tensor math is written once (:func:`add_vector`, :func:`project_out`) and both kinds of hook
+call it, so a steering coefficient or an ablation means the same thing in both.
+
+At inference every stage batches many *conditions* (an intervention and a coefficient) into one
+forward pass, each row of the batch carrying its own change, so an alpha sweep with random
+controls, or an ablation with ten random directions, costs one batched pass rather than one call
+per condition.
 
 - :class:`Steer`: ``t + coeff * v_l`` (``v_l`` = unit direction x typical residual norm at layer l).
 - :class:`Ablate`: ``t - ((t . u_l) - m_l) u_l``: the projection on the unit direction is removed
@@ -12,6 +17,9 @@ directions, costs one batched pass rather than one call per condition.
   scales the removal (1 = full ablation), so a condition list can mix steering and ablation.
 - :func:`patch_hook`: writes a source run's activations (or only their component along a unit
   direction) at chosen positions of chosen rows.
+- :func:`training_hooks` with :func:`parse_intervention`: preventative ablation / steering *during*
+  finetuning (``latentlab finetune --ablate era@all --steer era:-0.5@10,12``), on a plain or peft HF
+  model, autograd-transparent.
 
 Positions: ``all`` changes every token; ``generated`` changes the last prompt token (which predicts
 the first new token) and everything after it. Each hook reads absolute positions, so it is exact
@@ -20,7 +28,9 @@ both for a full forward pass and for KV-cached decoding (where later calls see o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,11 +39,52 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from latentlab.activations import resid_hook_name
+from latentlab.arch import decoder_blocks, text_config
+from latentlab.direction import Direction
 from latentlab.errors import LatentlabError
+from latentlab.models import parse_layers, select_layers
 from latentlab.stats import random_units
 
 Mode = Literal["all", "generated"]
 Hook = tuple[str, Callable[..., Any]]
+
+
+# --------------------------------------------------------------------------------------------
+# The per-tensor math, shared by the bridge hooks and the training hooks.
+# --------------------------------------------------------------------------------------------
+
+
+def add_vector(
+    t: Float[Tensor, "*shape d_model"],
+    vector: Float[Tensor, "*#shape d_model"],
+    mask: Float[Tensor, "*#shape 1"] | None = None,
+) -> Float[Tensor, "*shape d_model"]:
+    """Steering: ``t + vector`` (times ``mask``, 1 where a position is changed and 0 where not)."""
+    v = vector.to(t.device, t.dtype)
+    return t + (v if mask is None else v * mask)
+
+
+def project_out(
+    t: Float[Tensor, "*shape d_model"],
+    unit: Float[Tensor, "*#shape d_model"],
+    mean: Float[Tensor, "*#shape 1"] | None = None,
+    scale: Float[Tensor, "*#shape 1"] | None = None,
+    mask: Float[Tensor, "*#shape 1"] | None = None,
+) -> Float[Tensor, "*shape d_model"]:
+    """Directional ablation: ``t - ((t . u) - mean) u * scale`` (times ``mask``).
+
+    Defaults (no mean, scale 1, no mask) remove the component along the unit ``u`` everywhere; a
+    ``mean`` sets it to that value instead, ``scale`` < 1 removes only part of it. Autograd-
+    transparent, so gradients flow through the edited stream during training.
+    """
+    u = unit.to(t.device, t.dtype)
+    proj = (t * u).sum(-1, keepdim=True)
+    if mean is not None:
+        proj = proj - mean.to(t.device, t.dtype)
+    removal = proj * u
+    if scale is not None:
+        removal = removal * scale.to(t.device, t.dtype)
+    return t - (removal if mask is None else removal * mask)
 
 
 def hook_name(component: str, layer: int) -> str:
@@ -165,12 +216,9 @@ def condition_hooks(
             any_abl: bool = any_abl,
         ) -> Tensor:
             mask = _position_mask(t, gen, starts, offset() if offset else 0)[..., None].to(t.dtype)
-            out = t + add[:, None, :].to(t.dtype) * mask
+            out = add_vector(t, add[:, None, :], mask)
             if any_abl:
-                u = unit[:, None, :].to(t.dtype)
-                proj = (out * u).sum(-1, keepdim=True)
-                removal = (proj - mean.to(t.dtype)[:, None, None]) * u * scale.to(t.dtype)[:, None, None]
-                out = out - removal * mask
+                out = project_out(out, unit[:, None, :], mean[:, None, None], scale[:, None, None], mask)
             return out
 
         hooks.append((resid_hook_name(layer), hook))
@@ -194,3 +242,109 @@ def patch_hook(
         return torch.where(pmask.to(t.device)[..., None], new, t)
 
     return hook
+
+
+# --------------------------------------------------------------------------------------------
+# Preventative ablation / steering during finetuning.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InterventionSpec:
+    """A parsed ``--ablate`` / ``--steer`` string: direction source, coefficient, layers."""
+
+    kind: Literal["ablate", "steer"]
+    direction: str
+    coeff: float
+    layers: str  # "all" or a layer list ("10,12", "4-8")
+
+
+_SPEC = re.compile(r"^(?P<dir>[^:@]+?)(?::(?P<coeff>[^@]*))?(?:@(?P<layers>.*))?$")
+
+
+def parse_intervention(text: str, kind: Literal["ablate", "steer"]) -> InterventionSpec:
+    """Parse ``era@all``, ``era@10,12`` (ablate) or ``era:-0.5``, ``dir.safetensors:0.25@4-8`` (steer).
+
+    Ablation takes no coefficient (it removes the whole component); steering needs one. Layers
+    default to all; their range is checked against the model later (:func:`training_hooks`).
+    """
+    flag = f"--{kind}"
+    example = "era@all or era@10,12" if kind == "ablate" else "era:-0.5 or era:-0.5@10,12"
+    m = _SPEC.match(text.strip())
+    if m is None or not m.group("dir").strip():
+        raise LatentlabError(f"cannot read {flag} {text!r}", f"write it as {example}")
+    coeff_s, layers = m.group("coeff"), (m.group("layers") or "all").strip() or "all"
+    if kind == "ablate":
+        if coeff_s is not None:
+            raise LatentlabError(f"{flag} {text!r} has a coefficient, but ablation removes the whole component",
+                                 f"write it as {example} (steer with --steer era:-0.5)")
+        coeff = 1.0
+    else:
+        if coeff_s is None or not coeff_s.strip():
+            raise LatentlabError(f"{flag} {text!r} has no coefficient", f"write it as {example}")
+        try:
+            coeff = float(coeff_s)
+        except ValueError:
+            raise LatentlabError(f"{flag} {text!r}: {coeff_s!r} is not a number", f"write it as {example}") from None
+        if coeff != coeff or abs(coeff) == float("inf"):
+            raise LatentlabError(f"{flag} {text!r}: the coefficient must be finite", f"write it as {example}")
+    try:
+        parse_layers(layers, 1)
+    except LatentlabError:
+        raise LatentlabError(f"{flag} {text!r}: cannot read the layers {layers!r}", f"write it as {example}") from None
+    return InterventionSpec(kind, m.group("dir").strip(), coeff, layers)
+
+
+@contextlib.contextmanager
+def training_hooks(
+    hf_model: torch.nn.Module,
+    ablate: Sequence[tuple[Direction, str | Sequence[int]]] = (),
+    steer: Sequence[tuple[Direction, float, str | Sequence[int]]] = (),
+) -> Iterator[list[Any]]:
+    """Forward hooks on the decoder blocks' outputs (the residual stream after each block) of a plain
+    or peft HF model, for the duration of the ``with`` block (training included: they are autograd-
+    transparent, so gradients flow through the edited stream).
+
+    ``ablate``: ``(direction, layers)``: the component along the unit direction is projected out at
+    every position (as :class:`Ablate`). ``steer``: ``(direction, coeff, layers)``: ``coeff x unit x
+    the direction's residual norm at that layer`` is added at every position (as :class:`Steer`).
+    Steering is applied before ablation at a layer that has both. Yields the hook handles.
+    """
+    blocks = decoder_blocks(hf_model)
+    n = len(blocks)
+    d_model = int(getattr(text_config(hf_model.config), "hidden_size", 0) or 0)
+    add: dict[int, Tensor] = {}
+    units: dict[int, list[Tensor]] = {}
+    for d, coeff, layers in steer:
+        d.validate()
+        for layer, v in Steer.from_direction(d, select_layers(layers, n)).vectors.items():
+            add[layer] = add[layer] + v * float(coeff) if layer in add else v * float(coeff)
+    for d, layers in ablate:
+        d.validate()
+        for layer, u in Ablate.from_direction(d, select_layers(layers, n)).units.items():
+            units.setdefault(layer, []).append(u)
+    for vecs in [list(add.values()), [u for us in units.values() for u in us]]:
+        for v in vecs:
+            if d_model and v.shape[-1] != d_model:
+                raise LatentlabError(
+                    f"a direction has width {v.shape[-1]}, but the model has hidden size {d_model}",
+                    "use a direction fitted on this base model",
+                )
+
+    def make_hook(layer: int) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            t = out[0] if isinstance(out, tuple) else out
+            if layer in add:
+                t = add_vector(t, add[layer])
+            for u in units.get(layer, []):
+                t = project_out(t, u)
+            return (t, *out[1:]) if isinstance(out, tuple) else t
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sorted(set(add) | set(units))]
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
