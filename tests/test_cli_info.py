@@ -14,7 +14,7 @@ from cli_helpers import run_cli
 from rich.console import Console
 
 import latentlab
-from latentlab.cli import info
+from latentlab.cli import generate
 
 LONG = "gemma-3-27b-it-qat-q4-0-unquantized (default)"  # 45 characters: fits 80 columns whole
 
@@ -32,7 +32,7 @@ def _rows() -> list[dict]:
 def test_models_piped_at_80_columns_never_cuts_names(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("latentlab.models.list_models", _rows)
-    monkeypatch.setattr(info, "out_console", Console(width=80))  # as created under COLUMNS=80
+    monkeypatch.setattr(generate, "out_console", Console(width=80))  # as created under COLUMNS=80
     code, out, err = run_cli(monkeypatch, capsys, "models")
     assert code == 0, err
     assert LONG in out and "…" not in out  # whole, on one line
@@ -45,7 +45,7 @@ def test_models_in_a_narrow_terminal_never_cuts_names(monkeypatch: pytest.Monkey
                                                       capsys: pytest.CaptureFixture[str], width: int) -> None:
     buf = io.StringIO()
     monkeypatch.setattr("latentlab.models.list_models", _rows)
-    monkeypatch.setattr(info, "out_console", Console(file=buf, force_terminal=True, width=width, no_color=True))
+    monkeypatch.setattr(generate, "out_console", Console(file=buf, force_terminal=True, width=width, no_color=True))
     code, _, err = run_cli(monkeypatch, capsys, "models")
     assert code == 0, err
     text = re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())  # styles (bold headers) are not width

@@ -13,7 +13,6 @@ import sys
 
 from latentlab.cli import ablate as _ablate  # noqa: F401
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
-from latentlab.cli import info as _info  # noqa: F401
 from latentlab.cli import sae as _sae  # noqa: F401
 from latentlab.cli import study as _study  # noqa: F401
 from latentlab.cli import triggers as _triggers  # noqa: F401

@@ -8,12 +8,12 @@ Only this layer imports heavy modules (torch, transformers) lazily, inside ``run
 
 from __future__ import annotations
 
-from latentlab.stages import collect, direction
+from latentlab.stages import collect, direction, models, patch
 from latentlab.stages.base import Stage, iter_stages
 
 __all__ = ["STAGES", "stage_named"]
 
-STAGES: list[Stage] = iter_stages([collect, direction])
+STAGES: list[Stage] = iter_stages([collect, direction, models, patch])
 
 
 def stage_named(name: str) -> Stage:
