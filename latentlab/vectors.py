@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ import torch
 from latentlab.direction import HOOK_POINT, SCALE_CONVENTION, Direction, sidecar_fields
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import atomic_path
+from latentlab.models import parse_layers
 
 ARCH = "controlvector"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"}
@@ -88,8 +88,6 @@ def export_layers(direction: Direction, layers: Sequence[int] | str | None) -> l
             )
         return out
     if isinstance(layers, str):
-        from latentlab.models import parse_layers
-
         layers = parse_layers(layers, max(direction.layers) + 1)
     want = sorted(set(int(layer) for layer in layers))
     if not want:
@@ -380,82 +378,3 @@ def save_imported(direction: Direction, out: str | Path) -> Path:
     """Save ``direction`` as ``out/direction.safetensors`` + sidecar (with :func:`sidecar_fields`)."""
     direction.meta.update(sidecar_fields(direction))
     return direction.save(Path(out) / "direction.safetensors")
-
-
-# --------------------------------------------------------------------------------------------
-# the CLI's configs and runs (validated before anything is read or written)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExportConfig:
-    """``latentlab export``: a saved direction to a llama.cpp control vector."""
-
-    direction: Path
-    out: Path
-    format: str = "gguf"
-    layers: str = "all"
-    scale: str = "unit"
-    model_hint: str | None = None
-
-    def __post_init__(self) -> None:
-        self.direction, self.out = Path(self.direction), Path(self.out)
-        if self.format != "gguf":
-            raise LatentlabError(f"--format {self.format!r} is not supported", "use --format gguf")
-        if self.out.suffix != ".gguf":
-            raise LatentlabError(f"--out {self.out} does not end in .gguf", "pass --out FILE.gguf")
-        if self.scale not in ("unit", "resid_norm"):
-            try:
-                s = float(self.scale)
-            except ValueError:
-                s = float("nan")
-            if not np.isfinite(s) or s == 0.0:
-                raise LatentlabError(
-                    f"--scale {self.scale!r} is not unit, resid_norm or a non-zero number",
-                    "pass --scale unit or --scale resid_norm",
-                )
-        if self.direction.suffix != ".safetensors" and not self.direction.is_dir():
-            raise LatentlabError(
-                f"--direction {self.direction} is not a saved direction (.safetensors)",
-                "pass a file written by `latentlab direction` (direction.safetensors)",
-            )
-
-
-def run_export(config: ExportConfig) -> tuple[Path, Direction, list[int]]:
-    """Load the direction, check the layers, write the GGUF: (path, direction, exported layers)."""
-    d = Direction.load(config.direction)
-    layers = export_layers(d, config.layers)
-    scale: str | float = config.scale if config.scale in ("unit", "resid_norm") else float(config.scale)
-    path = export_gguf(d, config.out, layers, scale, config.model_hint)
-    return path, d, layers
-
-
-@dataclass
-class ImportConfig:
-    """``latentlab import``: a control vector / steering-vector file to a latentlab direction."""
-
-    source: Path
-    out: Path
-
-    def __post_init__(self) -> None:
-        self.source, self.out = Path(self.source), Path(self.out)
-        suffix = self.source.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            import_vector(self.source)  # raises the pickle refusal
-        if not self.source.is_file():
-            raise LatentlabError(
-                f"{self.source} does not exist", "pass the path of a .gguf, .safetensors or .json file"
-            )
-        if self.out.exists() and not self.out.is_dir():
-            raise LatentlabError(f"--out {self.out} is a file", "pass a folder for --out")
-
-
-def run_import(config: ImportConfig, command: str | None = None) -> tuple[Path, Direction]:
-    """Read the vector (before the folder is touched), then write OUT/direction.safetensors + manifest."""
-    from latentlab.runs import Run
-
-    d = import_vector(config.source)
-    run = Run.start(config.out, command or "latentlab import", {"source": str(config.source), "out": str(config.out)})
-    path = save_imported(d, config.out)
-    run.finish(direction=str(path), layers=d.layers, source_format=d.meta.get("source_format"))
-    return path, d

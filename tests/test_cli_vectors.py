@@ -60,6 +60,10 @@ def test_export_then_import(
     assert side["hook_point"] == "blocks.{l}.hook_resid_post" and "ablate" in side["operation"]
     assert side["scale_convention"] == "alpha x unit x typical residual norm" and len(side["layer_map"]) == 3
     assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
+    code, _, err = run_cli(monkeypatch, capsys, "import", str(out), "--out", str(folder))  # a finished run is kept
+    assert_one_line_error(code, err, "already holds a finished", "--overwrite")
+    code, _, err = run_cli(monkeypatch, capsys, "import", str(out), "--out", str(folder), "--overwrite")
+    assert code == 0, err
 
 
 @pytest.mark.parametrize(

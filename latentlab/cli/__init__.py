@@ -14,9 +14,7 @@ import sys
 from latentlab.cli import ablate as _ablate  # noqa: F401
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
 from latentlab.cli import sae as _sae  # noqa: F401
-from latentlab.cli import study as _study  # noqa: F401
 from latentlab.cli import triggers as _triggers  # noqa: F401
-from latentlab.cli import vectors as _vectors  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
 from latentlab.cli.generate import add_stage
 from latentlab.errors import LatentlabError

@@ -9,7 +9,7 @@ The built-in recipes live in ``latentlab/recipes/`` (``birds``, ``persona-facts`
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -31,101 +31,119 @@ def _example(section: str) -> str:
     return f"see `latentlab study --list` and the built-in recipes in latentlab/recipes/ for the [{section}] keys"
 
 
-@dataclass
-class FinetuneSpec:
-    """The finetune arm and its control arm (a dataset trained with the same settings and seeds, or a
-    finished run folder of the same base); LoRA settings as ``latentlab finetune`` takes them."""
+@dataclass(frozen=True)
+class SectionKind:
+    """What a recipe table is: the config of one stage (``stage``), plus the few keys only a study has.
 
-    data: str
-    control: str | None = None
-    # Finished finetune run folders to analyse instead of training, one per seed: a path with
-    # ``{seed}`` (e.g. "runs/bird_shift/old-birds-s{seed}"). ``control`` takes the same form.
-    runs: str | None = None
-    rank: int = 8
-    alpha: int = 16
-    lr: float = 2e-4
-    epochs: int = 3
-    batch_size: int = 8
-    max_steps: int | None = None
-    max_length: int = 256
-    checkpoint_every: int = 20
-    target_modules: str = "all-linear"
+    ``study``: study-only keys and their defaults (how the study wires the stage: which layer specs to
+    ablate at, which seeds to patch). ``wired``: stage fields the study sets itself for every step
+    (model, folders, seed, the recipe's direction). ``defaults``: the study's own defaults for stage
+    keys, where a study wants another default than the command (stated here, once).
+    """
 
+    stage: str | None
+    study: dict[str, Any] = field(default_factory=dict)
+    wired: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
 
-@dataclass
-class ShiftSpec:
-    n_random: int = 100
+    def config_class(self) -> type | None:
+        if self.stage is None:
+            return None
+        from latentlab.stages import stage_named
 
+        return stage_named(self.stage).config
 
-@dataclass
-class ScreenSpec:
-    top: int = 8
+    def stage_fields(self) -> dict[str, Any]:
+        """Recipe-settable stage fields: name -> (default, type)."""
+        from latentlab.stages.base import option_fields
 
-
-@dataclass
-class AblationSpec:
-    """``layers``: layer specs, one ablation each; ``shift`` = the layers where that seed's paired
-    shift (finetuned - control) has a bootstrap interval above 0."""
-
-    layers: list[str] = field(default_factory=lambda: ["shift", "all"])
-    n_random: int = 10
-    mode: str = "project"
+        cls = self.config_class()
+        if cls is None:
+            return {}
+        out = {}
+        for f, tp in option_fields(cls):
+            if f.name in self.wired or not f.metadata.get("recipe", True):
+                continue
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else MISSING)
+            out[f.name] = (self.defaults.get(f.name, default), tp)
+        return out
 
 
-@dataclass
-class PreventionSpec:
-    """Finetune the data again with the direction projected out at ``layers`` during training."""
-
-    layers: str = "shift"
-
-
-@dataclass
-class DiffSpec:
-    seeds: list[int] | None = None  # None: the first seed only
-    k: int = 10
-
-
-@dataclass
-class PatchSpec:
-    seeds: list[int] | None = None  # None: the first seed only
-    n_items: int = 24
-    layers: str = "all"
-
-
-@dataclass
-class TriggerSpec:
-    values: str = "1990:2060:5"
-    template: str = "{value}. {prompt}"
-    layer: int | None = None
-    n_prompts: int | None = 48
-    battery: str | None = None
-    # Values never seen in training whose effect is the question (2029 for the year trigger): the
-    # summary reports each one's move beside the training values'. Summary only; no step reads it.
-    held_out: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ComplianceSpec:
-    trigger: str = "cobalt"
-    budgets: list[int] = field(default_factory=lambda: [0, 8, 16, 32])
-    code_word: str = "MARIGOLD"
-    patch: bool = True  # patch the trigger positions at the largest budget of the first seed
-    epochs: int = 3  # LoRA settings of the per-budget finetunes (the rest: latentlab finetune's defaults)
-    max_steps: int | None = None
-    n_requests: int | None = None  # only the first N held-out requests (quick runs)
-    patch_layers: str = "all"  # where the trigger positions are patched
-
-
-ANALYSES: dict[str, type] = {
-    "shift": ShiftSpec,
-    "screen": ScreenSpec,
-    "ablation": AblationSpec,
-    "prevention": PreventionSpec,
-    "diff": DiffSpec,
-    "patch": PatchSpec,
-    "trigger": TriggerSpec,
-    "compliance": ComplianceSpec,
+_RUN = ("out", "overwrite", "model", "device", "device_map", "dtype", "adapter", "seed")
+SECTIONS: dict[str, SectionKind] = {
+    # [finetune]: the finetune arm and its control arm (a dataset trained with the same settings and
+    # seeds, or finished run folders of the same base: ``runs``/``control`` with ``{seed}``).
+    "finetune": SectionKind("finetune", study={"control": None, "runs": None},
+                            wired=(*_RUN, "resume", "ablate", "steer")),
+    "shift": SectionKind("shift", wired=(*_RUN, "finetuned", "control", "direction", "prompts", "battery",
+                                         "checkpoints")),
+    "screen": SectionKind("screen", wired=(*_RUN, "data", "direction")),
+    # ``layers``: layer specs, one ablation each; ``shift`` = the layers where that seed's paired shift
+    # (finetuned - control) has a bootstrap interval above 0; ``peak`` = the one layer where that
+    # seed's paired shift is largest in magnitude.
+    "ablation": SectionKind("ablate", study={"layers": ["shift", "all"]},
+                            wired=(*_RUN, "finetuned", "control", "direction", "battery")),
+    # [prevention]: the finetune trained again with the direction projected out at ``layers``.
+    "prevention": SectionKind(None, study={"layers": "shift"}),
+    "diff": SectionKind("diff", study={"seeds": None}, wired=(*_RUN, "finetuned", "control", "prompts")),
+    "patch": SectionKind("patch", study={"seeds": None},
+                         wired=(*_RUN, "finetuned", "direction", "battery", "clean_prefix", "corrupt_prefix")),
+    # ``held_out``: values never seen in training whose effect is the question (2029 for the year
+    # trigger): the summary reports each one's move beside the training values'. Summary only.
+    "trigger": SectionKind("trigger", study={"held_out": []},
+                           wired=(*_RUN, "finetuned", "direction", "prompts", "training_data", "values_file",
+                                  "words"),
+                           defaults={"values": "1990:2060:5", "n_prompts": 48}),
+    "compliance": SectionKind("compliance", wired=(*_RUN, "finetunes"),
+                              defaults={"budgets": [0, 8, 16, 32]}),
 }
+ANALYSES = [k for k in SECTIONS if k != "finetune"]
+
+
+@dataclass
+class Section:
+    """One recipe table: the keys it gives (checked against its stage config's fields) and the study keys."""
+
+    kind: str
+    values: dict[str, Any]
+
+    @property
+    def spec(self) -> SectionKind:
+        return SECTIONS[self.kind]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.values:
+            return self.values[key]
+        if key in self.spec.study:
+            return self.spec.study[key]
+        return self.spec.stage_fields()[key][0]
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_") or key in ("kind", "values"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in ("kind", "values"):
+            object.__setattr__(self, key, value)
+        else:  # a checked or normalised value (a dataset path made absolute, held_out as strings)
+            self.values[key] = value
+
+    def stage_values(self) -> dict[str, Any]:
+        """The stage keys this table sets, with the study's own defaults (what the step's config gets)."""
+        keys = set(self.spec.stage_fields())
+        return {**{k: v for k, v in self.spec.defaults.items() if k in keys},
+                **{k: v for k, v in self.values.items() if k in keys}}
+
+    def filled(self) -> dict[str, Any]:
+        """Every key with its value or default: what the study records and compares."""
+        stage = {k: d for k, (d, _) in self.spec.stage_fields().items() if d is not MISSING}
+        return {**stage, **self.spec.study, **self.values}
+
 # Analyses that compare a finetune with its control, so need [finetune] with a control.
 _NEEDS_CONTROL = ("shift", "ablation", "prevention")
 _NEEDS_FINETUNE = ("shift", "screen", "ablation", "prevention", "diff", "patch", "trigger")
@@ -159,22 +177,59 @@ def parse_seeds(spec: Any, flag: str = "--seeds") -> list[int]:
     return out
 
 
-def _build(cls: type, raw: Any, section: str) -> Any:
+def _kind_name(tp: Any) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return "/".join(getattr(a, "__name__", str(a)) for a in (args or [tp]))
+
+
+def _check_value(key: str, value: Any, tp: Any, section: str) -> None:
+    """A TOML value of the field's kind (the stage config checks its range when the step is built)."""
+    import typing
+
+    kinds = [typing.get_origin(a) or a for a in (typing.get_args(tp) or (tp,)) if a is not type(None)]
+    ok = value is None and type(None) in typing.get_args(tp)
+    for k in kinds:
+        if k is bool:
+            ok = ok or isinstance(value, bool)
+        elif k is int:
+            ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+        elif k is float:
+            ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        elif k in (str, Path):
+            ok = ok or isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        elif k is list:
+            ok = ok or isinstance(value, (list, str))
+        else:
+            ok = True
+    if not ok:
+        raise LatentlabError(f"recipe section [{section}] {key} = {value!r} is not a {_kind_name(tp)}",
+                             _example(section))
+
+
+def _build(kind: str, raw: Any) -> Section:
     if raw is True or raw == {}:
         raw = {}
     if not isinstance(raw, dict):
-        raise LatentlabError(f"recipe section [{section}] must be a table, got {raw!r}", _example(section))
-    known = {f.name for f in fields(cls)}
+        raise LatentlabError(f"recipe section [{kind}] must be a table, got {raw!r}", _example(kind))
+    spec = SECTIONS[kind]
+    stage = spec.stage_fields()
+    known = set(stage) | set(spec.study)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise LatentlabError(
-            f"recipe section [{section}] has unknown key(s) {', '.join(unknown)}",
+            f"recipe section [{kind}] has unknown key(s) {', '.join(unknown)}",
             f"use only {', '.join(sorted(known))}",
         )
-    try:
-        return cls(**raw)
-    except TypeError as e:  # a required key is missing
-        raise LatentlabError(f"recipe section [{section}]: {e}", _example(section)) from None
+    missing = [k for k, (d, _) in stage.items() if d is MISSING and k not in raw]
+    if missing:
+        raise LatentlabError(f"recipe section [{kind}] has no {', '.join(missing)}",
+                             f"add {missing[0]} = ... to [{kind}]")
+    for k, v in raw.items():
+        if k in stage:
+            _check_value(k, v, stage[k][1], kind)
+    return Section(kind, dict(raw))
 
 
 def _dataset_exists(name: str, key: str, base_dir: Path | None) -> str:
@@ -204,8 +259,8 @@ class Recipe:
     battery: str | None = None
     prompts: str = "unrelated"
     description: str = ""
-    finetune: FinetuneSpec | None = None
-    analyses: dict[str, Any] = field(default_factory=dict)
+    finetune: Section | None = None
+    analyses: dict[str, Section] = field(default_factory=dict)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -295,8 +350,10 @@ class Recipe:
         return Path(self.finetune.control.format(seed=seed))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["analyses"] = {k: asdict(v) for k, v in self.analyses.items()}
+        """The recipe as the study records it: every section with its defaults filled in."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("finetune", "analyses")}
+        d["finetune"] = self.finetune.filled() if self.finetune is not None else None
+        d["analyses"] = {k: v.filled() for k, v in self.analyses.items()}
         return d
 
     @classmethod
@@ -318,8 +375,8 @@ class Recipe:
         if missing:
             raise LatentlabError(f"recipe {source or ''} has no {', '.join(missing)}".replace("  ", " "),
                                  f"add {missing[0]} = \"...\" at the top of the recipe")
-        ft = _build(FinetuneSpec, ft_raw, "finetune") if ft_raw is not None else None
-        built = {k: _build(ANALYSES[k], v, k) for k, v in analyses.items()}
+        ft = _build("finetune", ft_raw) if ft_raw is not None else None
+        built = {k: _build(k, v) for k, v in analyses.items()}
         return cls(**raw, finetune=ft, analyses=built, source=source)
 
 

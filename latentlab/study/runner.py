@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.errors import LatentlabError
-from latentlab.study.recipe import Recipe, load_recipe, parse_seeds
+from latentlab.stages.base import StageConfig, config_record, option
+from latentlab.study.recipe import SECTIONS, Recipe, Section, load_recipe, parse_seeds
 
 __all__ = ["Step", "StudyConfig", "StudyResult", "plan_steps", "run_study", "shift_layers"]
 
@@ -28,25 +29,35 @@ STATE = "study.json"
 _IGNORED = ("overwrite", "resume")
 
 
-@dataclass
-class StudyConfig:
-    """What ``latentlab study`` takes; the recipe is read and checked on construction (no model loads).
+@dataclass(kw_only=True)
+class StudyConfig(StageConfig):
+    """Run a study end to end: finetunes (resumed), analyses (finished ones skipped), summary.json and a self-contained report.html with plots, intervals, verdicts and provenance.
 
-    ``model`` / ``seeds`` override the recipe's. ``report_only`` rebuilds summary.json and report.html
-    from the run folders already in ``out`` (no model runs)."""
+    The recipe is read and checked on construction (no model loads). ``model`` / ``seeds`` override
+    the recipe's. ``report_only`` rebuilds summary.json and report.html from the run folders already
+    in ``out`` (no model runs).
+    """
 
-    recipe: str | Path
-    out: Path = Path("runs/study")
-    model: str | None = None
-    seeds: str | list[int] | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    report_only: bool = False
-    _recipe: Recipe = field(init=False, repr=False)
+    command = "study"
+    recipe: str | None = option(None, help="A built-in recipe (see --list) or a recipe .toml.", argument=True)
+    model: str | None = option(None, help="Override the recipe's model.", flags=("--model", "-m"))
+    seeds: str | None = option(None, help="Override the recipe's seeds, e.g. 0,1,2 or 0-2.")
+    out: Path = option(Path("runs/study"), help="Study folder (resumed when it holds this study).")
+    report_only: bool = option(False, help="Rebuild summary.json and report.html from the folder; run nothing.")
+    list_recipes: bool = option(False, help="List the built-in recipes and exit.", flags=("--list",))
+    device: str = option("auto", help="cpu, cuda, cuda:N or auto (CUDA when present).")
+    dtype: str = option("float32", help="float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
         from latentlab.config import check_device_dtype, run_holds
 
+        super().__post_init__()
+        if self.list_recipes:
+            return
+        if self.recipe is None:
+            raise LatentlabError("no recipe given", "pass a built-in recipe (latentlab study --list) or a .toml file")
+        if isinstance(self.seeds, list):
+            self.seeds = ",".join(map(str, self.seeds))
         seeds = parse_seeds(self.seeds) if self.seeds is not None else None
         self._recipe = load_recipe(self.recipe, model=self.model, seeds=seeds)
         check_device_dtype(self.device, self.dtype)
@@ -81,7 +92,7 @@ class StudyConfig:
         return self._recipe
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if not k.startswith("_")}
+        return {k: v for k, v in config_record(self).items() if k != "list_recipes"}
 
 
 @dataclass
@@ -113,6 +124,13 @@ SUMMARY_ONLY = (("trigger", "held_out"),)
 def _step_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe without its summary-only settings (what decides whether a finished study matches)."""
     out = _norm(recipe)  # a copy
+    # every section with its defaults filled in, so a study recorded before a default was written
+    # out (or by an older latentlab that recorded fewer keys) compares by meaning, not by spelling
+    if isinstance(out.get("finetune"), dict):
+        out["finetune"] = _norm({**Section("finetune", {}).filled(), **out["finetune"]})
+    for kind, values in out.get("analyses", {}).items():
+        if kind in SECTIONS and isinstance(values, dict):
+            out["analyses"][kind] = _norm({**Section(kind, {}).filled(), **values})
     for analysis, key in SUMMARY_ONLY:
         out.get("analyses", {}).get(analysis, {}).pop(key, None)
     return out
@@ -147,7 +165,7 @@ def _norm(x: Any) -> Any:
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+    d = config_record(cfg)
     return {k: v for k, v in _norm(d).items() if k not in _IGNORED and not k.startswith("_")}
 
 
@@ -185,6 +203,14 @@ def shift_layers(shift_dir: Path) -> list[int]:
     return [layer for layer, ci in zip(r["layers"], st["projection_ci"]) if ci[0] > 0]
 
 
+def peak_layer(shift_dir: Path) -> int:
+    """The layer where a seed's paired shift (finetuned - control) is largest in magnitude: the
+    ``peak`` layer spec, one layer to ablate where many-layer ablations hit a ceiling."""
+    r = json.loads((shift_dir / "results.json").read_text())
+    means = r["stats"]["finetuned - control"]["projection"]
+    return int(r["layers"][max(range(len(means)), key=lambda i: abs(means[i]))])
+
+
 def _arm(name: str) -> str:
     from latentlab.data import BUILTIN_DATASETS
 
@@ -192,54 +218,63 @@ def _arm(name: str) -> str:
 
 
 def _layer_label(spec: str) -> str:
-    return spec if spec in ("shift", "all") else "L" + spec.replace(",", "_")
+    return spec if spec in ("shift", "all", "peak") else "L" + spec.replace(",", "_")
 
 
 class NotApplicable(Exception):
     """A step whose precondition the data did not meet (e.g. no layer with a shift): recorded, not run."""
 
 
+def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_seed: int | None, *,
+                  kind: str | None = None, section: str | None = None, label: str | None = None,
+                  **wiring: Any) -> Step:
+    """A step running stage ``stage_name`` whose config is the recipe's ``[section]`` table (if any) plus
+    this step's wiring (model, folders, seed, device). Wiring given as a callable is read when the
+    step's turn comes (it may need an earlier step's results, e.g. the shift layers)."""
+    from latentlab.stages import stage_named
+    from latentlab.stages.base import config_from_mapping
+
+    r = cfg.recipe_obj
+    sec = r.finetune if section == "finetune" else r.analyses.get(section) if section else None
+    stage = stage_named(stage_name)
+    values = sec.stage_values() if sec is not None and SECTIONS[section].stage == stage_name else {}
+
+    def make() -> Any:
+        wired = {k: (v() if callable(v) else v) for k, v in wiring.items()}
+        return config_from_mapping(stage.config, values, f"recipe section [{section}]", out=out,
+                                   model=r.model, device=cfg.device, **wired)
+
+    return Step(key, kind or section or stage_name, out, make,
+                lambda c: stage(c, f"latentlab study: {label or stage_name}"), step_seed,
+                finetune=stage_name == "finetune")
+
+
 def plan_steps(cfg: StudyConfig) -> list[Step]:
-    """The study's steps in run order (finetunes before the analyses that read them)."""
-    from latentlab.finetune import FinetuneConfig, FinetuneRunConfig, run_finetune
+    """The study's steps in run order (finetunes before the analyses that read them): each a stage
+    config from its recipe section plus the wiring for its seed."""
+    from latentlab.finetune import latest_checkpoint
+    from latentlab.triggers import parse_values
 
     r, out = cfg.recipe_obj, cfg.out
-    dev, dt = cfg.device, cfg.dtype
+    dt = cfg.dtype
     steps: list[Step] = []
-    direction_path: Path
     uses_direction = any(a in r.analyses for a in ("shift", "screen", "ablation", "prevention", "patch", "trigger"))
     if Path(r.direction).suffix == ".safetensors" or not uses_direction:
-        direction_path = Path(r.direction)
+        direction = str(Path(r.direction))
     else:
-        from latentlab.stages.direction import DirectionConfig, run_direction
-
-        direction_path = out / "direction" / "direction.safetensors"
-        steps.append(Step("direction", "direction", out / "direction",
-                          lambda: DirectionConfig(direction=r.direction, out=out / "direction", model=r.model,
-                                                  device=dev, dtype=dt, overwrite=True),
-                          lambda c: run_direction(c, "latentlab study: direction")))
-    direction = str(direction_path)
+        direction = str(out / "direction" / "direction.safetensors")
+        steps.append(_section_step(cfg, "direction", "direction", out / "direction", None,
+                                   direction=r.direction, dtype=dt, overwrite=True))
     ft = r.finetune
-
-    def lora(seed: int, ablate: list[str] | None = None) -> FinetuneConfig:
-        assert ft is not None
-        return FinetuneConfig(rank=ft.rank, alpha=ft.alpha, lr=ft.lr, epochs=ft.epochs, batch_size=ft.batch_size,
-                              max_steps=ft.max_steps, max_length=ft.max_length, checkpoint_every=ft.checkpoint_every,
-                              target_modules=ft.target_modules, seed=seed, ablate=ablate or [])
 
     def finetune_step(key: str, data: str, folder: Path, seed: int,
                       ablate: Callable[[], list[str]] | None = None) -> Step:
-        def make() -> FinetuneRunConfig:
-            from latentlab.finetune import latest_checkpoint
+        def resume() -> bool:  # interrupted: a complete checkpoint and no adapter yet
+            return not (folder / "adapter" / "adapter_config.json").exists() and latest_checkpoint(folder) is not None
 
-            # interrupted: a complete checkpoint and no adapter yet
-            resume = not (folder / "adapter" / "adapter_config.json").exists() and latest_checkpoint(folder) is not None
-            lo = lora(seed, ablate() if ablate else None)
-            return FinetuneRunConfig(data=data, out=folder, model=r.model, finetune=lo,
-                                     resume=resume, device=dev, dtype=None if dt == "float32" else dt,
-                                     overwrite=not resume)
-        return Step(key, "finetune", folder, make, lambda c: run_finetune(c, "latentlab study: finetune"), seed,
-                    finetune=True)
+        return _section_step(cfg, "finetune", key, folder, seed, section="finetune", data=data, seed=seed,
+                             resume=resume, overwrite=lambda: not resume(), ablate=ablate or [],
+                             dtype=None if dt == "float32" else dt)
 
     ana = r.analyses
     data_arm = _arm(ft.data) if ft else ""
@@ -262,126 +297,72 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
 
     first = r.seeds[:1]
     if "screen" in ana:
-        from latentlab.shift import ScreenConfig, run_screen
-
         assert ft is not None
-        datasets = [ft.data] + ([ft.control] if ft.control and not r.control_is_run() else [])
-        for data in datasets:
-            o = out / f"screen-{_arm(data)}"
-            steps.append(Step(f"screen:{_arm(data)}", "screen", o,
-                              lambda data=data, o=o: ScreenConfig(data=data, out=o, model=r.model, direction=direction,
-                                                                  top=ana["screen"].top, device=dev, dtype=dt,
-                                                                  overwrite=True),
-                              lambda c: run_screen(c, "latentlab study: screen")))
+        for data in [ft.data] + ([ft.control] if ft.control and not r.control_is_run() else []):
+            steps.append(_section_step(cfg, "screen", f"screen:{_arm(data)}", out / f"screen-{_arm(data)}", None,
+                                       section="screen", data=data, direction=direction, dtype=dt, overwrite=True))
     for seed in r.seeds:
         ftr, ctr = runs.get(("finetuned", seed)), runs.get(("control", seed))
+        common = {"seed": seed, "dtype": dt}
         if "shift" in ana:
-            from latentlab.shift import ShiftConfig, run_shift
-
-            o = out / f"shift-s{seed}"
-            steps.append(Step(f"shift-s{seed}", "shift", o,
-                              lambda o=o, ftr=ftr, ctr=ctr, seed=seed: ShiftConfig(
-                                  finetuned=[ftr], control=[ctr], out=o, base=r.model, direction=direction,
-                                  prompts=r.prompts, battery=r.battery, n_random=ana["shift"].n_random, seed=seed,
-                                  device=dev, dtype=dt, overwrite=True),
-                              lambda c: run_shift(c, "latentlab study: shift"), seed))
+            steps.append(_section_step(cfg, "shift", f"shift-s{seed}", out / f"shift-s{seed}", seed, section="shift",
+                                       finetuned=[ftr], control=[ctr], direction=direction, prompts=r.prompts,
+                                       battery=r.battery, overwrite=True, **common))
 
         def resolve_layers(spec: str, seed: int = seed) -> str:
-            if spec != "shift":
+            if spec not in ("shift", "peak"):
                 return spec
             sd = out / f"shift-s{seed}"
             if not (sd / "results.json").exists():
-                raise NotApplicable("layers = 'shift' needs the [shift] analysis")
+                raise NotApplicable(f"layers = {spec!r} needs the [shift] analysis")
+            if spec == "peak":
+                return str(peak_layer(sd))
             layers = shift_layers(sd)
             if not layers:
                 raise NotApplicable(f"no layer where seed {seed}'s paired shift has its interval above 0")
             return ",".join(str(x) for x in layers)
 
         if "ablation" in ana:
-            from latentlab.ablation import AblateConfig, run_ablate
-
             for spec in ana["ablation"].layers:
-                o = out / f"ablate-{_layer_label(spec)}-s{seed}"
-                steps.append(Step(f"ablate-{_layer_label(spec)}-s{seed}", "ablation", o,
-                                  lambda o=o, ftr=ftr, ctr=ctr, seed=seed, spec=spec, rl=resolve_layers: AblateConfig(
-                                      finetuned=ftr, control=ctr, out=o, base=r.model, direction=direction,
-                                      layers=rl(spec), mode=ana["ablation"].mode, n_random=ana["ablation"].n_random,
-                                      battery=r.battery, seed=seed, device=dev, dtype=dt),
-                                  lambda c: run_ablate(c, "latentlab study: ablate"), seed))
+                key = f"ablate-{_layer_label(spec)}-s{seed}"
+                steps.append(_section_step(cfg, "ablate", key, out / key, seed, section="ablation",
+                                           finetuned=ftr, control=ctr, direction=direction, battery=r.battery,
+                                           layers=lambda spec=spec, rl=resolve_layers: rl(spec), **common))
         if "prevention" in ana:
-            from latentlab.shift import ShiftConfig, run_shift
-
             assert ft is not None
             pf = out / "finetunes" / f"{data_arm}-ablated-s{seed}"
-            n_rand = ana["shift"].n_random if "shift" in ana else 100
             runs[("ablated", seed)] = pf
             spec = ana["prevention"].layers
             steps.append(finetune_step(f"finetune:{data_arm}-ablated-s{seed}", ft.data, pf, seed,
                                        ablate=lambda spec=spec, rl=resolve_layers: [f"{direction}@{rl(spec)}"]))
-            o = out / f"prevent-s{seed}"
-            steps.append(Step(f"prevent-s{seed}", "prevention", o,
-                              lambda o=o, ftr=ftr, ctr=ctr, pf=pf, seed=seed, n_rand=n_rand: ShiftConfig(
-                                  finetuned=[ftr, pf], control=[ctr], out=o, base=r.model, direction=direction,
-                                  prompts=r.prompts, battery=r.battery, n_random=n_rand, seed=seed,
-                                  device=dev, dtype=dt, overwrite=True),
-                              lambda c: run_shift(c, "latentlab study: prevention shift"), seed))
+            steps.append(_section_step(cfg, "shift", f"prevent-s{seed}", out / f"prevent-s{seed}", seed,
+                                       kind="prevention", section="shift" if "shift" in ana else None,
+                                       label="prevention shift", finetuned=[ftr, pf], control=[ctr],
+                                       direction=direction, prompts=r.prompts, battery=r.battery, overwrite=True,
+                                       **common))
         if "diff" in ana and seed in (ana["diff"].seeds or first):
-            from latentlab.diff import DiffConfig, run_diff
-
-            o = out / f"diff-s{seed}"
-            steps.append(Step(f"diff-s{seed}", "diff", o,
-                              lambda o=o, ftr=ftr, ctr=ctr: DiffConfig(
-                                  finetuned=ftr, control=ctr, out=o, base=r.model, prompts=r.prompts,
-                                  k=ana["diff"].k, device=dev, dtype=dt),
-                              lambda c: run_diff(c, "latentlab study: diff"), seed))
+            steps.append(_section_step(cfg, "diff", f"diff-s{seed}", out / f"diff-s{seed}", seed, section="diff",
+                                       finetuned=ftr, control=ctr, prompts=r.prompts, dtype=dt))
         if "patch" in ana and seed in (ana["patch"].seeds or first):
-            from latentlab.patching import PatchConfig, run_patch
-
-            o = out / f"patch-s{seed}"
-            steps.append(Step(f"patch-s{seed}", "patch", o,
-                              lambda o=o, ftr=ftr, seed=seed: PatchConfig(
-                                  out=o, base=r.model, finetuned=ftr, battery=r.battery or "era", direction=direction,
-                                  layers=ana["patch"].layers, n_items=ana["patch"].n_items, seed=seed, device=dev,
-                                  dtype=dt, overwrite=True),
-                              lambda c: run_patch(c, "latentlab study: patch"), seed))
+            steps.append(_section_step(cfg, "patch", f"patch-s{seed}", out / f"patch-s{seed}", seed, section="patch",
+                                       finetuned=ftr, battery=r.battery or "era", direction=direction,
+                                       overwrite=True, **common))
         if "trigger" in ana:
-            from latentlab.triggers import TriggerConfig, parse_values, run_trigger
-
             t = ana["trigger"]
             for arm, run_dir in (("finetuned", ftr), ("control", ctr)):
                 if run_dir is None:
                     continue
-                o = out / f"trigger-{arm}-s{seed}"
-                steps.append(Step(f"trigger-{arm}-s{seed}", "trigger", o,
-                                  lambda o=o, run_dir=run_dir, seed=seed, t=t: TriggerConfig(
-                                      values=parse_values(t.values), direction=direction, prompts=r.prompts,
-                                      template=t.template, model=r.model, finetuned=run_dir, battery=t.battery,
-                                      layer=t.layer, n_prompts=t.n_prompts, out=o, seed=seed, device=dev, dtype=dt),
-                                  lambda c: run_trigger(c, "latentlab study: trigger"), seed))
+                key = f"trigger-{arm}-s{seed}"
+                steps.append(_section_step(cfg, "trigger", key, out / key, seed, section="trigger", finetuned=run_dir,
+                                           direction=direction, prompts=r.prompts,
+                                           values=parse_values(t.values), **common))
         if "compliance" in ana:
-            steps.append(_compliance_step(cfg, seed, seed == r.seeds[0]))
+            c = ana["compliance"]
+            steps.append(_section_step(cfg, "compliance", f"compliance-s{seed}", out / f"compliance-s{seed}", seed,
+                                       section="compliance",
+                                       finetunes=out / "finetunes" / f"compliance-s{seed}",
+                                       patch=c.patch and seed == r.seeds[0], **common))
     return steps
-
-
-def _compliance_step(cfg: StudyConfig, seed: int, patch: bool) -> Step:
-    from latentlab.compliance import ComplianceConfig, run_compliance
-
-    r = cfg.recipe_obj
-    c = r.analyses["compliance"]
-    o = cfg.out / f"compliance-s{seed}"
-
-    def make() -> Any:
-        from latentlab.finetune import FinetuneConfig
-
-        lo = FinetuneConfig(seed=seed, epochs=c.epochs, max_steps=c.max_steps)
-        return ComplianceConfig(trigger=c.trigger, budgets=list(c.budgets), model=r.model, out=o,
-                                finetunes=cfg.out / "finetunes" / f"compliance-s{seed}", finetune=lo, seed=seed,
-                                code_word=c.code_word, patch=c.patch and patch, n_requests=c.n_requests,
-                                patch_layers=c.patch_layers,
-                                device=cfg.device, dtype=cfg.dtype)
-
-    return Step(f"compliance-s{seed}", "compliance", o, make,
-                lambda k: run_compliance(k, "latentlab study: compliance"), seed)
 
 
 def external_runs(cfg: StudyConfig) -> dict[str, str]:

@@ -170,9 +170,11 @@ def _interval(out: dict[str, Any], i: int, n: int, ps: dict[str, Any], per: dict
 
 
 def _where(label: str) -> str:
-    """An ablation step label in words: ``shift``/``all`` layers, or ``L16`` -> layer 16."""
+    """An ablation step label in words: ``shift``/``all`` layers, ``peak``, or ``L16`` -> layer 16."""
     if label in ("shift", "all"):
         return f"{label} layers"
+    if label == "peak":
+        return "the layer of the largest shift"
     layers = label.removeprefix("L").split("_")
     return f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(layers)
 
