@@ -103,7 +103,10 @@ class StageConfig:
 class ModelOptions(StageConfig):
     """The model under study, where it runs and in what precision (one definition for every command)."""
 
-    model: str = option(DEFAULT_MODEL, help="Built-in name, hub id or local HF folder.", flags=("--model", "-m"))
+    model: str = option(
+        DEFAULT_MODEL, help="Built-in name, hub id or local HF folder (the base model under study).",
+        flags=("--model", "-m", "--base"),
+    )
     device: str = option("auto", help="cpu, cuda, cuda:N or auto (CUDA when present).")
     device_map: str | None = option(
         None, help="accelerate device map, e.g. auto: spread a model too big for one GPU over all of them."
