@@ -109,8 +109,8 @@ _EXPORTS = {
     "ScreenConfig": "latentlab.shift",
     "run_screen": "latentlab.shift",
     "patch_grid": "latentlab.patching",
-    "PatchConfig": "latentlab.patching",
-    "run_patch": "latentlab.patching",
+    "PatchConfig": "latentlab.stages.patch",
+    "run_patch": "latentlab.stages.patch",
     "plots": "latentlab.plots",
 }
 

@@ -1,9 +1,9 @@
-"""The stage commands: models, collect, direction, probe, steer, finetune, shift, screen, patch.
+"""The stage commands: models, collect, direction, probe, steer, finetune, shift, screen.
 
 Each stage command parses its options into the stage's config (which validates itself, so a bad
 option fails before a model loads or --out is touched), calls the one library function that does the
 run (``run_collect``, ``run_direction``, ``run_probe``, ``run_steer``, ``run_finetune``, ``run_shift``,
-``run_screen``, ``run_patch``: a notebook calls the same with the same config), and prints.
+``run_screen``: a notebook calls the same with the same config), and prints.
 """
 
 from __future__ import annotations
@@ -269,75 +269,3 @@ def screen(
     for i in res.order[:top] + res.order[-top:]:
         t.add_row(f"{res.scores[i]:+.1f}", r["responses"][i][:40], r["own_responses"][i][:40])
     out_console.print(t)
-
-
-@app.command()
-def patch(
-    out: OutOpt = Path("runs/patch"),
-    base: Annotated[str, typer.Option("--base", "--model", help="Base model (target run).")] = "gemma-3-270m",
-    finetuned: Annotated[Path | None, typer.Option(help="Finetune run or adapter folder (source run).")] = None,
-    battery: Annotated[str, typer.Option(help="era, persona or an A/B battery JSONL.")] = "era",
-    direction: Annotated[
-        str | None, typer.Option(help="Also patch only along this direction (era, persona, FILE).")
-    ] = None,
-    reverse: Annotated[bool, typer.Option(help="Patch base activations into the finetuned run instead.")] = False,
-    clean_prefix: Annotated[
-        str | None, typer.Option(help="Prompt-pair mode: prefix of the clean (source) prompts.")
-    ] = None,
-    corrupt_prefix: Annotated[
-        str | None, typer.Option(help="Prompt-pair mode: prefix of the corrupted (target) prompts.")
-    ] = None,
-    layers: Annotated[str, typer.Option(help="e.g. all or 0-10.")] = "all",
-    positions: Annotated[
-        str, typer.Option(help="Position classes: all, prompt, -1, -2, ...")
-    ] = "all,prompt,-1,-2,-3,-4",
-    component: Annotated[str, typer.Option(help="resid, attn or mlp output.")] = "resid",
-    n_items: Annotated[int, typer.Option(help="Battery items to use (the first N).")] = 24,
-    seed: Annotated[int, typer.Option(help="Seed for the random-direction control.")] = 0,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Activation patching, layer x position: finetuned -> base (or clean -> corrupted prompts)."""
-    from latentlab.patching import PatchConfig, run_patch
-
-    cfg = PatchConfig(
-        out=out,
-        base=base,
-        finetuned=finetuned,
-        battery=battery,
-        direction=direction,
-        reverse=reverse,
-        clean_prefix=clean_prefix,
-        corrupt_prefix=corrupt_prefix,
-        layers=layers,
-        positions=positions,
-        component=component,
-        n_items=n_items,
-        seed=seed,
-        device=device, device_map=device_map,
-        overwrite=overwrite,
-    )
-    res = run_patch(cfg, _command_line())
-    full, src, tgt, pos = res.full, res.source, res.target, cfg.positions
-    out_console.print(
-        f"battery score: {tgt} (target) {full.target_score:.3f}, {src} (source) "
-        f"{full.source_score:.3f}" + ("  [gap < 0.02: normalised effects are noise]" if full.meta["small_gap"] else "")
-    )
-    table = Table(title=f"normalised effect by layer (0 = {tgt}, 1 = {src})")
-    table.add_column("layer", justify="right")
-    for p in pos:
-        table.add_column(f"full@{p}", justify="right")
-    a = res.along
-    if a is not None:
-        for p in a.positions:
-            table.add_column(f"dir@{p}", justify="right")
-            table.add_column(f"rand@{p}", justify="right")
-    for li, layer in enumerate(res.layers):
-        cells = [f"{float(full.effect[0, li, pi]):+.2f}" for pi in range(len(pos))]
-        if a is not None:
-            for pi in range(len(a.positions)):
-                cells += [f"{float(a.effect[0, li, pi]):+.2f}", f"{float(a.effect[1, li, pi]):+.2f}"]
-        table.add_row(str(layer), *cells)
-    out_console.print(table)
-    out_console.print(f"results.json, heatmap and by-layer plots in {res.out}")
