@@ -25,11 +25,12 @@ from torch import Tensor
 
 from latentlab.data import BatteryItem
 from latentlab.directions import Direction
+from latentlab.errors import LatentlabError
 from latentlab.generation import generate
 from latentlab.interventions import Condition, Mode, Steer
 from latentlab.models import LoadedModel
 from latentlab.scoring import score_conditions
-from latentlab.stats import antisymmetric, bootstrap_ci
+from latentlab.stats import antisymmetric, bootstrap_ci, check_finite
 
 __all__ = [
     "DEFAULT_GENERATION_PROMPTS",
@@ -209,9 +210,6 @@ def choose_layer(
 ) -> LayerChoice:
     """Screen :func:`candidate_layers` (those the direction has) on a dev split of ``items``
     (:func:`dev_eval_split`) and pick the layer with the largest steering effect; report on ``eval_items``."""
-    from latentlab.errors import LatentlabError
-    from latentlab.stats import check_finite
-
     dev, ev = dev_eval_split(items, every)
     if not dev or not ev:
         raise LatentlabError(
@@ -229,185 +227,3 @@ def choose_layer(
     screen = screen_layers(model, direction, dev, cands, alpha=alpha, progress=progress)
     check_finite(list(screen.values()), "the layer-screen scores", "steer")
     return LayerChoice(max(screen, key=lambda c: screen[c]), screen, dev, ev)
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab steer: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SteerConfig:
-    """What ``latentlab steer`` takes; validated on construction, recorded whole in the manifest.
-
-    ``direction``: era, persona, a pair JSONL (fitted on every layer) or a saved ``.safetensors``.
-    ``layer``: a layer spec ('12', '10,12'); None screens candidate layers (:func:`choose_layer`).
-    ``battery``: None = the direction's built-in battery. ``prompt``: None = :data:`DEFAULT_GENERATION_PROMPTS`.
-    """
-
-    direction: str = "era"
-    out: Any = "runs/steer"
-    model: str = "gemma-3-270m"
-    adapter: Any = None
-    layer: str | None = None
-    coeffs: Any = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
-    battery: str | None = None
-    prompt: list[str] | None = None
-    positions: str = "all"
-    n_random: int = 1
-    gen_alpha: float = 0.25
-    max_new_tokens: int = 24
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    overwrite: bool = False
-    refit: bool = False  # fit the direction and probes again instead of reusing the cached fit
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        from pathlib import Path
-
-        from latentlab.config import (
-            DEFAULT_BATTERY,
-            check_choice,
-            check_device_dtype,
-            check_direction_spec,
-            check_layer_spec,
-            check_out,
-            finite_float,
-            finite_floats,
-            nonnegative_int,
-            positive_int,
-        )
-        from latentlab.errors import LatentlabError
-
-        self.coeffs = finite_floats(self.coeffs, "--coeffs")
-        check_choice(self.positions, ("all", "generated"), "--positions")
-        nonnegative_int("n_random", self.n_random)
-        positive_int("max_new_tokens", self.max_new_tokens)
-        self.gen_alpha = finite_float("gen_alpha", self.gen_alpha)
-        check_layer_spec(self.layer, "--layer")
-        check_device_dtype(self.device, self.dtype)
-        self.adapter = None if self.adapter is None else Path(self.adapter)
-        self.prompt = None if self.prompt is None else [str(p) for p in self.prompt]
-        if self.prompt is not None and not self.prompt:
-            self.prompt = None
-        check_direction_spec(self.direction)
-        self.battery = self.battery or DEFAULT_BATTERY.get(self.direction)
-        if self.battery is None:
-            raise LatentlabError(f"no default battery for --direction {self.direction}", "pass --battery FILE.jsonl")
-        self.battery = str(self.battery)
-        self.out = check_out(self.out, self.overwrite)
-
-
-@dataclass
-class SteerRun:
-    """What ``latentlab steer`` measured: the sweep at the chosen layers, the screen, the generations."""
-
-    sweep: SweepResult
-    direction: Direction
-    chosen_layers: list[int]
-    layer_screen: dict[int, float] | None
-    n_eval_items: int
-    generations: list[dict[str, str]]
-    gen_alphas: list[float]
-    report: Any
-    model: str
-    out: Any
-
-
-def run_steer(config: SteerConfig, command: str | None = None, progress: bool = True, log: Any = None) -> SteerRun:
-    """``latentlab steer``: battery and direction are read (a saved one validated) before a model loads;
-    layers and width are checked before ``config.out`` is touched. ``log``: a callable for progress lines."""
-    from dataclasses import asdict
-
-    from latentlab.data import load_battery, render_prompt
-    from latentlab.directions import direction_spec, fit_or_use
-    from latentlab.io import write_json
-    from latentlab.models import load_model, parse_layers
-    from latentlab.plots import layer_screen_figure, probe_accuracy_figure, save_figure, steering_figure
-    from latentlab.runs import Run
-    from latentlab.stats import check_finite
-
-    say = log or (lambda _msg: None)
-    cfg = config
-    spec = direction_spec(cfg.direction)
-    items = load_battery(cfg.battery)
-    m = load_model(
-        cfg.model,
-        adapter=cfg.adapter,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        device_map=cfg.device_map,
-        progress=progress,
-    )
-    fixed = None if cfg.layer is None else m.check_layers(parse_layers(cfg.layer, m.n_layers))
-    if isinstance(spec, Direction):
-        spec.check(m, fixed or [])  # width, and the --layer it must have
-    else:
-        say(f"fitting the {cfg.direction} direction and probes on {m.info.name} ...")
-    d, report = fit_or_use(m, spec, refit=cfg.refit)
-    if fixed is not None:
-        d.check(m, fixed)
-    eval_items, screen, probe_acc = list(items), None, None
-    if fixed is None:  # the screen runs before --out is touched: no candidate layer leaves it as it was
-        if report is not None:
-            probe_acc = [t if t is not None else c for t, c in zip(report.test_acc, report.cv_acc)]
-        cands = [c for c in candidate_layers(m.n_layers, probe_acc) if c in d.layers]
-        if cands:
-            dev, ev = dev_eval_split(items)
-            say(f"screening layers {cands} on {len(dev)} dev battery items "
-                f"(reported scores use the other {len(ev)}) ...")
-        choice = choose_layer(m, d, items, probe_acc)
-        chosen, screen, eval_items = [choice.layer], choice.screen, choice.eval_items
-    else:
-        chosen = fixed
-    run = Run.start(cfg.out, command or "latentlab.run_steer", asdict(cfg), seed=cfg.seed)
-    run.add_model("model", m.info)
-    if report is not None:
-        d.save(run.out / "direction")
-        report.save(run.out / "probes")
-        title = f"{d.name} probe accuracy by layer ({m.info.name})"
-        save_figure(probe_accuracy_figure(report, title), run.out, "probe_accuracy")
-    if screen is not None:
-        save_figure(
-            layer_screen_figure(
-                list(screen), list(screen.values()), [probe_acc[c] for c in screen] if probe_acc else None, chosen[0]
-            ),
-            run.out,
-            "layer_screen",
-        )
-        say(f"chosen layer {chosen[0]} (largest score(+0.5) - score(-0.5) on dev items: {screen[chosen[0]]:+.3f})")
-    result = sweep(m, d, eval_items, chosen, cfg.coeffs, n_random=cfg.n_random, mode=cfg.positions, seed=cfg.seed)  # type: ignore[arg-type]
-    check_finite(result.scores, "battery scores", "steer")
-    check_finite(result.random_scores, "random-direction battery scores", "steer")
-    gen_prompts = cfg.prompt or list(DEFAULT_GENERATION_PROMPTS)
-    steer_obj = Steer.from_direction(d, chosen, cfg.positions)  # type: ignore[arg-type]
-    gconds: list[Condition] = [(steer_obj, -cfg.gen_alpha), (None, 0.0), (steer_obj, cfg.gen_alpha)]
-    rendered = [render_prompt(p, m.tokenizer) for p in gen_prompts]
-    gens = generate(m, rendered, gconds, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    generations = [
-        {"prompt": p, **{f"alpha={a:+g}": gens[c][i] for c, (_, a) in enumerate(gconds)}}
-        for i, p in enumerate(gen_prompts)
-    ]
-    results = {
-        **result.to_dict(),
-        "model": m.info.to_dict(),
-        "battery": cfg.battery,
-        "n_eval_items": len(eval_items),
-        "layer_screen": screen,
-        "chosen_layers": chosen,
-        "direction_meta": d.meta,
-        "probes": report.to_dict() if report else None,
-        "generations": generations,
-    }
-    write_json(run.out / "results.json", results)
-    save_figure(
-        steering_figure(result, f"Steering {d.name} at layer {','.join(map(str, chosen))} ({m.info.name})"),
-        run.out,
-        "steering",
-    )
-    run.finish(results={"chosen_layers": chosen, "table": result.table()})
-    return SteerRun(
-        result, d, chosen, screen, len(eval_items), generations, [a for _, a in gconds], report, m.info.name, run.out
-    )

@@ -16,14 +16,12 @@ import typer
 from rich.table import Table
 
 from latentlab.cli._common import (
-    AdapterOpt,
     AlphaOpt,
     BatchSizeOpt,
     CheckpointEveryOpt,
     DeviceMapOpt,
     DeviceOpt,
     DirectionOpt,
-    DtypeOpt,
     EpochsOpt,
     LrOpt,
     MaxStepsOpt,
@@ -37,80 +35,6 @@ from latentlab.cli._common import (
     console,
     out_console,
 )
-
-
-@app.command()
-def steer(
-    direction: DirectionOpt = "era",
-    out: OutOpt = Path("runs/steer"),
-    model: ModelOpt = "gemma-3-270m",
-    adapter: AdapterOpt = None,
-    layer: Annotated[
-        str | None, typer.Option(help="Layer(s) to steer at, e.g. 12 or 10,12. Default: chosen by a layer screen.")
-    ] = None,
-    coeffs: Annotated[
-        str, typer.Option(help="Comma-separated alphas (x typical residual norm).")
-    ] = "-1,-0.5,-0.25,0,0.25,0.5,1",
-    battery: Annotated[
-        str | None, typer.Option(help="A/B battery JSONL (default: the direction's built-in battery).")
-    ] = None,
-    prompt: Annotated[list[str] | None, typer.Option(help="Prompt for sample generations (repeatable).")] = None,
-    positions: Annotated[str, typer.Option(help="all or generated: where the vector is added.")] = "all",
-    n_random: Annotated[int, typer.Option(help="Norm-matched random directions as control.")] = 1,
-    gen_alpha: Annotated[float, typer.Option(help="|alpha| for the sample generations.")] = 0.25,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per sample generation.")] = 24,
-    seed: Annotated[int, typer.Option(help="Seed for random controls and sampling.")] = 0,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    dtype: DtypeOpt = "float32",
-    refit: Annotated[bool, typer.Option(help="Fit the direction and probes again (default: reuse the cache).")] = False,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Steer with a direction: battery score per coefficient vs a random control, and sample generations."""
-    from latentlab.steering import SteerConfig, run_steer
-
-    cfg = SteerConfig(
-        direction=direction,
-        out=out,
-        model=model,
-        adapter=adapter,
-        layer=layer,
-        coeffs=coeffs,
-        battery=battery,
-        prompt=prompt,
-        positions=positions,
-        n_random=n_random,
-        gen_alpha=gen_alpha,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        device=device, device_map=device_map,
-        dtype=dtype,
-        overwrite=overwrite,
-        refit=refit,
-    )
-    res = run_steer(cfg, _command_line(), log=console.print)
-    name, layers = res.direction.name, ",".join(map(str, res.chosen_layers))
-    table = Table(
-        title=f"{name} steering at layer {layers} on {res.model}: "
-        f"battery score (mean over {res.n_eval_items} items, bootstrap 95% CI)"
-    )
-    for col in ("alpha", f"{name} direction", "random direction"):
-        table.add_column(col, justify="right")
-    for row in res.sweep.table():
-        r = f"{row['random']:.3f} [{row['random_ci'][0]:.2f}, {row['random_ci'][1]:.2f}]" if "random" in row else "-"
-        table.add_row(f"{row['alpha']:+g}", f"{row['score']:.3f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]", r)
-    out_console.print(table)
-    gt = Table(title="sample generations (greedy)", show_lines=True)
-    gt.add_column("prompt", max_width=28)
-    for a in res.gen_alphas:
-        gt.add_column(f"alpha {a:+g}", max_width=36)
-    for g in res.generations:
-        gt.add_row(g["prompt"], *[g[f"alpha={a:+g}"].strip() for a in res.gen_alphas])
-    out_console.print(gt)
-    from latentlab.plots import png_available
-
-    kinds = "HTML/PNG" if png_available() else "HTML"
-    out_console.print(f"results.json, direction, probes and plots ({kinds}) in {res.out}")
 
 
 @app.command()
