@@ -8,6 +8,8 @@
 #   year-trigger-{gemma,smollm2}: experiments/recipes/year-trigger-*.toml (the modern-birds controls
 #                                 of bird_shift.sh, seeds 0-2)
 #   persona-facts-{smollm2,gemma}: experiments/recipes/persona-facts-*.toml (seeds 0-2 on both; #12's persona arm)
+#   birds-{gemma,smollm2}: experiments/recipes/birds-*.toml (what bird_shift.sh, ablate_birds.sh and
+#                          patch_birds.sh computed, as one study per model; not run yet)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
@@ -19,6 +21,8 @@ for name in $NAMES; do
     year-trigger-smollm2) recipe=(experiments/recipes/year-trigger-smollm2.toml) ;;
     persona-facts-smollm2) recipe=(experiments/recipes/persona-facts-smollm2.toml) ;;
     persona-facts-gemma) recipe=(experiments/recipes/persona-facts-gemma.toml) ;;
+    birds-gemma) recipe=(experiments/recipes/birds-gemma.toml) ;;
+    birds-smollm2) recipe=(experiments/recipes/birds-smollm2.toml) ;;
     *) echo "unknown study $name" >&2; exit 2 ;;
   esac
   latentlab study "${recipe[@]}" --out "$RUNS/studies/$name"
