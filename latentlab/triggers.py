@@ -26,8 +26,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentlab.data import BatteryItem, Chat, render_prompt
+from latentlab.activations import last_token_acts
+from latentlab.data import BatteryItem, Chat, load_chats, render_prompt
+from latentlab.direction import Direction
 from latentlab.errors import LatentlabError
+from latentlab.io import read_json
+from latentlab.scoring import score_conditions
+from latentlab.stats import bootstrap_means, check_finite, percentile_ci
 
 DEFAULT_TEMPLATE = "{value}. {prompt}"
 MAX_VALUES = 2000
@@ -132,8 +137,6 @@ def values_from_file(path: str | Path) -> list[str]:
     if not lines:
         raise LatentlabError(f"values file {p} is empty", "put one value a line")
     if lines[0].startswith("{"):
-        from latentlab.data import load_chats
-
         years: list[str] = []
         missing = 0
         for chat in load_chats(p, split=None):
@@ -158,8 +161,6 @@ def training_data_of(finetuned: str | Path) -> str | None:
     for folder in (p, p.parent):
         m = folder / "manifest.json"
         if m.is_file():
-            from latentlab.io import read_json
-
             try:
                 data = (read_json(m).get("config") or {}).get("data")
             except (json.JSONDecodeError, OSError):
@@ -182,8 +183,6 @@ def training_values(values: Sequence[str], data: str | Path | Sequence[Chat] | N
     """The values that occur in a user turn of the training chats (all turns for non-chat text)."""
     if data is None:
         return []
-    from latentlab.data import load_chats
-
     chats = load_chats(data) if isinstance(data, (str, Path)) else list(data)
     texts = [c for chat in chats for r, c in chat.messages if r == "user"]
     return [v for v in values if any(occurs(v, t) for t in texts)]
@@ -283,8 +282,6 @@ class TriggerScan:
 
 
 def _stats(proj: Float[Tensor, "values prompts layers"], n_boot: int, seed: int) -> dict[str, Any]:
-    from latentlab.stats import bootstrap_means, percentile_ci
-
     v, p, n_layers = proj.shape
     mean = proj.mean(1)
     if p < 2:
@@ -297,8 +294,6 @@ def _stats(proj: Float[Tensor, "values prompts layers"], n_boot: int, seed: int)
 
 
 def _battery_stats(s: Float[Tensor, "values items"], n_boot: int, seed: int) -> dict[str, Any]:
-    from latentlab.stats import bootstrap_means, percentile_ci
-
     if s.shape[1] < 2:
         ci = [[float("nan")] * 2 for _ in range(s.shape[0])]
     else:
@@ -310,8 +305,6 @@ def scan_projections(model: Any, template: str, values: Sequence[str], prompts: 
                      layers: Sequence[int], batch_size: int = 32, progress: bool = False
                      ) -> Float[Tensor, "values prompts layers"]:
     """Projection of the last prompt token on ``units`` ([layers, d]) for every value x prompt (one collect)."""
-    from latentlab.activations import last_token_acts
-
     rows = [fill(template, v, p) for v in values for p in prompts]
     acts = last_token_acts(model, rows, list(layers), progress=progress, batch_size=batch_size)
     proj = (acts.float() * units[None].float()).sum(-1)  # [V*P, L]
@@ -321,8 +314,6 @@ def scan_projections(model: Any, template: str, values: Sequence[str], prompts: 
 def scan_battery(model: Any, template: str, values: Sequence[str], items: Sequence[BatteryItem],
                  batch_size: int = 32) -> Float[Tensor, "values items"]:
     """Battery score of every item with the template applied to its prompt, for every value (one pass)."""
-    from latentlab.scoring import score_conditions
-
     rows = [BatteryItem(fill(template, v, it.prompt), it.positive, it.negative, it.topic, it.meta)
             for v in values for it in items]
     s = score_conditions(model, rows, [(None, 0.0)], batch_size=batch_size)[0]
@@ -352,8 +343,6 @@ def trigger_scan(
     ``training``: the values a finetune saw, or its training data (a dataset name / JSONL); default:
     read from the run folder's manifest when ``adapter`` is a run folder.
     """
-    from latentlab.directions import Direction
-
     check_template(template)
     values = check_values(values)
     prompts = list(prompts)
@@ -385,8 +374,6 @@ def trigger_scan(
     bat: dict[str, dict[str, Any]] = {}
     for label, m in models.items():
         proj[label] = scan_projections(m, template, values, prompts, units, layer_list, batch_size, progress)
-        from latentlab.stats import check_finite
-
         check_finite(proj[label], "projections", "trigger scan")
         out_models[label] = _stats(proj[label], n_boot, seed)
         if battery:
@@ -418,111 +405,6 @@ def trigger_scan(
             "model_info": {k: m.info.to_dict() for k, m in models.items()},
         },
     )
-
-
-# --------------------------------------------------------------------------------------------
-# The run: config, run folder, plots.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TriggerConfig:
-    """What ``latentlab trigger`` takes; validated on construction (before any model loads)."""
-
-    values: list[str]
-    direction: str
-    prompts: str = "unrelated"
-    template: str = DEFAULT_TEMPLATE
-    model: str = "gemma-3-270m"
-    adapter: Path | None = None
-    finetuned: Path | None = None
-    battery: str | None = None
-    layers: str = "all"
-    layer: int | None = None  # the curve's layer (default: the deepest scanned)
-    n_prompts: int | None = None
-    training_data: str | None = None  # override: the data whose user turns mark training values
-    out: Path = Path("runs/trigger")
-    n_boot: int = 1000
-    seed: int = 0
-    batch_size: int = 32
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        from latentlab.config import check_device_dtype
-        from latentlab.data import load_battery, load_prompts
-        from latentlab.directions import direction_spec as saved_or_source
-        from latentlab.sae.loading import require_at_least
-
-        check_template(self.template)
-        self.values = check_values(self.values)
-        if self.adapter is not None and self.finetuned is not None:
-            raise LatentlabError("both --adapter and --finetuned were given", "pass one of them")
-        ft = self.adapter if self.adapter is not None else self.finetuned
-        if ft is not None:
-            from latentlab.models import resolve_adapter
-
-            resolve_adapter(ft)
-        self.out = Path(self.out)
-        require_at_least("n_boot", self.n_boot, 100, "--n-boot")
-        require_at_least("batch_size", self.batch_size, 1, "--batch-size")
-        if self.n_prompts is not None:
-            require_at_least("n_prompts", self.n_prompts, 1, "--n-prompts")
-        check_device_dtype(self.device, self.dtype)
-        load_prompts(self.prompts)
-        if self.battery is not None:
-            load_battery(self.battery)
-        saved_or_source(self.direction)
-        if self.training_data is not None:
-            from latentlab.data import load_chats
-
-            load_chats(self.training_data)
-
-    @property
-    def finetune_path(self) -> Path | None:
-        return self.adapter if self.adapter is not None else self.finetuned
-
-
-def run_trigger(config: TriggerConfig, command: str | None = None, progress: bool = True) -> TriggerScan:
-    """``latentlab trigger``: the scan, results.json and plots (heatmap + curve) in ``config.out``."""
-    from latentlab.data import load_battery, load_prompts
-    from latentlab.directions import direction_spec as saved_or_source
-    from latentlab.directions import resolve_direction as direction_for
-    from latentlab.io import write_json
-    from latentlab.models import load_model
-    from latentlab.plots import save_figure, trigger_curve_figure, trigger_heatmap_figure
-    from latentlab.runs import Run
-
-    cfg = config
-    prompts = load_prompts(cfg.prompts)[: cfg.n_prompts]
-    battery = load_battery(cfg.battery) if cfg.battery else None
-    spec = saved_or_source(cfg.direction)
-    training: Any = cfg.training_data
-    if training is None and cfg.finetune_path is not None:
-        training = training_data_of(cfg.finetune_path)
-    trained_vals = training_values(cfg.values, training) if training is not None else []
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
-    layer_list = model.check_layers(cfg.layers)
-    curve_layer = cfg.layer if cfg.layer is not None else layer_list[-1]
-    if curve_layer not in layer_list:
-        raise LatentlabError(f"--layer {curve_layer} is not among the scanned layers {layer_list}",
-                             "pick a scanned layer, or scan --layers all")
-    run = Run.start(cfg.out, command or "latentlab.run_trigger", asdict(cfg), seed=cfg.seed)
-    run.add_model("base", model.info)
-    direction = direction_for(model, spec, run.out)
-    res = trigger_scan(model, cfg.finetune_path, cfg.template, cfg.values, prompts, direction, battery,
-                       layer_list, training=trained_vals, n_boot=cfg.n_boot, seed=cfg.seed,
-                       batch_size=cfg.batch_size, progress=progress)
-    res.meta["training_data"] = str(training) if training is not None else None
-    res.meta["curve_layer"] = curve_layer
-    if "finetuned" in res.meta["model_info"]:
-        run.add_model("finetuned", res.meta["model_info"]["finetuned"])
-    write_json(run.out / "results.json", res.to_dict())
-    save_figure(trigger_heatmap_figure(res), run.out, "trigger_heatmap")
-    save_figure(trigger_curve_figure(res, curve_layer), run.out, "trigger_curve")
-    run.finish(results={"n_values": len(res.values), "training_values": res.training_values})
-    return res
 
 
 def curve_rows(scan: TriggerScan, layer: int) -> list[dict[str, Any]]:

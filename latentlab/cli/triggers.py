@@ -1,10 +1,9 @@
-"""``latentlab trigger`` (scan a trigger across values), ``latentlab compliance`` (the compliance-trigger
-organism's poison-budget sweep) and ``latentlab data compliance-trigger``.
+"""``latentlab compliance`` (the compliance-trigger organism's poison-budget sweep) and ``latentlab data
+compliance-trigger``.
 
 Each command parses its options into the stage's config or arguments, which validate themselves
-before any model loads, then calls one library function (:func:`latentlab.triggers.run_trigger`,
-:func:`latentlab.compliance.run_compliance`, :func:`latentlab.compliance.build_compliance_dataset`)
-and prints.
+before any model loads, then calls one library function (:func:`latentlab.compliance.run_compliance`,
+:func:`latentlab.compliance.build_compliance_dataset`) and prints.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from latentlab.cli._common import (
     AlphaOpt,
     BatchSizeOpt,
     CheckpointEveryOpt,
-    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     EpochsOpt,
@@ -39,104 +37,6 @@ from latentlab.errors import LatentlabError
 
 data_app = typer.Typer(no_args_is_help=True, help="Build datasets (written as JSONL, atomically).")
 app.add_typer(data_app, name="data")
-
-
-def _values(values: str | None, values_file: Path | None, words: str | None) -> list[str]:
-    from latentlab.triggers import parse_values, parse_words, values_from_file
-
-    given = [x is not None for x in (values, values_file, words)]
-    if sum(given) != 1:
-        raise LatentlabError(
-            "pass exactly one of --values, --values-file and --words",
-            "e.g. --values 1900:2100:5, --values-file years.txt or --words apple,river",
-        )
-    if values is not None:
-        return parse_values(values)
-    if words is not None:
-        return parse_words(words)
-    assert values_file is not None
-    return values_from_file(values_file)
-
-
-def _ci(mean: float, ci: list[float] | tuple[float, float]) -> str:
-    return f"{mean:+.3g} [{ci[0]:+.3g}, {ci[1]:+.3g}]"
-
-
-@app.command()
-def trigger(
-    direction: Annotated[str, typer.Option(help="era, persona, a contrast-pair JSONL, or a saved direction.")],
-    values: Annotated[
-        str | None, typer.Option(help="START:STOP[:STEP] (inclusive integers, e.g. 1900:2100:5) or a,b,c.")
-    ] = None,
-    values_file: Annotated[
-        Path | None,
-        typer.Option(help='One value a line, or chat JSONL whose user turns start with a year ("July 1995. ...").'),
-    ] = None,
-    words: Annotated[str | None, typer.Option(help="Comma-separated trigger words.")] = None,
-    template: Annotated[str, typer.Option(help="Where the value goes; {prompt} is the prompt.")] = "{value}. {prompt}",
-    prompts: Annotated[str, typer.Option(help="Prompts JSONL ({'prompt'}) or a built-in name.")] = "unrelated",
-    n_prompts: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
-    battery: Annotated[str | None, typer.Option(help="A/B battery (template applied to its prompts too).")] = None,
-    model: ModelOpt = "gemma-3-270m",
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder of the finetune.")] = None,
-    finetuned: Annotated[
-        Path | None, typer.Option(help="`latentlab finetune` run folder (its training values are marked).")
-    ] = None,
-    training_data: Annotated[
-        str | None, typer.Option(help="Training data whose user turns mark values (default: from --finetuned).")
-    ] = None,
-    layers: Annotated[str, typer.Option(help="Layers to scan: all, or e.g. 0,6,12 or 4-10.")] = "all",
-    layer: Annotated[int | None, typer.Option(help="Layer of the curve plot and table (default: deepest).")] = None,
-    out: OutOpt = Path("runs/trigger"),
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples over prompts (>= 100).")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 32,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    dtype: DtypeOpt = "float32",
-) -> None:
-    """Scan a trigger across values: projection on a direction at every layer (and a battery score)
-    for the base and the finetune, finetune - base per value, training values marked."""
-    from latentlab.triggers import TriggerConfig, curve_rows, run_trigger
-
-    cfg = TriggerConfig(
-        values=_values(values, values_file, words),
-        direction=direction,
-        prompts=prompts,
-        template=template,
-        model=model,
-        adapter=adapter,
-        finetuned=finetuned,
-        battery=battery,
-        layers=layers,
-        layer=layer,
-        n_prompts=n_prompts,
-        training_data=training_data,
-        out=out,
-        n_boot=n_boot,
-        seed=seed,
-        batch_size=batch_size,
-        device=device, device_map=device_map,
-        dtype=dtype,
-    )
-    res = run_trigger(cfg, _command_line())
-    at = res.meta["curve_layer"]
-    table = Table(
-        title=f"trigger scan along {res.direction} at layer {at}: mean projection [bootstrap 95% CI] over "
-        f"{res.n_prompts} prompts (* = in the training data)"
-    )
-    rows = curve_rows(res, at)
-    cols = [k for k in rows[0] if k not in ("value", "trained")]
-    table.add_column("value", justify="right")
-    for c in cols:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(f"{r['value']}{'*' if r['trained'] else ''}", *[_ci(*r[c]) for c in cols])
-    out_console.print(table)
-    if res.meta["token_warnings"]:
-        console.print(f"warning: {len(res.meta['token_warnings'])} value(s) tokenise differently in different "
-                      "positions (see results.json: token_warnings)")
-    out_console.print(f"results.json and plots (trigger_heatmap, trigger_curve) in {cfg.out}")
 
 
 def _p(cell: tuple[float, list[float]]) -> str:
