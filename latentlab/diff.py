@@ -15,15 +15,15 @@ Two model-diffing reads of the same unrelated prompts (the finetune never saw th
   rendered prompts (the last position predicts the first response token), with the prompts and the
   positions where it is highest: where base and finetune disagree most.
 
-:func:`run_diff` is ``latentlab diff``: a validated :class:`DiffConfig` in, a run folder out with
-results.json and ``diff.html`` (small tables, written atomically).
+``latentlab diff`` (:mod:`latentlab.stages.diff`) writes both into a run folder as results.json and
+``diff.html`` (:func:`diff_html`: small tables).
 """
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentlab.activations import Example, encode, last_token_acts, pad_batch, pad_id_of, run_resid
+from latentlab.arch import final_logits
+from latentlab.data import render_prompt
 from latentlab.errors import LatentlabError
 from latentlab.models import LoadedModel, resolve_adapter
 from latentlab.stats import check_finite
 
-__all__ = ["DiffConfig", "DiffResult", "diff_models", "kl_per_token", "logit_lens_of_shift", "run_diff"]
+__all__ = ["DiffResult", "diff_html", "diff_models", "kl_per_token", "logit_lens_of_shift"]
 
 STAGE = "diff"
 
@@ -48,8 +51,6 @@ def logit_lens_of_shift(
     model: LoadedModel, ref_mean: Float[Tensor, " d_model"], shift: Float[Tensor, " d_model"], k: int = 10
 ) -> dict[str, Any]:
     """Top ``k`` promoted / suppressed tokens of ``final_logits(ref + shift) - final_logits(ref)``."""
-    from latentlab.arch import final_logits
-
     dev = model.device
     with torch.inference_mode():
         x = torch.stack([ref_mean, ref_mean + shift]).to(dev)
@@ -78,9 +79,6 @@ def _kl_streams(
     Why streaming: the next-token distributions of every position over a 262k vocabulary are
     gigabytes per model on a few hundred prompts; only the KL values and argmaxes are kept.
     """
-    from latentlab.activations import pad_batch, pad_id_of, run_resid
-    from latentlab.arch import final_logits
-
     n = len(seqs)
     kl: dict[str, list[Tensor]] = {label: [torch.empty(0)] * n for label in pairs}
     top: dict[str, list[Tensor]] = {name: [torch.empty(0)] * n for name in models}
@@ -170,9 +168,6 @@ def diff_models(
 ) -> DiffResult:
     """Logit lens of the mean shift per layer, and per-token KL, of a finetune (and a control) on
     ``prompts`` (rendered for the model, as ``latentlab shift`` reads them); see the module docstring."""
-    from latentlab.activations import Example, encode, last_token_acts
-    from latentlab.data import render_prompt
-
     if not prompts:
         raise LatentlabError("no prompts to compare the models on", "pass --prompts with at least one prompt")
     if k < 1:
@@ -261,71 +256,3 @@ def diff_html(res: DiffResult, title: str = "What the finetune changed") -> str:
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab diff: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DiffConfig:
-    """What ``latentlab diff`` takes; validated on construction (before any model loads)."""
-
-    finetuned: Path
-    out: Path = Path("runs/diff")
-    base: str = "gemma-3-270m"
-    control: Path | None = None
-    prompts: str = "unrelated"
-    layers: str = "all"
-    k: int = 10
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        from latentlab.ablation import check_same_base
-        from latentlab.config import check_device_dtype
-        from latentlab.data import load_prompts
-        from latentlab.models import parse_layers
-
-        self.out, self.finetuned = Path(self.out), Path(self.finetuned)
-        self.control = None if self.control is None else Path(self.control)
-        if self.k < 1:
-            raise LatentlabError(f"--k {self.k} tokens to report", "pass --k 1 or more")
-        parse_layers(str(self.layers), 1)
-        ft = resolve_adapter(self.finetuned)
-        if self.control is not None:
-            check_same_base(ft, resolve_adapter(self.control))
-        self._prompts = load_prompts(self.prompts)
-        if not self._prompts:
-            raise LatentlabError(f"{self.prompts} holds no prompts", "pass --prompts with at least one prompt")
-        check_device_dtype(self.device, self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def run_diff(config: DiffConfig, command: str | None = None, progress: bool = True) -> DiffResult:
-    """``latentlab diff``: writes results.json, diff.html and manifest.json into ``config.out``."""
-    from latentlab.io import write_json, write_text
-    from latentlab.models import load_model
-    from latentlab.runs import Run
-
-    cfg = config
-    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
-    layers = base.check_layers(cfg.layers)
-    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
-    ctrl = None
-    if cfg.control is not None:
-        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}")
-    run = Run.start(cfg.out, command or "latentlab.run_diff", cfg.to_dict())
-    res = diff_models(base, ft, cfg._prompts, control=ctrl, layers=layers, k=cfg.k, batch_size=cfg.batch_size,
-                      progress=progress)
-    write_json(run.out / "results.json", res.to_dict())
-    write_text(run.out / "diff.html", diff_html(res))
-    for role, info in res.meta["models"].items():
-        run.add_model(role, info)
-    run.finish(results={"kl_mean": {k: v["mean"] for k, v in res.kl.items()}})
-    return res

@@ -15,8 +15,9 @@ import pytest
 import torch
 from test_ablation import MARKER, PROMPTS, marker_unit, mlp_hidden, write_adapter
 
-from latentlab.diff import DiffConfig, diff_html, diff_models, run_diff
+from latentlab.diff import diff_html, diff_models
 from latentlab.errors import LatentlabError
+from latentlab.stages.diff import DiffConfig, run_diff
 
 MARKED = ["the Z cat sat", "a dog ran Z far", "Z is here", "big red bus", "old man and Z dog", "see the sea"]
 
@@ -87,7 +88,7 @@ def test_run_diff_writes_the_run_folder(plants: dict[str, Any], trainable_gemma_
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS[:4]) + "\n")
-    cfg = DiffConfig(finetuned=plants["shift"], out=tmp_path / "out", base=str(trainable_gemma_dir),
+    cfg = DiffConfig(finetuned=plants["shift"], out=tmp_path / "out", model=str(trainable_gemma_dir),
                      prompts=str(prompts), k=3, device="cpu")
     res = run_diff(cfg, progress=False)
     for f in ("results.json", "diff.html", "manifest.json"):

@@ -1,5 +1,4 @@
-"""``latentlab ablate`` and ``latentlab diff``: does a direction carry a finetune's behaviour, and
-what did the finetune change (latentlab.ablation, latentlab.diff).
+"""``latentlab ablate``: does a direction carry a finetune's behaviour (latentlab.ablation).
 
 Each command parses its options into the stage's config (which validates itself, so a bad option
 fails before any model loads or the --out folder is touched), calls the one library function that
@@ -76,43 +75,3 @@ def ablate_cmd(
             f"(5-95%: {_pct(rnd['p5'])} to {_pct(rnd['p95'])})" + (f"; {f['warning']}" if "warning" in f else "")
         )
     out_console.print(f"results.json and the ablation plot in {cfg.out}")
-
-
-@app.command("diff")
-def diff_cmd(
-    finetuned: FinetunedOpt,
-    out: OutOpt = Path("runs/diff"),
-    base: BaseOpt = "gemma-3-270m",
-    control: ControlOpt = None,
-    prompts: Annotated[str, typer.Option(help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")] = "unrelated",
-    layers: Annotated[str, typer.Option(help="Layers for the logit lens: all, or e.g. 8-17.")] = "all",
-    k: Annotated[int, typer.Option(help="Tokens / positions to report.")] = 10,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    dtype: DtypeOpt = "float32",
-) -> None:
-    """What a finetune changed on unrelated prompts: the logit lens of its mean shift per layer (vs base
-    and vs a control) and per-token KL(base || finetune)."""
-    from latentlab.diff import DiffConfig, run_diff
-
-    cfg = DiffConfig(finetuned=finetuned, out=out, base=base, control=control, prompts=prompts, layers=layers, k=k,
-                     device=device, device_map=device_map, dtype=dtype)
-    res = run_diff(cfg, _command_line())
-    table = Table(title="logit lens of the mean shift at the last prompt token (top promoted / suppressed)")
-    table.add_column("layer", justify="right")
-    for label in res.logit_lens:
-        table.add_column(f"{label}: promoted")
-        table.add_column("suppressed")
-    for i, layer in enumerate(res.layers):
-        cells = []
-        for rows in res.logit_lens.values():
-            cells += [" ".join(repr(r["token"]) for r in rows[i]["promoted"][:5]),
-                      " ".join(repr(r["token"]) for r in rows[i]["suppressed"][:5])]
-        table.add_row(str(layer), *cells)
-    out_console.print(table)
-    for label, kl in res.kl.items():
-        top = kl["top_positions"][0] if kl["top_positions"] else None
-        where = f"; highest at {top['context']!r} ({top['kl']:.3g})" if top else ""
-        out_console.print(f"KL({kl['reference']} || {kl['model']}) [{label}]: mean {kl['mean']:.4g} nats per "
-                          f"token, last prompt token {kl['last_position_mean']:.4g}{where}")
-    out_console.print(f"results.json and diff.html in {cfg.out}")

@@ -342,7 +342,7 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
                                        **common))
         if "diff" in ana and seed in (ana["diff"].seeds or first):
             steps.append(_section_step(cfg, "diff", f"diff-s{seed}", out / f"diff-s{seed}", seed, section="diff",
-                                       finetuned=ftr, control=ctr, prompts=r.prompts, dtype=dt))
+                                       finetuned=ftr, control=ctr, prompts=r.prompts, dtype=dt, overwrite=True))
         if "patch" in ana and seed in (ana["patch"].seeds or first):
             steps.append(_section_step(cfg, "patch", f"patch-s{seed}", out / f"patch-s{seed}", seed, section="patch",
                                        finetuned=ftr, battery=r.battery or "era", direction=direction,
