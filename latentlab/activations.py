@@ -341,7 +341,7 @@ def collect(
     does not grow with the dataset; the set is complete only once ``activations.json`` exists.
     ``load=False`` (with ``out``) returns None instead of reading the shards back into memory.
     """
-    from tqdm.auto import tqdm
+    from latentlab.progress import progress as progress_bar
 
     if position not in POSITIONS:
         raise LatentlabError(f"unknown position {position!r}", f"use one of {', '.join(POSITIONS)}")
@@ -365,7 +365,7 @@ def collect(
             stale.unlink()  # the index goes last; without it, a half-rewritten folder is never read
     n = len(examples)
     total_tokens = sum(len(s) for s in enc.ids)
-    bar = tqdm(total=total_tokens, desc=f"collect {model.info.name}", unit="tok", disable=not progress)
+    bar = progress_bar(total=total_tokens, desc=f"collect {model.info.name}", unit="tok", disable=not progress)
     t0 = time.time()
     shard_names: list[str] = []
     kept: list[Tensor] = []
@@ -480,7 +480,7 @@ class CollectConfig:
         positive_int("shard_size", self.shard_size)
         check_layer_spec(self.layers)
         check_device_dtype(self.device, self.dtype)
-        self.out = check_out(self.out, self.overwrite)
+        self.out = check_out(self.out, self.overwrite, "collect")
 
 
 @dataclass
@@ -514,19 +514,23 @@ def run_collect(config: CollectConfig, command: str | None = None, progress: boo
     )
     layer_list = m.check_layers(cfg.layers)
     run = Run.start(cfg.out, command or "latentlab.run_collect", asdict(cfg))
-    run.add_model("model", m.info)
-    collect(
-        m,
-        examples,
-        layer_list,
-        cfg.position,  # type: ignore[arg-type]
-        batch_size=cfg.batch_size,
-        out=run.out / "activations",
-        shard_size=cfg.shard_size,
-        meta={"dataset": cfg.data, "dataset_hash": dataset_hash(cfg.data)},
-        progress=progress,
-        load=False,
-    )
+    try:
+        run.add_model("model", m.info)
+        collect(
+            m,
+            examples,
+            layer_list,
+            cfg.position,  # type: ignore[arg-type]
+            batch_size=cfg.batch_size,
+            out=run.out / "activations",
+            shard_size=cfg.shard_size,
+            meta={"dataset": cfg.data, "dataset_hash": dataset_hash(cfg.data)},
+            progress=progress,
+            load=False,
+        )
+    except LatentlabError as e:  # a full disk, say: the manifest says the run failed, and why
+        run.fail(str(e))
+        raise
     info = read_json(run.out / "activations" / "activations.json")
     res = CollectResult(run.out / "activations", layer_list, info["n_examples"], info["n_tokens"], info["tokens_per_s"])
     run.finish(

@@ -630,7 +630,7 @@ class ComplianceConfig:
         check_layer_spec(self.layers, "--layers")
         check_layer_spec(self.patch_layers, "--patch-layers")
         check_device_dtype(self.device, self.dtype)
-        self.out = check_out(self.out, self.overwrite)
+        self.out = check_out(self.out, self.overwrite, "compliance")
         self.finetunes = self.out if self.finetunes is None else check_out(self.finetunes, overwrite=True)
         for n in self.budgets:  # a finetune made with another recipe fails now, not after the model loads
             budget_run_state(self.finetunes / f"n-{n}", self.budget_spec(n), self.overwrite)

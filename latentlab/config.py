@@ -140,10 +140,53 @@ def run_holds(out: Path) -> str | None:
     return str(status) if status else None
 
 
-def check_out(out: str | Path, overwrite: bool = False) -> Path:
-    """An output folder that can be written and does not hold a finished run (unless ``overwrite``).
+# The keys every latentlab manifest.json has (latentlab.runs.Run); another tool's manifest lacks them.
+_MANIFEST_KEYS = ("command", "status", "config")
 
-    Nothing is created here: a refused run leaves the file system as it was.
+
+def _latentlab_manifest(out: Path) -> dict[str, Any] | None:
+    """``out/manifest.json`` when it is readable and written by latentlab, else None."""
+    from latentlab.io import read_json
+
+    try:
+        m = read_json(out / "manifest.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or any(k not in m for k in _MANIFEST_KEYS) or not isinstance(m["command"], str):
+        return None
+    return m
+
+
+def _same_command(recorded: str, command: str) -> bool:
+    """Whether a manifest's ``command`` was written by ``command`` ("collect", "sae train"): from the CLI
+    ("latentlab collect --data ..."), a notebook ("latentlab.run_collect") or a study step."""
+    words = command.split()
+    if recorded in ("latentlab.run_" + "_".join(words), f"latentlab study: {command}"):
+        return True
+    tokens = recorded.split()
+    if not tokens or tokens[0] != "latentlab":
+        return False
+    rest = tokens[1:]
+    while rest and rest[0].startswith("-"):  # global flags before the command (--debug)
+        rest = rest[1:]
+    return rest[: len(words)] == words
+
+
+def _entries(p: Path) -> list[Path]:
+    try:
+        return list(p.iterdir())
+    except OSError:  # unreadable: the write check below says so
+        return []
+
+
+def check_out(out: str | Path, overwrite: bool = False, command: str | None = None) -> Path:
+    """An output folder that can be written: missing, empty, or an unfinished latentlab run (of ``command``
+    when given, e.g. "collect"), unless ``overwrite``.
+
+    Why: a run writes manifest.json and results.json, so it must not write into a finished run, another
+    command's run, or a folder of files latentlab did not write. Hidden entries (.DS_Store,
+    .ipynb_checkpoints, a crashed write's temp file) do not count. Nothing is created here: a refused run
+    leaves the file system as it was.
     """
     p = Path(out).expanduser()
     if p.exists() and not p.is_dir():
@@ -153,6 +196,20 @@ def check_out(out: str | Path, overwrite: bool = False) -> Path:
             f"--out {p} already holds a finished latentlab run (manifest.json, status complete)",
             "choose a new --out, or pass --overwrite to replace it",
         )
+    names = sorted(e.name for e in _entries(p) if not e.name.startswith(".")) if p.is_dir() and not overwrite else []
+    if names:
+        m = _latentlab_manifest(p)
+        if m is None:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise LatentlabError(
+                f"--out {p} is not empty and holds no latentlab run ({shown})",
+                "choose a new or empty --out, or pass --overwrite to write into it",
+            )
+        if command is not None and not _same_command(m["command"], command):
+            raise LatentlabError(
+                f"--out {p} holds an unfinished run of another command ({m['command'][:80]!r}), not {command}",
+                "choose a new --out, or pass --overwrite to replace it",
+            )
     anc = p
     while not anc.exists():
         anc = anc.parent

@@ -183,7 +183,8 @@ def finetune(
     string's direction part); a spec naming a saved ``.safetensors`` file is loaded here.
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from tqdm.auto import tqdm
+
+    from latentlab.progress import progress as progress_bar
 
     cfg = config or FinetuneConfig()
     out = Path(out)
@@ -293,7 +294,7 @@ def finetune(
     t0 = time.time()
     pm.train()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    bar = tqdm(total=total, initial=step, desc=f"finetune {name}", unit="step", disable=not progress)
+    bar = progress_bar(total=total, initial=step, desc=f"finetune {name}", unit="step", disable=not progress)
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         order = _epoch_order(len(rows), cfg.seed, epoch)
@@ -427,7 +428,7 @@ class FinetuneRunConfig:
                 "a fresh run would delete its checkpoints",
                 "continue it with --resume, choose a new --out, or pass --overwrite to replace it",
             )
-        self.out = check_out(out, overwrite=True)
+        self.out = check_out(out, self.overwrite, "finetune")  # refuses files latentlab did not write
 
 
 def run_finetune(config: FinetuneRunConfig, command: str | None = None, progress: bool = True) -> FinetuneResult:

@@ -8,9 +8,11 @@ name in the same folder and renamed into place, which is atomic on POSIX.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latentlab.errors import LatentlabError
@@ -91,18 +94,56 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return p
 
 
+# A full disk or an exhausted quota: the user's to fix, so one LatentlabError, not a traceback.
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def disk_full_error(path: str | Path, code: int) -> LatentlabError:
+    """The one error every write path raises when the disk (or quota) is full."""
+    return LatentlabError(f"{_FULL[code]} writing {path}", "free space or choose another --out")
+
+
+def _write_error(path: Path, e: BaseException) -> LatentlabError | None:
+    """``e`` as a LatentlabError when it is a failed write (a full disk or quota), else None.
+
+    safetensors reports I/O as a SafetensorError whose text carries the OS error number
+    ("I/O error: No space left on device (os error 28)").
+    """
+    if isinstance(e, OSError):
+        return disk_full_error(path, e.errno) if e.errno in _FULL else None
+    if isinstance(e, SafetensorError):
+        m = re.search(r"os error (\d+)", str(e))
+        if m and int(m.group(1)) in _FULL:
+            return disk_full_error(path, int(m.group(1)))
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path; on success it is renamed to ``path``, on error removed."""
+    """Yield a temporary path; on success it is renamed to ``path``, on error removed.
+
+    A full disk (ENOSPC, EDQUOT, in the writer or here) becomes one :class:`LatentlabError` naming ``path``.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(target)
+    except OSError as e:
+        err = _write_error(target, e)
+        if err is None:
+            raise
+        raise err from None
     try:
         yield tmp
         # The writer may have replaced the file (or made a folder): give it the umask's mode now.
         if tmp.exists():
             os.chmod(tmp, dir_mode() if tmp.is_dir() else file_mode())
         os.replace(tmp, target)
+    except (OSError, SafetensorError) as e:
+        err = _write_error(target, e)
+        if err is None:
+            raise
+        raise err from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -162,7 +162,7 @@ def patch_grid(
     model: ``source=None`` and ``source_items`` holds the clean prompts (same token lengths as the
     corrupted ``items``).
     """
-    from tqdm.auto import tqdm
+    from latentlab.progress import progress as progress_bar
 
     positions = check_positions(positions)
     if component not in ("resid", "attn", "mlp"):
@@ -187,7 +187,7 @@ def patch_grid(
     rows = [(c, s) for c in range(len(cells)) for s in range(2 * n)]
     order = sorted(range(len(rows)), key=lambda r: len(t_ids[rows[r][1]]))
     logp = torch.zeros(len(rows))
-    bar = tqdm(total=len(rows), desc="patching", unit="seq", disable=not progress)
+    bar = progress_bar(total=len(rows), desc="patching", unit="seq", disable=not progress)
 
     def score_batch(seq_idx: list[int], hooks: list[Hook]) -> Tensor:
         return sequence_logprobs(target, [t_ids[s] for s in seq_idx], [t_plens[s] for s in seq_idx], hooks)

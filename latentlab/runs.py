@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentlab.errors import LatentlabError
 from latentlab.io import ensure_writable_dir, write_json
 
 TRACKED_PACKAGES = (
@@ -93,6 +94,18 @@ class Run:
 
     def finish(self, **extra: Any) -> Path:
         return self._write(status="complete", **extra)
+
+    def fail(self, error: str) -> Path | None:
+        """Mark the run failed, with the error's first line, so the folder says why it holds no results.
+
+        Never raises: the caller re-raises the original error, and a full disk may refuse this write too
+        (the manifest then still says running, as after a kill).
+        """
+        line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "unknown error")
+        try:
+            return self._write(status="failed", error=line)
+        except (OSError, LatentlabError):
+            return None
 
     def devices(self) -> list[str]:
         """The devices the recorded models ran on (their ``device`` and any device-map entries)."""

@@ -91,14 +91,14 @@ def score_conditions(
     progress: bool = False,
 ) -> Float[Tensor, "n_conditions n_items"]:
     """Battery score P(pos)/(P(pos)+P(neg)) of every item under every (intervention, coeff) condition."""
-    from tqdm.auto import tqdm
+    from latentlab.progress import progress as progress_bar
 
     ids, plens = battery_sequences(model, items)
     n = len(items)
     rows = [(c, s) for c in range(len(conditions)) for s in range(2 * n)]  # (condition, sequence)
     order = sorted(range(len(rows)), key=lambda r: len(ids[rows[r][1]]))
     logp = torch.zeros(len(rows))
-    bar = tqdm(total=len(rows), desc="scoring battery", unit="seq", disable=not progress)
+    bar = progress_bar(total=len(rows), desc="scoring battery", unit="seq", disable=not progress)
     for b0 in range(0, len(order), batch_size):
         batch = order[b0 : b0 + batch_size]
         seqs = [ids[rows[r][1]] for r in batch]

@@ -263,7 +263,7 @@ class ShiftConfig:
                 )
         check_direction_spec(self.direction)
         self.battery = self.battery or DEFAULT_BATTERY.get(self.direction)
-        self.out = check_out(self.out, self.overwrite)
+        self.out = check_out(self.out, self.overwrite, "shift")
 
     def labels(self) -> tuple[dict[str, Path], dict[str, Path]]:
         """``({label: adapter}, {label: adapter})`` of the finetunes and controls (folders checked)."""
@@ -342,7 +342,7 @@ class ScreenConfig:
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise LatentlabError(f"--layer must be an integer, got {self.layer!r}", "pass e.g. --layer 9")
         check_device_dtype(self.device, self.dtype)
-        self.out = check_out(self.out, self.overwrite)
+        self.out = check_out(self.out, self.overwrite, "screen")
 
 
 @dataclass

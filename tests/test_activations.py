@@ -277,6 +277,36 @@ def test_unwritable_out_is_a_latentlab_error(tiny_gemma: Any, tmp_path: Path) ->
         acts.save(blocker / "saved")
 
 
+def test_full_disk_fails_the_collect_run(tiny_gemma_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC while a shard is written: one LatentlabError naming it, the manifest says failed, no temp file."""
+    import errno
+    import os
+
+    from cli_helpers import run_cli
+
+    import latentlab.io
+    from latentlab.activations import CollectConfig, run_collect
+
+    def full(*a: Any, **k: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(latentlab.io, "save_file", full)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "run"
+    cfg = CollectConfig(str(data), out, model=str(tiny_gemma_dir), layers="0", device="cpu")
+    with pytest.raises(LatentlabError, match=f"no space left on device writing {out / 'activations'}/shard-00000"):
+        run_collect(cfg, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "no space left on device" in manifest["error"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    code, _, err = run_cli(monkeypatch, capsys, "collect", "--data", str(data), "--model", str(tiny_gemma_dir),
+                           "--layers", "0", "--device", "cpu", "--out", str(tmp_path / "cli"))
+    last = err.strip().splitlines()[-1]  # after the progress lines
+    assert code == 2 and "Traceback" not in err and "no space left on device writing" in last and "free space" in last
+
+
 def test_save_over_a_streamed_folder(tiny_gemma: Any, tmp_path: Path) -> None:
     collect(tiny_gemma, TEXTS, layers=[0, 1], out=tmp_path, shard_size=2, progress=False)  # 4 shards
     small = collect(tiny_gemma, TEXTS[:3], layers=[2], progress=False)

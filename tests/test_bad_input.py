@@ -70,10 +70,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture()
 def existing(tmp_path: Path) -> Path:
-    """A pre-existing --out folder with a file in it (and no run)."""
+    """A pre-existing --out folder with a hidden file in it (and no run): a visible file of another tool
+    would be refused first (test_foreign_out_is_refused)."""
     out = tmp_path / "existing"
     out.mkdir()
-    (out / "notes.txt").write_text("keep me\n", encoding="utf-8")
+    (out / ".notes.txt").write_text("keep me\n", encoding="utf-8")
     return out
 
 
@@ -240,6 +241,47 @@ def test_finished_run_is_kept(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     assert "already holds" not in err
 
 
+def test_foreign_out_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                               files: dict[str, Path], no_model: None) -> None:
+    """Another tool's manifest.json and results.json in --out are not replaced unless --overwrite."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"tool": "other", "version": 3}), encoding="utf-8")
+    (out / "results.json").write_text("{}", encoding="utf-8")
+    args = ["collect", "--data", str(files["texts"])]
+    check(monkeypatch, capsys, out, args, ["holds no latentlab run", "--overwrite"])
+    _, _, err = run_cli(monkeypatch, capsys, "collect", "--data", str(files["texts"]), "--out", str(out), "--overwrite")
+    assert "holds no latentlab run" not in err  # lifted (what fails next is the missing model)
+
+
+def test_check_out_accepts_only_an_unfinished_run_of_the_same_command(tmp_path: Path) -> None:
+    from latentlab.config import check_out
+    from latentlab.errors import LatentlabError
+
+    assert check_out(tmp_path / "new", command="collect") == tmp_path / "new"  # missing: fine
+    (tmp_path / "empty" / ".ipynb_checkpoints").mkdir(parents=True)
+    check_out(tmp_path / "empty", command="collect")  # empty but for hidden entries: fine
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}", encoding="utf-8")
+    for recorded in ("latentlab collect --data x.jsonl", "latentlab.run_collect", "latentlab --debug collect"):
+        (run / "manifest.json").write_text(json.dumps({"command": recorded, "status": "running", "config": {}}))
+        assert check_out(run, command="collect") == run and check_out(run) == run
+        with pytest.raises(LatentlabError, match="another command"):
+            check_out(run, command="steer")
+        check_out(run, overwrite=True, command="steer")
+    (run / "manifest.json").write_text(json.dumps({"command": "latentlab.run_sae_train", "status": "running",
+                                                   "config": {}}))
+    check_out(run, command="sae train")
+    (run / "manifest.json").write_text("not json")
+    with pytest.raises(LatentlabError, match="holds no latentlab run"):
+        check_out(run)
+    (run / "manifest.json").write_text(json.dumps({"command": "latentlab collect", "status": "complete",
+                                                   "config": {}}))
+    with pytest.raises(LatentlabError, match="already holds a finished"):
+        check_out(run, command="collect")
+
+
 @pytest.mark.parametrize("command", list(EVERY))
 def test_unwritable_out(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                         files: dict[str, Path], no_model: None, command: str) -> None:
@@ -263,6 +305,8 @@ def test_compliance_finetune_of_another_recipe_is_kept(monkeypatch: pytest.Monke
                                                        no_model: None) -> None:
     ck = existing / "n-8" / "checkpoints" / "step-000004"
     ck.mkdir(parents=True)
+    (existing / "manifest.json").write_text(json.dumps(  # an interrupted compliance run
+        {"command": "latentlab compliance --trigger cobalt", "status": "running", "config": {}}), encoding="utf-8")
     (ck / "trainer_state.json").write_text("{}", encoding="utf-8")  # no organism.json: made by something else
     check(monkeypatch, capsys, existing, ["compliance", "--trigger", "cobalt", "--budgets", "0,8"],
           ["n-8 holds a finetune made with another recipe", "--overwrite"])

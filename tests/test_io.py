@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -194,3 +195,43 @@ def test_current_umask_without_proc(monkeypatch: pytest.MonkeyPatch, umask: int)
     monkeypatch.setattr("builtins.open", no_proc)
     assert current_umask() == umask
     assert current_umask() == umask
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "no space left on device"),
+                                             (errno.EDQUOT, "disk quota exceeded")])
+def test_full_disk_is_one_latentlab_error_naming_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          code: int, words: str) -> None:
+    """ENOSPC/EDQUOT from a writer (or safetensors' SafetensorError for one) is a LatentlabError; no temp is left."""
+    from safetensors import SafetensorError
+
+    import latentlab.io
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full)
+        for write in (lambda: write_text(tmp_path / "r.txt", "x"), lambda: write_json(tmp_path / "r.json", {})):
+            with pytest.raises(LatentlabError, match=f"{words} writing {tmp_path}/r") as e:
+                write()
+            assert e.value.fix == "free space or choose another --out"
+    with monkeypatch.context() as m:
+        m.setattr(latentlab.io, "save_file", full)
+        with pytest.raises(LatentlabError, match=f"{words} writing {tmp_path / 't.safetensors'}"):
+            save_tensors(tmp_path / "t", {"x": torch.zeros(2)}, {})
+
+        def st_full(tensors: object, path: str, metadata: object = None) -> None:
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code}) at path "
+                                  f'"{path}"')
+
+        m.setattr(latentlab.io, "save_file", st_full)
+        with pytest.raises(LatentlabError, match=f"{words} writing"):
+            save_tensors(tmp_path / "t", {"x": torch.zeros(2)}, {})
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", full)
+        with pytest.raises(LatentlabError, match=words), atomic_path(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+    # any other failure stays itself
+    with pytest.raises(PermissionError), atomic_path(tmp_path / "b.bin"):
+        raise PermissionError(errno.EACCES, "denied")

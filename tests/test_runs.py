@@ -55,3 +55,12 @@ def test_manifest_several_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     m = read_json(tmp_path / "manifest.json")
     assert m["device"] == "cuda:0,cuda:1,cpu" and run.devices() == ["cuda:0", "cuda:1", "cpu"]
     assert m["cuda_available"] is False and m["gpu"] is None
+
+
+def test_fail_marks_the_manifest_failed_with_the_error_line(tmp_path: Path) -> None:
+    run = Run.start(tmp_path / "run", "latentlab collect --data x", {"data": "x"})
+    written = run.fail("no space left on device writing /x. Fix: free space\nmore detail")
+    assert written == tmp_path / "run" / "manifest.json"
+    m = read_json(tmp_path / "run" / "manifest.json")
+    assert m["status"] == "failed" and m["error"] == "no space left on device writing /x. Fix: free space"
+    assert m["command"] == "latentlab collect --data x" and m["config"] == {"data": "x"}

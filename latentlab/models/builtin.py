@@ -159,13 +159,14 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
 
 
 def _convert_builtin(spec: BuiltinSpec, final: Path, progress: bool) -> None:
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from latentlab.progress import progress as progress_bar
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(final.parent, f".{spec.name}.tmp-")  # umask-respecting, unlike mkdtemp
     steps = ["locate GGUF", "tokenizer", "dequantise weights", "save float32 folder"]
-    bar = tqdm(total=len(steps), desc=f"converting {spec.name} (once)", disable=not progress)
+    bar = progress_bar(total=len(steps), desc=f"converting {spec.name} (once)", disable=not progress)
     try:
         t0 = time.time()
         bar.set_postfix_str(steps[0])

@@ -206,9 +206,9 @@ def train_sae_on_activations(
     """
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
-    from tqdm.auto import tqdm
 
     from latentlab.models import resolve_device
+    from latentlab.progress import progress as progress_bar
 
     cfg = config or SAETrainConfig()
     if acts.ndim != 2 or acts.shape[0] == 0:
@@ -250,7 +250,8 @@ def train_sae_on_activations(
     with torch.no_grad():
         training_sae.b_dec.copy_((acts.mean(0) * scale).to(training_sae.b_dec.device))
     losses: list[dict[str, float]] = []
-    bar = tqdm(total=cfg.steps, desc=f"SAE layer {layer} ({cfg.architecture}, {d_sae} latents)", disable=not progress)
+    desc = f"SAE layer {layer} ({cfg.architecture}, {d_sae} latents)"
+    bar = progress_bar(total=cfg.steps, desc=desc, disable=not progress)
     for _ in range(cfg.steps):
         trainer.maybe_reset_sparsity()
         step = trainer.step(next(trainer.data_provider))
