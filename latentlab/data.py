@@ -158,24 +158,29 @@ def _meta(row: dict[str, Any], used: Iterable[str]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in skip}
 
 
+def text_record(row: dict[str, Any], where: str) -> Example:
+    """One record of a texts file (a ``text``, chat ``messages``, ``prompt``/``completion`` or ``prompt`` dict)
+    as an Example; a chat is kept raw (``meta["_record"]``), as rendering needs the model's template.
+
+    Why one function: a JSONL line and a dict passed from a notebook must mean the same thing.
+    ``row["_line"]`` (its line or item number) and ``where`` name it in errors.
+    """
+    if "text" in row:
+        return Example(_need_str(row, "text", where), None, _meta(row, ["text"]))
+    if "messages" in row or "completion" in row:
+        return Example("", None, {"_record": _parse_chat(row, where)})
+    if "prompt" in row:
+        return Example(_need_str(row, "prompt", where), None, _meta(row, ["prompt"]))
+    raise LatentlabError(
+        f"{where}:{row['_line']}: no 'text', 'prompt' or 'messages' field",
+        'use {"text": ...} records, or chat {"messages": [...]} records',
+    )
+
+
 def load_texts(path: str | Path) -> list[Example]:
     """Texts for collection: ``text`` lines, or chat / prompt-completion lines (with a boundary)."""
     p = resolve_path(path)
-    out: list[Example] = []
-    for row in read_jsonl(p):
-        if "text" in row:
-            out.append(Example(_need_str(row, "text", str(p)), None, _meta(row, ["text"])))
-        elif "messages" in row or "completion" in row:
-            # kept raw: rendering needs the model's template
-            out.append(Example("", None, {"_record": _parse_chat(row, str(p))}))
-        elif "prompt" in row:
-            out.append(Example(_need_str(row, "prompt", str(p)), None, _meta(row, ["prompt"])))
-        else:
-            raise LatentlabError(
-                f"{p}:{row['_line']}: no 'text', 'prompt' or 'messages' field",
-                'use {"text": ...} lines, or chat {"messages": [...]} lines',
-            )
-    return out
+    return [text_record(row, str(p)) for row in read_jsonl(p)]
 
 
 def load_pairs(path: str | Path, split: str | None = None) -> list[Pair]:
@@ -447,7 +452,7 @@ def pair_examples(pairs: Sequence[Pair], tokenizer: Any) -> tuple[list[Example],
 
 
 def as_examples(data: Any, tokenizer: Any) -> list[Example]:
-    """Coerce strings, Examples, Chats, message lists or a dataset path into Examples."""
+    """Coerce strings, Examples, Chats, message lists, JSONL-style dicts or a dataset path into Examples."""
     if isinstance(data, Path) or (isinstance(data, str) and (data in BUILTIN_DATASETS or data.endswith(".jsonl"))):
         data = load_texts(data)
     elif isinstance(data, str):  # iterating it would make one example per character
@@ -456,7 +461,9 @@ def as_examples(data: Any, tokenizer: Any) -> list[Example]:
             f"pass a list of texts ([text] for one), a .jsonl path, or one of {', '.join(BUILTIN_DATASETS)}",
         )
     out = []
-    for x in data:
+    for i, x in enumerate(data, start=1):
+        if isinstance(x, dict):  # the records a JSONL file holds: {"text"}, {"messages"}, {"prompt", "completion"}
+            x = text_record({**x, "_line": i}, "input item")
         if isinstance(x, str):
             out.append(Example(x))
         elif isinstance(x, Example) and "_record" in x.meta:
@@ -468,7 +475,8 @@ def as_examples(data: Any, tokenizer: Any) -> list[Example]:
         elif isinstance(x, list):
             out.append(render_chat(x, tokenizer))
         else:
-            raise LatentlabError(f"cannot use a {type(x).__name__} as model input", "pass strings, Examples or chats")
+            raise LatentlabError(f"cannot use a {type(x).__name__} as model input",
+                                 'pass strings, Examples, chats or dicts such as {"text": ...}')
     if not out:
         raise LatentlabError("the dataset is empty", "pass at least one example")
     return out

@@ -216,6 +216,27 @@ def test_collect_from_dataset_name_and_file(tiny_llama: Any, tmp_path: Path) -> 
     assert len(unrelated) == len(latentlab.load_texts("unrelated"))
 
 
+def test_collect_takes_the_dicts_a_jsonl_file_holds(tiny_gemma: Any, tmp_path: Path) -> None:
+    """``ll.collect(model, [{"text": ...}])``: the same records as a JSONL file, with the same result."""
+    rows: list[dict[str, Any]] = [
+        {"text": "plain text", "topic": "x"},
+        {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "an answer"}]},
+        {"prompt": "Name a bird.", "completion": "Duck Hawk"},
+        {"prompt": "Just a prompt"},
+    ]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for position in ("last", "prompt_last"):
+        from_dicts = latentlab.collect(tiny_gemma, rows, layers=[1], position=position, progress=False)
+        from_file = collect(tiny_gemma, f, layers=[1], position=position, progress=False)
+        assert torch.equal(from_dicts.acts, from_file.acts)
+    assert len(collect(tiny_gemma, [{"text": "one"}], layers=[0], progress=False)) == 1
+    with pytest.raises(LatentlabError, match="input item:2: no 'text', 'prompt' or 'messages' field"):
+        collect(tiny_gemma, [{"text": "fine"}, {"txt": "typo"}], progress=False)
+    with pytest.raises(LatentlabError, match="last message must be the assistant"):
+        collect(tiny_gemma, [{"messages": [{"role": "user", "content": "q?"}]}], progress=False)
+
+
 def test_result_metadata_and_accessors(tiny_gemma: Any) -> None:
     acts = collect(tiny_gemma, TEXTS, layers=[1, 3], position="last", progress=False, meta={"dataset": "x"})
     n_tokens = sum(len(tiny_gemma.tokenizer(t)["input_ids"]) for t in TEXTS)
