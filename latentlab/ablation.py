@@ -34,7 +34,7 @@ so its mean would write the base's era reading into every token). BOS is left ou
 residual is an attention sink whose norm is many times the others', which would dominate the mean.
 Random directions get their own means: the same mean activation projected on each.
 
-:func:`run_ablate` is ``latentlab ablate``: a validated :class:`AblateConfig` in, a run folder out.
+``latentlab ablate`` (:mod:`latentlab.stages.ablate`) runs :func:`ablate` into a run folder.
 Preventative ablation / steering *during* finetuning (:func:`~latentlab.interventions.training_hooks`)
 uses the same math, in :mod:`latentlab.interventions`.
 """
@@ -42,7 +42,7 @@ uses the same math, in :mod:`latentlab.interventions`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,29 +53,26 @@ from torch import Tensor
 from latentlab.activations import collect
 from latentlab.data import BatteryItem, Example
 from latentlab.directions import Direction
-from latentlab.directions import direction_spec as _direction_spec
 from latentlab.errors import LatentlabError
 from latentlab.interventions import Ablate, Condition
 from latentlab.interventions import parse_intervention as parse_intervention  # FinetuneConfig, run_finetune
 from latentlab.io import read_json
-from latentlab.models import LoadedModel, parse_layers, resolve_adapter
+from latentlab.models import LoadedModel, resolve_adapter
 from latentlab.scoring import score_conditions
 from latentlab.stats import against_random, bootstrap_means, check_finite
 
 __all__ = [
     "MIN_RANDOM",
-    "AblateConfig",
     "AblationResult",
     "ablate",
     "base_mean_projections",
-    "run_ablate",
+    "check_same_base",
 ]
 
 STAGE = "ablate"
 MIN_RANDOM = 10
 MIN_GAIN = 1e-6  # a gain smaller than this has no meaningful fraction (reported as None, never NaN)
 AblateMode = Literal["project", "mean"]
-from latentlab.config import DEFAULT_BATTERY  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # The reference means for mode="mean".
@@ -286,7 +283,7 @@ def ablate(
 
 
 # --------------------------------------------------------------------------------------------
-# latentlab ablate: config -> run folder.
+# A finetune and its control must share their base.
 # --------------------------------------------------------------------------------------------
 
 
@@ -307,113 +304,3 @@ def check_same_base(finetuned: Path, control: Path) -> None:
             f"(base fingerprints {b} vs {a})",
             "pass a control finetuned from the same base model",
         )
-
-
-def direction_spec(spec: str | Path, layers: str) -> Direction | str:
-    """A saved direction (loaded and checked now: NaN, zero, the requested layers) or a pair source."""
-    d = _direction_spec(spec)
-    if isinstance(d, Direction) and layers.strip() != "all":
-        want = parse_layers(layers, max(d.layers) + 1)
-        missing = [layer for layer in want if layer >= 0 and layer not in d.layers]
-        if missing:
-            raise LatentlabError(
-                f"the {d.name} direction in {spec} lacks layer(s) {', '.join(map(str, missing[:8]))} "
-                f"(has {d.layers[0]}-{d.layers[-1]})",
-                "choose --layers the direction has, or refit it with --layers all",
-            )
-    return d
-
-
-@dataclass
-class AblateConfig:
-    """What ``latentlab ablate`` takes; validated on construction (before any model loads).
-
-    ``finetuned`` / ``control``: adapter folders or ``latentlab finetune`` run folders of ``base``.
-    ``direction``: a saved ``.safetensors`` (checked now), or era / persona / a pair JSONL fitted on
-    ``base``. ``battery``: default the direction's own (era-battery, persona-battery).
-    """
-
-    finetuned: Path
-    out: Path = Path("runs/ablate")
-    base: str = "gemma-3-270m"
-    control: Path | None = None
-    direction: str = "era"
-    layers: str = "all"
-    mode: str = "project"
-    n_random: int = MIN_RANDOM
-    battery: str | None = None
-    seed: int = 0
-    n_boot: int = 1000
-    batch_size: int = 32
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        from latentlab.config import check_device_dtype
-        from latentlab.data import load_battery
-        from latentlab.models import parse_layers
-
-        self.out, self.finetuned = Path(self.out), Path(self.finetuned)
-        self.control = None if self.control is None else Path(self.control)
-        self.layers = str(self.layers)
-        if self.mode not in ("project", "mean"):
-            raise LatentlabError(f"unknown --mode {self.mode!r}", "use --mode project or --mode mean")
-        if self.n_random < MIN_RANDOM:
-            raise LatentlabError(
-                f"--n-random {self.n_random} is too few random directions for a distribution",
-                f"use --n-random {MIN_RANDOM} or more",
-            )
-        if self.n_boot < 100:
-            raise LatentlabError(f"--n-boot {self.n_boot} is too few resamples", "use --n-boot 100 or more")
-        parse_layers(self.layers, 1)  # the syntax now; the range once the model's depth is known
-        ft = resolve_adapter(self.finetuned)
-        if self.control is not None:
-            check_same_base(ft, resolve_adapter(self.control))
-        self._direction = direction_spec(self.direction, self.layers)
-        name = self._direction.name if isinstance(self._direction, Direction) else self.direction
-        self.battery = self.battery or DEFAULT_BATTERY.get(name)
-        if self.battery is None:
-            raise LatentlabError(
-                f"no default battery for the {name} direction", "pass --battery (an A/B JSONL or a built-in name)"
-            )
-        self._items = load_battery(self.battery)
-        check_device_dtype(self.device, self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-
-
-def run_ablate(config: AblateConfig, command: str | None = None, progress: bool = True) -> AblationResult:
-    """``latentlab ablate``: everything checkable is checked (config, base load, layers, direction
-    layers) before ``config.out`` is touched; writes results.json, manifest.json and the plot."""
-    from latentlab.directions import resolve_direction as direction_for
-    from latentlab.io import write_json
-    from latentlab.models import load_model
-    from latentlab.plots import ablation_figure, save_figure
-    from latentlab.runs import Run
-
-    cfg = config
-    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
-    layers = base.check_layers(cfg.layers)
-    spec = cfg._direction
-    if isinstance(spec, Direction):
-        spec.check(base, layers)
-    # Views refuse an adapter of another base (recorded fingerprint) before the run folder exists.
-    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
-    ctrl = None
-    if cfg.control is not None:
-        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}")
-    run = Run.start(cfg.out, command or "latentlab.run_ablate", cfg.to_dict(), seed=cfg.seed)
-    d = direction_for(base, spec, run.out)
-    res = ablate(
-        base, ft, d, cfg._items, control=ctrl, layers=layers, mode=cfg.mode,  # type: ignore[arg-type]
-        n_random=cfg.n_random, seed=cfg.seed, n_boot=cfg.n_boot, batch_size=cfg.batch_size, progress=progress,
-    )
-    write_json(run.out / "results.json", res.to_dict())
-    save_figure(ablation_figure(res), run.out, "ablation")
-    for role, info in res.meta["models"].items():
-        run.add_model(role, info)
-    summary = {ref: {k: f[k] for k in ("gain", "fraction", "fraction_ci")} for ref, f in res.fractions.items()}
-    run.finish(results=summary)
-    return res

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-from latentlab.ablation import AblateConfig, ablate
+from latentlab.ablation import ablate
 from latentlab.arch import decoder_blocks
 from latentlab.data import BatteryItem, render_prompt
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
 from latentlab.interventions import parse_intervention, training_hooks
+from latentlab.stages.ablate import AblateConfig
 
 MARKER = "Z"
 SCALE = 5.0  # the planted write's size, in units of the last layer's typical residual norm

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-from latentlab.cli import ablate as _ablate  # noqa: F401
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
 from latentlab.cli import sae as _sae  # noqa: F401
 from latentlab.cli import triggers as _triggers  # noqa: F401
@@ -53,4 +52,3 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
-

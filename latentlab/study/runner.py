@@ -327,7 +327,8 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
                 key = f"ablate-{_layer_label(spec)}-s{seed}"
                 steps.append(_section_step(cfg, "ablate", key, out / key, seed, section="ablation",
                                            finetuned=ftr, control=ctr, direction=direction, battery=r.battery,
-                                           layers=lambda spec=spec, rl=resolve_layers: rl(spec), **common))
+                                           layers=lambda spec=spec, rl=resolve_layers: rl(spec), overwrite=True,
+                                           **common))
         if "prevention" in ana:
             assert ft is not None
             pf = out / "finetunes" / f"{data_arm}-ablated-s{seed}"
