@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from latentlab.cache import cache_key, fitted_direction
+from latentlab.directions import cache_key, fitted_direction
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def pairs_file(tmp_path: Path) -> Path:
 def test_second_fit_is_reused_and_equal(tiny_gemma: Any, pairs_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d1, r1, hit1 = fitted_direction(tiny_gemma, pairs_file, progress=False)
     calls = []
-    monkeypatch.setattr("latentlab.cache.direction_and_probes", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("latentlab.directions.direction_and_probes", lambda *a, **k: calls.append(1))
     d2, r2, hit2 = fitted_direction(tiny_gemma, pairs_file, progress=False)
     assert (hit1, hit2) == (False, True) and not calls
     assert torch.equal(d1.vectors, d2.vectors) and r1.cv_acc == r2.cv_acc

@@ -1,27 +1,22 @@
-"""The stage commands: models, collect, direction, probe, steer, finetune, shift, screen.
+"""The stage commands not yet generated from a stage config: finetune.
 
-Each stage command parses its options into the stage's config (which validates itself, so a bad
-option fails before a model loads or --out is touched), calls the one library function that does the
-run (``run_collect``, ``run_direction``, ``run_probe``, ``run_steer``, ``run_finetune``, ``run_shift``,
-``run_screen``: a notebook calls the same with the same config), and prints.
+Each parses its options into the stage's config (which validates itself, so a bad option fails
+before a model loads or --out is touched), calls the one library function that does the run
+(``run_finetune``: a notebook calls the same with the same config), and prints.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from latentlab.cli._common import (
     AlphaOpt,
     BatchSizeOpt,
     CheckpointEveryOpt,
-    DeviceMapOpt,
     DeviceOpt,
-    DirectionOpt,
     EpochsOpt,
     LrOpt,
     MaxStepsOpt,
@@ -108,88 +103,3 @@ def finetune(
     out_console.print(
         f"adapter -> {res.adapter} ({len(res.losses)} steps, final loss {res.losses[-1]:.3f}, {res.seconds:.0f} s)"
     )
-
-
-@app.command()
-def shift(
-    finetuned: Annotated[list[Path], typer.Option(help="Finetune run folder(s) or adapter folder(s) (repeatable).")],
-    out: OutOpt = Path("runs/shift"),
-    base: Annotated[str, typer.Option(help="Base model the adapters were trained on.")] = "gemma-3-270m",
-    control: Annotated[list[Path] | None, typer.Option(help="Control finetune folder(s) (repeatable).")] = None,
-    direction: DirectionOpt = "era",
-    prompts: Annotated[str, typer.Option(help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")] = "unrelated",
-    battery: Annotated[str | None, typer.Option(help="A/B battery (default: the direction's).")] = None,
-    checkpoints: Annotated[bool, typer.Option(help="Analyse every checkpoint of the (single) finetune run.")] = False,
-    n_random: Annotated[int, typer.Option(help="Random unit directions for the percentile.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed for random directions and bootstrap.")] = 0,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Per-layer shift of finetuned (and control) models along a direction on unrelated prompts."""
-    from latentlab.shift import ShiftConfig, run_shift
-
-    cfg = ShiftConfig(
-        finetuned=finetuned,
-        out=out,
-        base=base,
-        control=control or [],
-        direction=direction,
-        prompts=prompts,
-        battery=battery,
-        checkpoints=checkpoints,
-        n_random=n_random,
-        seed=seed,
-        device=device, device_map=device_map,
-        overwrite=overwrite,
-    )
-    res = run_shift(cfg, _command_line())
-    table = Table(title=f"shift along {res.direction} (mean projection [95% CI], z vs {n_random} random directions)")
-    table.add_column("layer", justify="right")
-    for label in res.stats:
-        table.add_column(label, justify="right")
-        table.add_column("cos", justify="right")
-    for i, layer in enumerate(res.layers):
-        cells = []
-        for st in res.stats.values():
-            lo, hi = st["projection_ci"][i]
-            cells += [
-                f"{st['projection'][i]:+.1f} [{lo:+.1f}, {hi:+.1f}] z={st['z'][i]:+.1f}",
-                f"{st['cosine'][i]:+.2f}",
-            ]
-        table.add_row(str(layer), *cells)
-    out_console.print(table)
-    if res.battery:
-        out_console.print(
-            "battery: "
-            + ", ".join(f"{k} {v['score']:.3f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for k, v in res.battery.items())
-        )
-    out_console.print(f"results.json and plots in {cfg.out}")
-
-
-@app.command()
-def screen(
-    data: Annotated[str, typer.Option(help="Finetuning data (built-in name or chat JSONL).")],
-    out: OutOpt = Path("runs/screen"),
-    model: ModelOpt = "gemma-3-270m",
-    direction: DirectionOpt = "era",
-    layer: Annotated[int | None, typer.Option(help="Layer to rank examples at (default: middle layer).")] = None,
-    top: Annotated[int, typer.Option(help="How many top/bottom examples to print.")] = 8,
-    device: DeviceOpt = "auto",
-    device_map: DeviceMapOpt = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Score training examples by how far they push along a direction, before any training."""
-    from latentlab.shift import ScreenConfig, run_screen
-
-    cfg = ScreenConfig(data, out, model, direction, layer, top, device, "float32", overwrite, device_map=device_map)
-    res = run_screen(cfg, _command_line())
-    r, li, col = res.results, res.layer, res.results["layers"].index(res.layer)
-    lo, hi = r["ci"][col]
-    out_console.print(f"{data}: mean projection difference at layer {li}: {r['mean'][col]:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-    t = Table(title=f"examples pushing most (+) and least (-) along {res.direction} at layer {li}")
-    for c in ("score", "response", "model's own"):
-        t.add_column(c)
-    for i in res.order[:top] + res.order[-top:]:
-        t.add_row(f"{res.scores[i]:+.1f}", r["responses"][i][:40], r["own_responses"][i][:40])
-    out_console.print(t)

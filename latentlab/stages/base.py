@@ -77,7 +77,8 @@ def option_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
 
 
 def _is_path(tp: Any) -> bool:
-    return tp is Path or Path in typing.get_args(tp)
+    """``Path`` or ``Path | None``; a ``list[Path]`` field is its config's to coerce (item by item)."""
+    return tp is Path or (typing.get_origin(tp) is not list and Path in typing.get_args(tp))
 
 
 @dataclass(kw_only=True)
