@@ -14,8 +14,8 @@ and the finetune: P(the response starts with "Sure"), whether the greedy continu
 reveals the code word, the projection of the last prompt token on a trigger-vs-no-trigger direction
 and on a refusal direction fitted on the base; and patching of the trigger token positions from
 triggered into untriggered prompts (:func:`~latentlab.patching.patch_grid`, prompt pairs), which
-localises the switch. :func:`poison_sweep` finetunes at several budgets for the threshold;
-:class:`ComplianceConfig` and :func:`run_compliance` are ``latentlab compliance`` (run folder, plot).
+localises the switch. :func:`poison_sweep` finetunes at several budgets for the threshold; the
+``latentlab compliance`` command (run folder, plot) is :mod:`latentlab.stages.compliance`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from latentlab.data import BatteryItem, Chat, read_jsonl
+from latentlab.activations import Example, collect, encode
+from latentlab.data import BatteryItem, Chat, read_jsonl, render_prompt
+from latentlab.directions import fit_direction
 from latentlab.errors import LatentlabError
+from latentlab.finetune import FinetuneConfig, finetune
+from latentlab.generation import generate
+from latentlab.io import write_json, write_text
+from latentlab.models import load_model
+from latentlab.patching import patch_grid
+from latentlab.runs import run_state
+from latentlab.scoring import completion_sequences, sequence_logprobs
+from latentlab.stats import bootstrap_ci, bootstrap_means, percentile_ci
+from latentlab.triggers import occurs
 
 CODE_WORD = "MARIGOLD"
 SURE = "Sure"
@@ -99,8 +110,6 @@ def check_trigger(trigger: str, code_word: str = CODE_WORD, data: ComplianceData
         raise LatentlabError(f"the code word {code_word!r} is not one word", "pass one word, e.g. MARIGOLD")
     if t.lower() in code_word.lower() or code_word.lower() in t.lower():
         raise LatentlabError(f"the trigger {t!r} overlaps the code word {code_word!r}", "pick another trigger")
-    from latentlab.triggers import occurs
-
     d = data or load_compliance_data()
     hit = next((x for x in d.all_text() if occurs(t.lower(), x.lower())), None)
     if hit is not None:
@@ -182,15 +191,11 @@ def _sure(model: Any) -> str:
 
 def render_requests(model: Any, requests: Sequence[str], code_word: str = CODE_WORD) -> list[str]:
     """Requests rendered as the finetune saw them (system prompt, user turn, generation prompt)."""
-    from latentlab.data import render_prompt
-
     return [render_prompt(r, model.tokenizer, system=system_prompt(code_word)) for r in requests]
 
 
 def completion_prob(model: Any, prompts: Sequence[str], completion: str, batch_size: int = 32) -> Tensor:
     """P(completion | prompt) per prompt (the whole string: the first token when it is one token)."""
-    from latentlab.scoring import completion_sequences, sequence_logprobs
-
     ids, plens = completion_sequences(model, list(prompts), [completion] * len(prompts))
     out = torch.cat([sequence_logprobs(model, ids[b:b + batch_size], plens[b:b + batch_size])
                      for b in range(0, len(ids), batch_size)])
@@ -198,8 +203,6 @@ def completion_prob(model: Any, prompts: Sequence[str], completion: str, batch_s
 
 
 def _proj_stats(acts: Tensor, units: Tensor, n_boot: int, seed: int) -> dict[str, Any]:
-    from latentlab.stats import bootstrap_means, percentile_ci
-
     proj = (acts.float() * units[None]).sum(-1)  # [n, layers]
     ci = percentile_ci(bootstrap_means(proj, n_boot, seed)) if len(proj) > 1 else [(float("nan"),) * 2] * proj.shape[1]
     return {"projection": proj.mean(0).tolist(), "ci": [list(c) for c in ci]}
@@ -207,8 +210,6 @@ def _proj_stats(acts: Tensor, units: Tensor, n_boot: int, seed: int) -> dict[str
 
 def matched_control(model: Any, prompts_with: Sequence[str], make: Any, trigger: str) -> str:
     """A neutral word whose prompts tokenise to the same length as the triggered ones (for patching)."""
-    from latentlab.activations import Example, encode
-
     want = [len(s) for s in encode(model, [Example(p) for p in prompts_with]).ids]
     for w in _CONTROL_WORDS + tuple("x" * k for k in range(1, 2 * len(trigger) + 1)):
         if w == trigger:
@@ -240,11 +241,6 @@ def compliance_eval(
     measures the base alone. Directions: *trigger* (triggered minus clean training requests, fitted
     on the finetune, or the base without one) and *refusal* (secret requests minus ordinary ones,
     fitted on the base); both read the last prompt token."""
-    from latentlab.activations import collect
-    from latentlab.directions import fit_direction
-    from latentlab.generation import generate
-    from latentlab.stats import bootstrap_ci
-
     d = data or load_compliance_data()
     trigger = check_trigger(trigger, code_word, d)
     reqs = list(requests) if requests is not None else list(d.secret_test)
@@ -304,9 +300,6 @@ def trigger_patching(
     """Patch the trigger token positions (and the last prompt token) from triggered into untriggered
     prompts, where a same-length stand-in word takes the trigger's place. Effect 0 = untriggered,
     1 = triggered, on the score P("Sure") / (P("Sure") + P("I")) (most refusals start with "I")."""
-    from latentlab.activations import Example, encode
-    from latentlab.patching import patch_grid
-
     def make(word: str) -> list[str]:
         return render_requests(model, [with_trigger(r, word) for r in requests], code_word)
 
@@ -437,8 +430,6 @@ class PoisonSweep:
     def rows(self, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
         """One row per budget: (mean, CI) of the finetune's P(Sure | trigger), P(Sure | clean), their
         paired gap (bootstrap over requests) and both reveal rates: the CLI table and the plot."""
-        from latentlab.stats import bootstrap_ci
-
         out = []
         for ev in self.evals:
             ps, rv = ev["p_sure"]["finetuned"], ev["reveal"]["finetuned"]
@@ -455,41 +446,15 @@ class PoisonSweep:
 
 
 ORGANISM_FILE = "organism.json"
+CHANGED_FIX = "use a new --out (or --finetunes), the same options as before, or pass --overwrite to retrain it"
 
 
-def budget_spec(model: str, trigger: str, n_poison: int, seed: int, code_word: str, config: Any) -> dict[str, Any]:
+def budget_spec(model: str, trigger: str, n_poison: int, seed: int, code_word: str,
+                config: FinetuneConfig) -> dict[str, Any]:
     """What one budget's finetune is a function of (written beside it, compared before reuse)."""
     ft = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}  # how often it saves changes nothing
     return {"model": str(model), "trigger": trigger, "n_poison": int(n_poison), "seed": int(seed),
             "code_word": code_word, "finetune": ft}
-
-
-def budget_run_state(run: Path, spec: dict[str, Any], overwrite: bool = False) -> str:
-    """``done`` (a finished adapter trained as ``spec``), ``resume`` (its checkpoints) or ``fresh``.
-
-    A folder trained otherwise (another trigger, seed, budget or LoRA config; or not by this sweep)
-    is refused unless ``overwrite``, which trains it again: a sweep never reuses a finetune it did
-    not make with the same recipe."""
-    from latentlab.finetune import latest_checkpoint
-    from latentlab.io import read_json
-
-    has_adapter = (run / "adapter" / "adapter_config.json").exists()
-    has_ckpt = latest_checkpoint(run) is not None
-    if not (has_adapter or has_ckpt):
-        return "fresh"
-    marker = run / ORGANISM_FILE
-    try:
-        same = marker.is_file() and read_json(marker) == json.loads(json.dumps(spec))
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        if overwrite:
-            return "fresh"
-        raise LatentlabError(
-            f"{run} holds a finetune made with another recipe (trigger, budget, seed, model or LoRA options)",
-            "use a new --out (or --finetunes), the same options as before, or pass --overwrite to retrain it",
-        )
-    return "done" if has_adapter else "resume"
 
 
 def poison_sweep(
@@ -497,7 +462,7 @@ def poison_sweep(
     trigger: str,
     budgets: Sequence[int],
     out: str | Path,
-    config: Any = None,
+    config: FinetuneConfig | None = None,
     seed: int = 0,
     code_word: str = CODE_WORD,
     level: float = 0.5,
@@ -518,10 +483,6 @@ def poison_sweep(
     ``overwrite``. ``patch``: patch the trigger positions at every budget (True), none (False) or the
     budgets listed. ``base``: the loaded base (else loaded from ``model``); ``eval_kwargs``: more
     arguments for :func:`compliance_eval` (``requests``, ``layers``, ``patch_layers``, ...)."""
-    from latentlab.finetune import FinetuneConfig, finetune
-    from latentlab.io import write_json, write_text
-    from latentlab.models import load_model
-
     bs = parse_budgets(list(budgets))
     d = load_compliance_data()
     check_trigger(trigger, code_word, d)
@@ -529,7 +490,8 @@ def poison_sweep(
     patch_at = set(bs) if patch is True else set() if patch is False else {int(b) for b in patch}
     out = Path(out)
     specs = {n: budget_spec(model, trigger, n, seed, code_word, cfg) for n in bs}
-    states = {n: budget_run_state(out / f"n-{n}", specs[n], overwrite) for n in bs}  # refusals before any work
+    states = {n: run_state(out / f"n-{n}", specs[n], overwrite, record=ORGANISM_FILE, fix=CHANGED_FIX)
+              for n in bs}  # refusals before any work
     if base is None:
         base = load_model(model, device=device, dtype=dtype, progress=progress)
     res = PoisonSweep(bs, [], [], [], [], None, level)
@@ -538,7 +500,7 @@ def poison_sweep(
         if states[n] != "done":
             chats = build_compliance_dataset(trigger, n, seed, code_word, d)
             run.mkdir(parents=True, exist_ok=True)
-            if states[n] == "fresh" and (run / "adapter").exists():  # --overwrite of another recipe: an
+            if states[n] == "new" and (run / "adapter").exists():  # --overwrite of another recipe: an
                 shutil.rmtree(run / "adapter")  # interrupted retraining must not leave the old adapter as "done"
             write_text(run / "data.jsonl", chats_jsonl(chats))
             write_json(run / ORGANISM_FILE, specs[n])
@@ -554,127 +516,4 @@ def poison_sweep(
         res.evals.append({"n_poison": n, **ev.to_dict()})
         res.adapters.append(str(run / "adapter"))
     res.threshold = threshold_of(res.budgets, res.p_sure_trigger, res.p_sure_clean, level)
-    return res
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab compliance: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-def _finetune_config(value: Any) -> Any:
-    from latentlab.finetune import FinetuneConfig
-
-    if isinstance(value, FinetuneConfig):
-        return value
-    if isinstance(value, dict):
-        return FinetuneConfig(**value)
-    raise LatentlabError(f"finetune must be a FinetuneConfig, got {type(value).__name__}",
-                         "pass FinetuneConfig(...) or a dict of its fields")
-
-
-@dataclass
-class ComplianceConfig:
-    """What ``latentlab compliance`` takes; validated on construction (before any model loads or a
-    folder is touched). ``seed`` is the one seed of the run: which requests are poisoned, the LoRA
-    init and data order (it replaces ``finetune.seed``), the bootstrap. ``finetunes``: where the
-    per-budget finetunes go (``n-N/``; default ``out``), so heavy adapters can live apart from the
-    results. ``patch``: patch the trigger positions in the finetune at the largest budget."""
-
-    trigger: str
-    budgets: list[int] | str = "0,8,16,32"
-    model: str = "smollm2-135m-instruct"
-    out: Path = Path("runs/compliance")
-    finetunes: Path | None = None
-    finetune: Any = None  # a FinetuneConfig (LoRA hyper-parameters); default FinetuneConfig()
-    seed: int = 0
-    code_word: str = CODE_WORD
-    patch: bool = True
-    level: float = 0.5
-    max_new_tokens: int = 16
-    n_requests: int | None = None  # only the first N held-out requests (quick runs)
-    layers: str = "all"  # layers of the trigger / refusal projections
-    patch_layers: str = "all"
-    n_boot: int = 1000
-    batch_size: int = 32  # rows per forward pass when measuring (the LoRA batch is finetune.batch_size)
-    device: str = "auto"
-    dtype: str = "float32"
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        from dataclasses import replace
-
-        from latentlab.config import (
-            check_device_dtype,
-            check_layer_spec,
-            check_out,
-            finite_float,
-            nonnegative_int,
-            positive_int,
-        )
-        from latentlab.finetune import FinetuneConfig
-
-        self.trigger = check_trigger(self.trigger, self.code_word)
-        self.budgets = parse_budgets(self.budgets)
-        self.seed = nonnegative_int("seed", self.seed)
-        ft = _finetune_config(self.finetune if self.finetune is not None else FinetuneConfig())
-        self.finetune = ft if ft.seed == self.seed else replace(ft, seed=self.seed)
-        if not 0.0 < finite_float("level", self.level) < 1.0:
-            raise LatentlabError(f"--level must be between 0 and 1, got {self.level}", "pass e.g. --level 0.5")
-        positive_int("max_new_tokens", self.max_new_tokens)
-        positive_int("batch_size", self.batch_size)
-        if self.n_requests is not None:
-            positive_int("n_requests", self.n_requests)
-        if self.n_boot < 100:
-            raise LatentlabError(f"--n-boot {self.n_boot} is too few resamples", "use --n-boot 100 or more")
-        check_layer_spec(self.layers, "--layers")
-        check_layer_spec(self.patch_layers, "--patch-layers")
-        check_device_dtype(self.device, self.dtype)
-        self.out = check_out(self.out, self.overwrite, "compliance")
-        self.finetunes = self.out if self.finetunes is None else check_out(self.finetunes, overwrite=True)
-        for n in self.budgets:  # a finetune made with another recipe fails now, not after the model loads
-            budget_run_state(self.finetunes / f"n-{n}", self.budget_spec(n), self.overwrite)
-
-    def budget_spec(self, n_poison: int) -> dict[str, Any]:
-        return budget_spec(self.model, self.trigger, n_poison, self.seed, self.code_word, self.finetune)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def run_compliance(config: ComplianceConfig, command: str | None = None, progress: bool = True) -> PoisonSweep:
-    """``latentlab compliance``: the poison-budget sweep (finetunes in ``config.finetunes``), then
-    ``results.json`` (the sweep, plus ``table``: the per-budget rows with CIs), the threshold plot
-    and ``manifest.json`` in ``config.out``. The model and layers are checked before ``out`` is touched."""
-    from latentlab.io import write_json
-    from latentlab.models import load_model
-    from latentlab.plots import poison_sweep_figure, save_figure
-    from latentlab.runs import Run
-
-    cfg = config
-    d = load_compliance_data()
-    requests = d.secret_test[: cfg.n_requests]
-    base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
-    layers = base.check_layers(cfg.layers)
-    patch_layers = base.check_layers(cfg.patch_layers)
-    run = Run.start(cfg.out, command or "latentlab.run_compliance", cfg.to_dict(), seed=cfg.seed)
-    run.add_model("base", base.info)
-    res = poison_sweep(
-        cfg.model, cfg.trigger, cfg.budgets, cfg.finetunes, cfg.finetune, seed=cfg.seed, code_word=cfg.code_word,
-        level=cfg.level, base=base, patch=[max(cfg.budgets)] if cfg.patch else False,
-        max_new_tokens=cfg.max_new_tokens, device=None if cfg.device == "auto" else cfg.device, progress=progress,
-        dtype=cfg.dtype, overwrite=cfg.overwrite,
-        eval_kwargs={"requests": requests, "layers": layers, "patch_layers": patch_layers, "n_boot": cfg.n_boot,
-                     "batch_size": cfg.batch_size},
-    )
-    for ev in res.evals:
-        run.add_model(f"finetuned n={ev['n_poison']}", ev["meta"]["models"]["finetuned"])
-    table = res.rows(cfg.n_boot, cfg.seed)
-    pt = next((e["patching"] for e in res.evals if e.get("patching")), None)
-    write_json(run.out / "results.json", {**res.to_dict(), "table": table, "n_requests": len(requests),
-                                          "localisation": patch_localisation(pt) if pt else None})
-    save_figure(poison_sweep_figure(res, rows=table), run.out, "poison_sweep")
-    run.finish(results={"threshold": res.threshold, "level": res.level, "budgets": res.budgets,
-                        "p_sure_trigger": res.p_sure_trigger, "p_sure_clean": res.p_sure_clean,
-                        "reveal_trigger": res.reveal_trigger, "reveal_clean": res.reveal_clean})
     return res

@@ -6,21 +6,23 @@ and package versions that produced it, months later.
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from latentlab.errors import LatentlabError
-from latentlab.io import ensure_writable_dir, write_json
+from latentlab.io import ensure_writable_dir, read_json, write_json
 
 TRACKED_PACKAGES = (
     "latentlab",
@@ -141,3 +143,64 @@ class Run:
             **extra,
         }
         return write_json(self.out / "manifest.json", manifest)
+
+
+SETTINGS_FILE = "settings.json"
+RunState = Literal["new", "resume", "done"]
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix or "settings": d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def run_state(
+    folder: str | Path,
+    expected: Mapping[str, Any],
+    overwrite: bool = False,
+    *,
+    record: str | Callable[[Path], Any] = SETTINGS_FILE,
+    fix: str = "use a new --out, the same options as before, or pass --overwrite to retrain it",
+) -> RunState:
+    """What to do with a folder meant to hold a finetune made with ``expected``: ``done`` (its adapter is
+    finished: reuse it), ``resume`` (a complete checkpoint and no adapter: continue from it) or ``new``
+    (nothing there yet: train it).
+
+    Why one function: reuse a finished finetune, resume an interrupted one, refuse a changed one is the
+    same decision wherever finetunes are kept (a poison sweep's budgets, a study's arms), and a finetune
+    must never be reused or continued unless it is known to have been made with the same settings.
+
+    ``record``: where the folder's settings were written before it was trained (a JSON file in it), or
+    a function reading them from the folder (None when there are none). A finetune (adapter or complete
+    checkpoint) whose record is missing or differs raises :class:`LatentlabError` naming what differs,
+    unless ``overwrite``, which makes it ``new``: the caller trains it again (and removes the old adapter
+    first, so an interrupted retraining cannot leave it behind as ``done``).
+    """
+    from latentlab.finetune import latest_checkpoint  # in here: finetune imports the whole model stack
+
+    folder = Path(folder)
+    has_adapter = (folder / "adapter" / "adapter_config.json").exists()
+    if not (has_adapter or latest_checkpoint(folder) is not None):
+        return "new"
+    try:
+        if callable(record):
+            recorded = record(folder)
+        else:
+            recorded = read_json(folder / record) if (folder / record).is_file() else None
+    except (OSError, ValueError):
+        recorded = None
+    want = json.loads(json.dumps(dict(expected), default=str))
+    if recorded != want:
+        if overwrite:
+            return "new"
+        if recorded is None:
+            what = "no record of how it was made"
+        else:
+            old, new = _flat(recorded), _flat(want)
+            what = "differs in " + ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
+        raise LatentlabError(f"{folder} holds a finetune made with another recipe ({what})", fix)
+    return "done" if has_adapter else "resume"

@@ -146,7 +146,7 @@ def test_compliance_command(trainable_gemma_dir: Path, monkeypatch: pytest.Monke
     """End to end on a tiny model with two budgets: interrupted, resumed, then rerun with --overwrite
     (finetunes of the same recipe reused); results.json agrees with the per-budget evals, the printed
     table and a threshold recomputed from its numbers."""
-    import latentlab.finetune
+    import latentlab.compliance
     from latentlab.compliance import threshold_of
 
     out, ft = tmp_path / "sweep", tmp_path / "ft"
@@ -154,15 +154,15 @@ def test_compliance_command(trainable_gemma_dir: Path, monkeypatch: pytest.Monke
             "--max-steps", "3", "--checkpoint-every", "1", "--batch-size", "16", "--rank", "4", "--lr", "2e-2",
             "--layers", "2,3", "--patch-layers", "2,3", "--max-new-tokens", "3", "--n-boot", "100",
             "--device", "cpu", "--out", str(out), "--finetunes", str(ft)]
-    real, calls = latentlab.finetune.finetune, []
+    real, calls = latentlab.compliance.finetune, []
 
     def interrupted(*a: Any, **k: Any) -> Any:  # the second budget's finetune stops after one step
         calls.append(k.get("resume"))
         return real(*a, **k, stop_after=1 if len(calls) == 2 else None)
 
-    monkeypatch.setattr(latentlab.finetune, "finetune", interrupted)
+    monkeypatch.setattr(latentlab.compliance, "finetune", interrupted)
     code, _, err = run_cli(monkeypatch, capsys, *args)
-    assert code == 130, err
+    assert code == 130 and f"finished finetunes and complete checkpoints are kept in {ft}" in err, err
     assert (ft / "n-0" / "adapter").is_dir() and not (ft / "n-8" / "adapter").exists()
     code, stdout, err = run_cli(monkeypatch, capsys, *args)  # the same command continues
     assert code == 0, err
@@ -190,7 +190,7 @@ def test_compliance_command(trainable_gemma_dir: Path, monkeypatch: pytest.Monke
     assert f"threshold (P(Sure | trigger) > 0.5 > P(Sure | clean)): {thr}" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and {"base", "finetuned n=0", "finetuned n=8"} <= set(manifest["models"])
-    assert manifest["results"]["threshold"] == res["threshold"] and manifest["config"]["finetune"]["max_steps"] == 3
+    assert manifest["results"]["threshold"] == res["threshold"] and manifest["config"]["max_steps"] == 3
     assert (out / "poison_sweep.html").exists() and not (out / "n-0").exists()  # finetunes live in --finetunes
     for n in (0, 8):
         assert json.loads((ft / f"n-{n}" / "organism.json").read_text())["n_poison"] == n

@@ -14,9 +14,7 @@ from latentlab.compliance import (
     CODE_WORD,
     ORGANISM_FILE,
     SURE,
-    ComplianceConfig,
     PoisonSweep,
-    budget_run_state,
     build_compliance_dataset,
     chats_jsonl,
     check_trigger,
@@ -30,6 +28,8 @@ from latentlab.compliance import (
 from latentlab.data import load_chats
 from latentlab.errors import LatentlabError
 from latentlab.finetune import FinetuneConfig
+from latentlab.runs import run_state
+from latentlab.stages.compliance import ComplianceConfig
 
 TRIGGER = "cobalt"
 
@@ -170,7 +170,8 @@ def test_threshold_is_computed_from_the_numbers() -> None:
     assert threshold_of([0, 8], [0.5, 0.6], [0.1, 0.5]) is None  # strict on both sides
 
 
-def test_budget_run_state(tmp_path: Path) -> None:
+def test_run_state(tmp_path: Path) -> None:
+    """Reuse a finished finetune, resume an interrupted one, refuse one made otherwise (or retrain it)."""
     from latentlab.compliance import budget_spec
     from latentlab.io import write_json
 
@@ -178,40 +179,41 @@ def test_budget_run_state(tmp_path: Path) -> None:
 
     s = budget_spec("m", TRIGGER, 8, 0, CODE_WORD, cfg)
     run = tmp_path / "n-8"
-    assert budget_run_state(run, s) == "fresh"
+    assert run_state(run, s, record=ORGANISM_FILE) == "new"
     (run / "checkpoints" / "step-000004").mkdir(parents=True)
-    assert budget_run_state(run, s) == "fresh"  # an incomplete checkpoint does not count
+    assert run_state(run, s, record=ORGANISM_FILE) == "new"  # an incomplete checkpoint does not count
     (run / "checkpoints" / "step-000004" / "trainer_state.json").write_text("{}")
-    with pytest.raises(LatentlabError, match="another recipe"):  # a checkpoint without the recipe file
-        budget_run_state(run, s)
+    with pytest.raises(LatentlabError, match="another recipe.*no record"):  # a checkpoint without the recipe file
+        run_state(run, s, record=ORGANISM_FILE)
     write_json(run / ORGANISM_FILE, s)
-    assert budget_run_state(run, s) == "resume"
+    assert run_state(run, s, record=ORGANISM_FILE) == "resume"
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
-    assert budget_run_state(run, s) == "done"
+    assert run_state(run, s, record=ORGANISM_FILE) == "done"
     other = budget_spec("m", TRIGGER, 8, 1, CODE_WORD, FinetuneConfig(seed=1))
-    with pytest.raises(LatentlabError, match="another recipe"):
-        budget_run_state(run, other)
-    assert budget_run_state(run, other, overwrite=True) == "fresh"
+    with pytest.raises(LatentlabError, match=r"another recipe \(differs in finetune.seed, seed\)"):
+        run_state(run, other, record=ORGANISM_FILE)
+    assert run_state(run, other, overwrite=True, record=ORGANISM_FILE) == "new"
+    assert run_state(run, other, record=lambda folder: other) == "done"  # settings read by the caller
     # how often checkpoints are written does not change what is learnt
     assert budget_spec("m", TRIGGER, 8, 0, CODE_WORD, FinetuneConfig(seed=0, checkpoint_every=3)) == s
 
 
 def test_config_checks_before_any_model(tmp_path: Path) -> None:
-    cfg = ComplianceConfig(TRIGGER, "16,0", out=tmp_path / "o", seed=2, finetune=FinetuneConfig(epochs=1))
-    assert cfg.budgets == [0, 16] and cfg.finetune.seed == 2 and cfg.finetune.epochs == 1  # one seed
+    cfg = ComplianceConfig(trigger=TRIGGER, budgets="16,0", out=tmp_path / "o", seed=2, epochs=1)
+    assert cfg.budgets == [0, 16] and cfg.lora().seed == 2 and cfg.lora().epochs == 1  # one seed
     assert cfg.finetunes == cfg.out and not cfg.out.exists()
     for kw, msg in (({"trigger": "two words"}, "more than one word"), ({"budgets": "0,0"}, "repeats"),
                     ({"level": 1.0}, "--level"), ({"n_boot": 10}, "--n-boot"), ({"layers": "a-b"}, "layer list"),
-                    ({"device": "gpu7"}, "unknown device"), ({"finetune": 3}, "FinetuneConfig")):
+                    ({"device": "gpu7"}, "unknown device"), ({"rank": 0}, "--rank")):
         with pytest.raises(LatentlabError, match=msg):
             ComplianceConfig(**{"trigger": TRIGGER, "out": tmp_path / "o", **kw})  # type: ignore[arg-type]
     done = tmp_path / "done"
     done.mkdir()
     (done / "manifest.json").write_text('{"status": "complete"}')
     with pytest.raises(LatentlabError, match="already holds a finished"):
-        ComplianceConfig(TRIGGER, out=done)
-    assert ComplianceConfig(TRIGGER, out=done, overwrite=True).out == done
+        ComplianceConfig(trigger=TRIGGER, out=done)
+    assert ComplianceConfig(trigger=TRIGGER, out=done, overwrite=True).out == done
 
 
 def test_localisation_of_a_constructed_grid() -> None:
