@@ -83,7 +83,7 @@ SECTIONS: dict[str, SectionKind] = {
     # (finetuned - control) has a bootstrap interval above 0; ``peak`` = the one layer where that
     # seed's paired shift is largest in magnitude.
     "ablation": SectionKind("ablate", study={"layers": ["shift", "all"]},
-                            wired=(*_RUN, "finetuned", "control", "direction", "battery")),
+                            wired=(*_RUN, "finetuned", "control", "direction", "battery", "layers")),
     # [prevention]: the finetune trained again with the direction projected out at ``layers``.
     "prevention": SectionKind(None, study={"layers": "shift"}),
     "diff": SectionKind("diff", study={"seeds": None}, wired=(*_RUN, "finetuned", "control", "prompts")),
