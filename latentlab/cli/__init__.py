@@ -13,7 +13,6 @@ import sys
 
 from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
 from latentlab.cli import sae as _sae  # noqa: F401
-from latentlab.cli import triggers as _triggers  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
 from latentlab.cli.generate import add_stage
 from latentlab.errors import LatentlabError
@@ -21,8 +20,13 @@ from latentlab.stages import STAGES
 
 __all__ = ["app", "main"]
 
+#: the help of each command group (``latentlab sae --help``), by group name
+GROUPS = {
+    "data": "Build datasets (written as JSONL, atomically).",
+}
+
 for _stage in STAGES:
-    add_stage(_stage)
+    add_stage(_stage, GROUPS)
 
 
 def main() -> None:

@@ -8,14 +8,27 @@ Only this layer imports heavy modules (torch, transformers) lazily, inside ``run
 
 from __future__ import annotations
 
-from latentlab.stages import ablate, collect, compliance, diff, direction, models, patch, shift, steer, trigger, vectors
+from latentlab.stages import (
+    ablate,
+    collect,
+    compliance,
+    data,
+    diff,
+    direction,
+    models,
+    patch,
+    shift,
+    steer,
+    trigger,
+    vectors,
+)
 from latentlab.stages import study as _study
 from latentlab.stages.base import Stage, iter_stages
 
 __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
-    [collect, direction, models, patch, steer, trigger, compliance, vectors, diff, ablate, shift]
+    [collect, direction, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift]
 )
 
 STAGES += iter_stages([_study])

@@ -1,27 +1,37 @@
 """Studies: a recipe (TOML) run end to end into one folder, with ``summary.json`` and ``report.html``.
 
-:mod:`~latentlab.study.recipe` parses and checks recipes, :mod:`~latentlab.study.runner` plans and
-runs the steps (each an ordinary run folder), :mod:`~latentlab.study.summary` computes the summary
-from the files alone, and :mod:`~latentlab.study.report` renders it.
+:mod:`~latentlab.study.recipe` parses and checks recipes (each table a stage config),
+:mod:`~latentlab.study.runner` plans and runs the steps (each an ordinary run folder),
+:mod:`~latentlab.study.summary` computes the summary from the files alone, and
+:mod:`~latentlab.study.report` renders it. Names are imported on first use, so ``latentlab --help``
+(which reads the study config) does not import torch.
 """
 
-from latentlab.study.recipe import ANALYSES, Recipe, builtin_recipes, load_recipe, parse_seeds
-from latentlab.study.report import render_report, write_report
-from latentlab.study.runner import StudyConfig, StudyResult, plan_steps, run_study, shift_layers
-from latentlab.study.summary import summarize_study
+from __future__ import annotations
 
-__all__ = [
-    "ANALYSES",
-    "Recipe",
-    "StudyConfig",
-    "StudyResult",
-    "builtin_recipes",
-    "load_recipe",
-    "parse_seeds",
-    "plan_steps",
-    "render_report",
-    "run_study",
-    "shift_layers",
-    "summarize_study",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ANALYSES": "recipe",
+    "Recipe": "recipe",
+    "builtin_recipes": "recipe",
+    "load_recipe": "recipe",
+    "parse_seeds": "recipe",
+    "render_report": "report",
+    "write_report": "report",
+    "StudyConfig": "runner",
+    "StudyResult": "runner",
+    "plan_steps": "runner",
+    "run_study": "runner",
+    "shift_layers": "runner",
+    "summarize_study": "summary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"latentlab.study.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'latentlab.study' has no attribute {name!r}")

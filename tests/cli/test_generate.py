@@ -71,3 +71,13 @@ def test_config_from_mapping_names_the_valid_keys(tmp_path: Path) -> None:
 def test_path_fields_are_coerced(tmp_path: Path) -> None:
     assert isinstance(_Toy(out=str(tmp_path / "o")).out, Path)
     assert issubclass(_Toy, StageConfig)
+
+
+def test_the_cli_imports_no_torch() -> None:
+    """Every stage config is read to build ``latentlab --help``: heavy imports stay inside ``run``."""
+    import subprocess
+    import sys
+
+    code = "import sys, latentlab.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
