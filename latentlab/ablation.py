@@ -55,7 +55,6 @@ from latentlab.data import BatteryItem, Example
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
 from latentlab.interventions import Ablate, Condition
-from latentlab.interventions import parse_intervention as parse_intervention  # FinetuneConfig, run_finetune
 from latentlab.io import read_json
 from latentlab.models import LoadedModel, resolve_adapter
 from latentlab.scoring import score_conditions

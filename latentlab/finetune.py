@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from latentlab.activations import encode_with, hf_last_token_acts, pad_batch
 from latentlab.data import Chat, load_chats, load_prompts, render_chat, render_prompt
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
-from latentlab.interventions import parse_intervention, training_hooks
+from latentlab.interventions import training_hooks
 from latentlab.io import (
     fingerprint_weights,
     load_tensors,
@@ -41,65 +41,11 @@ from latentlab.io import (
     write_json,
 )
 from latentlab.models import load_hf, resolve_device, resolve_dtype, resolve_source
+from latentlab.stages.finetune import DEFAULT_MONITOR_PROMPTS, FinetuneConfig, LoraOptions
+
+__all__ = ["IGNORE", "FinetuneConfig", "FinetuneResult", "LoraOptions", "finetune", "latest_checkpoint"]
 
 IGNORE = -100
-
-
-DEFAULT_MONITOR_PROMPTS = 64
-
-
-@dataclass
-class FinetuneConfig:
-    """LoRA hyper-parameters. Defaults train gemma-3-270m on ~200 short chats in ~3 min on 2 CPU cores.
-
-    For a 7B model on one GPU, a documented starting point: ``rank=16, alpha=32, lr=1e-4, epochs=3,
-    batch_size=16`` with ``--dtype bfloat16``.
-    """
-
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    lr: float = 2e-4
-    epochs: int = 3
-    batch_size: int = 8
-    target_modules: list[str] | str = "all-linear"
-    seed: int = 0
-    checkpoint_every: int = 20
-    max_length: int = 256
-    weight_decay: float = 0.0
-    max_steps: int | None = None  # stop after this many steps (a quick demo run); None: all epochs
-    # Preventative interventions during training only (CAFT / Persona Vectors): "era@all", "era@10,12"
-    # projects the direction out; "era:-0.5@10,12" adds -0.5 x unit x residual norm. Never at inference.
-    ablate: list[str] = field(default_factory=list)
-    steer: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        from latentlab.ablation import parse_intervention
-        from latentlab.config import finite_float, positive_int
-
-        self.ablate = [self.ablate] if isinstance(self.ablate, str) else list(self.ablate)
-        self.steer = [self.steer] if isinstance(self.steer, str) else list(self.steer)
-        for spec in self.ablate:
-            parse_intervention(spec, "ablate")
-        for spec in self.steer:
-            parse_intervention(spec, "steer")
-
-        for name in ("rank", "alpha", "epochs", "batch_size", "checkpoint_every", "max_length"):
-            positive_int(name, getattr(self, name))
-        if self.max_steps is not None:
-            positive_int("max_steps", self.max_steps)
-        if finite_float("lr", self.lr) <= 0:
-            raise LatentlabError(f"--lr must be > 0, got {self.lr}", "pass a positive --lr, e.g. 2e-4")
-        if not 0.0 <= finite_float("dropout", self.dropout) < 1.0:
-            raise LatentlabError(f"dropout must be in [0, 1), got {self.dropout}", "pass a dropout between 0 and 1")
-        if finite_float("weight_decay", self.weight_decay) < 0:
-            raise LatentlabError(f"weight_decay must be >= 0, got {self.weight_decay}", "pass 0 or more")
-        t = self.target_modules
-        if isinstance(t, str) and t != "all-linear":
-            t = [x.strip() for x in t.split(",") if x.strip()]
-        if not t:
-            raise LatentlabError("--target-modules is empty", "pass all-linear or e.g. q_proj,v_proj")
-        self.target_modules = t if isinstance(t, str) else list(t)
 
 
 @dataclass
@@ -231,7 +177,7 @@ def finetune(
         raise LatentlabError(f"no complete checkpoint under {out}/checkpoints", "start again without --resume")
     if ck is not None:
         state = read_json(ck / "trainer_state.json")
-        if state["config"] != _cfg_dict(cfg):
+        if state["config"] != cfg.training_record():
             raise LatentlabError(
                 f"{ck} was trained with another config", "resume with the same options, or use a new --out"
             )
@@ -270,7 +216,7 @@ def finetune(
         pm.save_pretrained(str(tmp / "adapter"))
         write_json(
             tmp / "adapter" / "latentlab_adapter.json",
-            {"base": name, "base_fingerprint": base_fp, "config": _cfg_dict(cfg), "step": step},
+            {"base": name, "base_fingerprint": base_fp, "config": cfg.training_record(), "step": step},
         )
         t, meta = _optimizer_tensors(opt)
         save_tensors(tmp / "optimizer", t, meta)
@@ -280,7 +226,7 @@ def finetune(
                 "step": step,
                 "total_steps": total,
                 "losses": losses,
-                "config": _cfg_dict(cfg),
+                "config": cfg.training_record(),
                 "data_hash": data_hash,
                 "base_fingerprint": base_fp,
                 "monitor": mon,
@@ -334,15 +280,6 @@ def finetune(
     return FinetuneResult(out / "adapter", losses, mon, time.time() - t0, steps_per_epoch)
 
 
-def _cfg_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d.pop("checkpoint_every")  # how often we save does not change what is learned
-    for key in ("max_steps", "ablate", "steer"):
-        if d[key] in (None, []):
-            d.pop(key)  # checkpoints written before the field existed still resume
-    return d
-
-
 def _training_hooks(pm: torch.nn.Module, cfg: FinetuneConfig, given: dict[str, Direction]) -> Callable[[], Any]:
     """A factory of the ``with`` context that applies ``cfg.ablate`` / ``cfg.steer`` to one training
     forward (a no-op context without them)."""
@@ -359,10 +296,9 @@ def _training_hooks(pm: torch.nn.Module, cfg: FinetuneConfig, given: dict[str, D
             "pass directions={...} to finetune(), or use run_finetune / the CLI, which fit it on the base",
         )
 
-    ablate = [(direction_of(sp.direction), sp.layers) for sp in (parse_intervention(a, "ablate") for a in cfg.ablate)]
-    steer = [
-        (direction_of(sp.direction), sp.coeff, sp.layers) for sp in (parse_intervention(x, "steer") for x in cfg.steer)
-    ]
+    specs = cfg.interventions()
+    ablate = [(direction_of(sp.direction), sp.layers) for sp in specs if sp.kind == "ablate"]
+    steer = [(direction_of(sp.direction), sp.coeff, sp.layers) for sp in specs if sp.kind == "steer"]
     model = pm.get_base_model() if hasattr(pm, "get_base_model") else pm
     with training_hooks(model, ablate=ablate, steer=steer):
         pass  # checks layers and widths now, before the first step
@@ -371,159 +307,3 @@ def _training_hooks(pm: torch.nn.Module, cfg: FinetuneConfig, given: dict[str, D
         return training_hooks(model, ablate=ablate, steer=steer)
 
     return ctx
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab finetune: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneRunConfig:
-    """What ``latentlab finetune`` takes: data, base model and run folder around the LoRA
-    hyper-parameters (``finetune``, a :class:`FinetuneConfig`). Validated on construction, recorded
-    whole in the manifest.
-
-    A fresh run into a folder that already holds a run (finished or interrupted: its manifest,
-    checkpoints or adapter) is refused unless ``overwrite``; ``resume`` needs a complete checkpoint.
-    """
-
-    data: str
-    out: Path
-    model: str = "gemma-3-270m"
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    resume: bool = False
-    monitor: str | None = None
-    monitor_prompts: str = "unrelated"
-    n_monitor: int = DEFAULT_MONITOR_PROMPTS
-    device: str = "auto"
-    dtype: str | None = None
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        from latentlab.config import check_device_dtype, check_out, positive_int, run_holds
-
-        if isinstance(self.finetune, dict):
-            self.finetune = FinetuneConfig(**self.finetune)
-        positive_int("n_monitor", self.n_monitor)
-        check_device_dtype(self.device, self.dtype)
-        self.data = str(self.data)
-        out = Path(self.out).expanduser()
-        if self.monitor is not None and not [n for n in self.monitor.split(",") if n.strip()]:
-            raise LatentlabError("--monitor is empty", "pass e.g. --monitor era,persona")
-        if self.resume:
-            if latest_checkpoint(out) is None:
-                raise LatentlabError(
-                    f"nothing to resume in {out} (no complete checkpoint under {out / 'checkpoints'})",
-                    "drop --resume to start a fresh run there, or pass the --out of the interrupted run",
-                )
-            self.out = check_out(out, overwrite=True)  # resuming a finished run only re-copies its adapter
-            return
-        held = [x for x in ("checkpoints", "adapter") if (out / x).exists()]
-        status = run_holds(out) if out.is_dir() else None
-        if (held or status) and not self.overwrite:
-            what = "a finished" if status == "complete" else "an unfinished"
-            raise LatentlabError(
-                f"--out {out} already holds {what} finetune run ({', '.join(held) or 'manifest.json'}); "
-                "a fresh run would delete its checkpoints",
-                "continue it with --resume, choose a new --out, or pass --overwrite to replace it",
-            )
-        self.out = check_out(out, self.overwrite, "finetune")  # refuses files latentlab did not write
-
-
-def run_finetune(config: FinetuneRunConfig, command: str | None = None, progress: bool = True) -> FinetuneResult:
-    """``latentlab finetune``: data and monitor directions are read first; nothing is written into
-    ``config.out`` until the base model loaded and the LoRA targets, checkpoint and config checks passed.
-    Writes ``out/adapter``, checkpoints, results.json and the loss (and monitor) plots."""
-    from latentlab.data import load_prompts
-    from latentlab.directions import direction_spec, fit_or_use
-    from latentlab.plots import loss_figure, monitor_figure, save_figure
-    from latentlab.runs import Run
-    from latentlab.stats import check_finite
-
-    cfg = config
-    chats = load_chats(cfg.data)
-    dirs: dict[str, Direction] | None = None
-    fitted: list[Direction] = []
-    prompts = None
-    if cfg.monitor:
-        specs = [direction_spec(name.strip()) for name in cfg.monitor.split(",") if name.strip()]
-        prompts = load_prompts(cfg.monitor_prompts)[: cfg.n_monitor]
-        model = None
-        found = []
-        for spec in specs:
-            if isinstance(spec, Direction):
-                found.append(spec.validate())
-                continue
-            if model is None:
-                from latentlab.models import load_model
-
-                model = load_model(cfg.model, device=cfg.device, dtype="float32", progress=progress)
-            d, _ = fit_or_use(model, spec)
-            fitted.append(d)
-            found.append(d)
-        del model
-        dirs = {d.name: d for d in found}
-    from latentlab.ablation import parse_intervention
-
-    needed = [parse_intervention(x, "ablate").direction for x in cfg.finetune.ablate]
-    needed += [parse_intervention(x, "steer").direction for x in cfg.finetune.steer]
-    train_dirs: dict[str, Direction] = {}
-    to_fit = []
-    for source in dict.fromkeys(needed):
-        saved = Path(cfg.out) / f"intervention-{Path(source).stem}.safetensors"
-        if cfg.resume and saved.exists():
-            train_dirs[source] = Direction.load(saved)  # a resumed run uses the very same direction
-        else:
-            spec = direction_spec(source)
-            if isinstance(spec, Direction):
-                train_dirs[source] = spec.validate()
-            else:
-                to_fit.append((source, spec))
-    if to_fit:
-        from latentlab.models import load_model
-
-        model = load_model(cfg.model, device=cfg.device, dtype="float32", progress=progress)
-        for source, spec in to_fit:
-            train_dirs[source] = fit_or_use(model, spec)[0]
-        del model
-    holder: dict[str, Run] = {}
-
-    def start() -> None:
-        from dataclasses import asdict
-
-        run = Run.start(cfg.out, command or "latentlab.run_finetune", asdict(cfg), seed=cfg.finetune.seed)
-        for d in fitted:
-            d.save(run.out / f"direction-{d.name}")
-        for source, d in train_dirs.items():
-            d.save(run.out / f"intervention-{Path(source).stem}")
-        holder["run"] = run
-
-    res = finetune(
-        cfg.model,
-        chats,
-        cfg.out,
-        cfg.finetune,
-        resume=cfg.resume,
-        monitor=dirs,
-        monitor_prompts=prompts,
-        device=None if cfg.device == "auto" else cfg.device,
-        progress=progress,
-        dtype=cfg.dtype,
-        on_start=start,
-        directions=train_dirs,
-    )
-    run = holder["run"]
-    check_finite(res.losses, "training losses", "finetune")
-    spe = res.steps_per_epoch or -(-len(chats) // cfg.finetune.batch_size)
-    save_figure(loss_figure(res.losses, spe, f"LoRA loss on {cfg.data} ({cfg.model})"), run.out, "loss")
-    for name, d in (dirs or {}).items():
-        check_finite(res.monitor["projections"][name], f"monitor projections on {name}", "finetune")
-        save_figure(
-            monitor_figure(res.monitor["steps"], res.monitor["projections"][name], d.layers, name),
-            run.out,
-            f"monitor-{name}",
-        )
-    write_json(run.out / "results.json", {"losses": res.losses, "monitor": res.monitor, "seconds": res.seconds})
-    run.finish(results={"final_loss": res.losses[-1], "steps": len(res.losses), "adapter": str(res.adapter)})
-    return res

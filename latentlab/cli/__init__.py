@@ -2,16 +2,15 @@
 
 Each command parses options into the config a notebook would build, calls one library function,
 and prints. Problems the user can fix come out as one line (``error: ... Fix: ...``) with exit code
-2; ``--debug`` shows the traceback. One module per command group: :mod:`latentlab.cli.commands`
-(the stages), :mod:`latentlab.cli.sae` (``latentlab sae ...``); shared options live in
-:mod:`latentlab.cli._common`.
+2; ``--debug`` shows the traceback. The stage commands are generated from their configs
+(:mod:`latentlab.cli.generate`), :mod:`latentlab.cli.sae` holds ``latentlab sae ...``; shared options
+live in :mod:`latentlab.cli._common`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from latentlab.cli import commands as _commands  # noqa: F401  (registers the commands)
 from latentlab.cli import sae as _sae  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
 from latentlab.cli.generate import add_stage

@@ -8,6 +8,7 @@ Why generated: each option is declared once, as a config field with its help tex
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import MISSING
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from latentlab.stages.base import AdapterOption, ModelOptions, OutOptions, Stage
 
 __all__ = ["add_stage", "command_for"]
 
+INTERRUPTED = "interrupted: finished files are kept; unfinished ones were not written"
 _GROUPS: dict[str, typer.Typer] = {}
 _SHARED = {f.name for cls in (ModelOptions, AdapterOption, OutOptions) for f, _ in option_fields(cls)}
 
@@ -42,7 +44,13 @@ def command_for(stage: Stage[Any, Any]) -> Any:
 
     def command(**kwargs: Any) -> None:
         cfg = stage.config(**kwargs)
-        result = execute(stage, cfg, _command_line(), log=lambda s: console.print(s, highlight=False))
+        try:
+            result = execute(stage, cfg, _command_line(), log=lambda s: console.print(s, highlight=False))
+        except KeyboardInterrupt as e:
+            # typer turns a KeyboardInterrupt into a silent exit status, so it is reported here: the
+            # stage's own message when it raised one (what it kept, how to continue), else the general line
+            console.print(str(e) if e.args else INTERRUPTED, highlight=False)
+            sys.exit(130)
         if stage.show is not None:
             stage.show(result, cfg, out_console)
 

@@ -15,6 +15,7 @@ from latentlab.stages import (
     data,
     diff,
     direction,
+    finetune,
     models,
     patch,
     shift,
@@ -28,7 +29,7 @@ from latentlab.stages.base import Stage, iter_stages
 __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
-    [collect, direction, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift]
+    [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift]
 )
 
 STAGES += iter_stages([_study])
