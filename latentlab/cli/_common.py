@@ -77,13 +77,3 @@ OutOpt = Annotated[Path, typer.Option(help="Run folder to write.")]
 OverwriteOpt = Annotated[
     bool, typer.Option(help="Replace a finished run already in --out (refused without it).")
 ]
-
-# The LoRA options of every command that finetunes (finetune, compliance): one definition, same flags.
-RankOpt = Annotated[int, typer.Option(help="LoRA rank.")]
-AlphaOpt = Annotated[int, typer.Option(help="LoRA alpha.")]
-LrOpt = Annotated[float, typer.Option(help="Learning rate.")]
-EpochsOpt = Annotated[int, typer.Option(help="Epochs.")]
-BatchSizeOpt = Annotated[int, typer.Option(help="Batch size.")]
-TargetModulesOpt = Annotated[str, typer.Option(help="all-linear or e.g. q_proj,v_proj.")]
-CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints.")]
-MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many steps (a quick run).")]
