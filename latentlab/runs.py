@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from latentlab.errors import LatentlabError
+from latentlab.finetune import latest_checkpoint
 from latentlab.io import ensure_writable_dir, read_json, write_json
 
 TRACKED_PACKAGES = (
@@ -180,8 +181,6 @@ def run_state(
     unless ``overwrite``, which makes it ``new``: the caller trains it again (and removes the old adapter
     first, so an interrupted retraining cannot leave it behind as ``done``).
     """
-    from latentlab.finetune import latest_checkpoint  # in here: finetune imports the whole model stack
-
     folder = Path(folder)
     has_adapter = (folder / "adapter" / "adapter_config.json").exists()
     if not (has_adapter or latest_checkpoint(folder) is not None):
