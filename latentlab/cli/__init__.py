@@ -2,16 +2,14 @@
 
 Each command parses options into the config a notebook would build, calls one library function,
 and prints. Problems the user can fix come out as one line (``error: ... Fix: ...``) with exit code
-2; ``--debug`` shows the traceback. The stage commands are generated from their configs
-(:mod:`latentlab.cli.generate`), :mod:`latentlab.cli.sae` holds ``latentlab sae ...``; shared options
-live in :mod:`latentlab.cli._common`.
+2; ``--debug`` shows the traceback. The commands are generated from the stage configs
+(:mod:`latentlab.cli.generate`); shared options live in :mod:`latentlab.cli._common`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from latentlab.cli import sae as _sae  # noqa: F401
 from latentlab.cli._common import _DEBUG, app, console
 from latentlab.cli.generate import add_stage
 from latentlab.errors import LatentlabError
@@ -21,6 +19,7 @@ __all__ = ["app", "main"]
 
 #: the help of each command group (``latentlab sae --help``), by group name
 GROUPS = {
+    "sae": "Sparse-autoencoder latents: train a small SAE, find the latents behind a direction or a finetune's shift.",
     "data": "Build datasets (written as JSONL, atomically).",
 }
 

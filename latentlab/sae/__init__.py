@@ -15,12 +15,11 @@ Three questions, one module each:
 ``release:sae_id``; safetensors only, no remote code) and holds the checks every analysis shares.
 Statistics (bootstrap intervals, random directions, NaN checks) come from :mod:`latentlab.stats`.
 
-Each command has a config that validates itself (:class:`SAETrainRunConfig`,
-:class:`SAELatentsConfig`, :class:`SAEShiftConfig`) and one function that does the whole run
-(:func:`run_sae_train`, :func:`run_sae_latents`, :func:`run_sae_shift`); the CLI only parses and prints.
+The commands (``latentlab sae train | latents | shift``: configs, run folders, tables) are
+:mod:`latentlab.stages.sae`; this package is the library they call (SAEs and tensors in, results out).
 """
 
-from latentlab.sae.latents import DirectionLatents, SAELatentsConfig, direction_latents, run_sae_latents
+from latentlab.sae.latents import DirectionLatents, direction_latents
 from latentlab.sae.loading import (
     CFG_FILE,
     PICKLE_LOADERS,
@@ -29,7 +28,6 @@ from latentlab.sae.loading import (
     check_acts,
     check_sae,
     decoder_vectors,
-    direction_for,
     encode_acts,
     load_sae,
     read_sidecar,
@@ -37,25 +35,20 @@ from latentlab.sae.loading import (
     resolve_sae_dir,
     sae_layer,
     sae_summary,
-    saved_or_source,
     unit_direction,
 )
 from latentlab.sae.shift import (
     LatentShift,
-    SAEShiftConfig,
     analyze_latent_shift,
     latent_shift,
-    run_sae_shift,
     with_adapter,
 )
 from latentlab.sae.training import (
     Architecture,
     SAETrainConfig,
     SAETraining,
-    SAETrainRunConfig,
     activation_batches,
     reconstruction_stats,
-    run_sae_train,
     sae_texts,
     train_sae,
     train_sae_on_activations,
@@ -69,17 +62,13 @@ __all__ = [
     "Architecture",
     "DirectionLatents",
     "LatentShift",
-    "SAELatentsConfig",
-    "SAEShiftConfig",
     "SAETrainConfig",
-    "SAETrainRunConfig",
     "SAETraining",
     "activation_batches",
     "analyze_latent_shift",
     "check_acts",
     "check_sae",
     "decoder_vectors",
-    "direction_for",
     "direction_latents",
     "encode_acts",
     "latent_shift",
@@ -91,10 +80,6 @@ __all__ = [
     "sae_layer",
     "sae_summary",
     "sae_texts",
-    "saved_or_source",
-    "run_sae_latents",
-    "run_sae_shift",
-    "run_sae_train",
     "train_sae",
     "train_sae_on_activations",
     "unit_direction",

@@ -5,33 +5,21 @@ null: the largest |cosine| a *random* direction reaches (with thousands of laten
 always a little aligned with anything). The random directions are :func:`latentlab.stats.random_units`,
 the same seeded draw every stage compares against.
 
-:func:`run_sae_latents` is ``latentlab sae latents``: a validated :class:`SAELatentsConfig` in, a run
-folder (results.json, latents.safetensors, plot, manifest) out, callable from a notebook as well.
+``latentlab sae latents`` (the run folder around it) is :mod:`latentlab.stages.sae`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentlab.directions import Direction
-from latentlab.sae.loading import (
-    check_device_dtype,
-    check_sae,
-    decoder_vectors,
-    direction_for,
-    require_at_least,
-    resolve_layer,
-    sae_summary,
-    saved_or_source,
-    unit_direction,
-)
+from latentlab.direction import Direction
+from latentlab.sae.loading import decoder_vectors, require_at_least, resolve_layer, sae_summary, unit_direction
 from latentlab.stats import check_finite, random_units
 
 if TYPE_CHECKING:
@@ -140,70 +128,3 @@ def direction_latents(
         n_random=n_random,
         meta={"direction_norm": norm, "seed": seed, "sae": sae_summary(sae)},
     )
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab sae latents: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SAELatentsConfig:
-    """What ``latentlab sae latents`` takes; validated on construction, recorded whole in the manifest.
-
-    ``direction``: a saved direction ``.safetensors``, or era / persona / a pair JSONL fitted on
-    ``model`` (only then is a model loaded). ``layer`` defaults to the SAE's own.
-    """
-
-    sae: str
-    direction: str
-    out: Path = Path("runs/sae-latents")
-    layer: int | None = None
-    k: int = 10
-    n_random: int = 200
-    model: str = "gemma-3-270m"
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        require_at_least("k", self.k, 1, "--k")
-        require_at_least("n_random", self.n_random, MIN_RANDOM, "--n-random")
-        check_device_dtype(self.device, self.dtype)
-
-
-def run_sae_latents(config: SAELatentsConfig, command: str | None = None, progress: bool = True) -> DirectionLatents:
-    """``latentlab sae latents``: every input is checked before a model loads or ``config.out`` is touched."""
-    from latentlab.io import save_tensors, write_json
-    from latentlab.models import load_model
-    from latentlab.plots import sae_direction_figure, save_figure
-    from latentlab.runs import Run
-    from latentlab.sae.loading import load_sae
-
-    cfg = config
-    sae = load_sae(cfg.sae, device=cfg.device, layer=cfg.layer)
-    layer = resolve_layer(sae, cfg.layer)
-    spec = saved_or_source(cfg.direction)
-    model = None
-    if isinstance(spec, Direction):
-        unit_direction(spec, layer, int(sae.cfg.d_in))
-    else:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
-        model.check_layers([layer])
-        check_sae(sae, layer=layer, d_model=model.d_model)
-    run = Run.start(cfg.out, command or "latentlab.run_sae_latents", asdict(cfg), seed=cfg.seed)
-    if model is not None:
-        run.add_model("model", model.info)
-    d = direction_for(model, spec, run.out)
-    res = direction_latents(sae, d, layer, k=cfg.k, n_random=cfg.n_random, seed=cfg.seed)
-    write_json(run.out / "results.json", res.to_dict())
-    save_tensors(
-        run.out / "latents",
-        {"cosines": res.cosines, "encoder_cosines": res.encoder_cosines},
-        {"layer": res.layer, "direction": res.direction, "sae": cfg.sae},
-    )
-    save_figure(sae_direction_figure(res), run.out, "direction_latents")
-    run.finish(results={"layer": res.layer, "top_positive": res.top_positive[:3], "top_negative": res.top_negative[:3]})
-    return res

@@ -22,15 +22,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentlab import config as _config
-from latentlab import directions as _directions
-from latentlab.directions import Direction
+from latentlab.direction import Direction
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import read_json
+from latentlab.models import resolve_device
 
 if TYPE_CHECKING:  # sae-lens costs seconds to import: only when an SAE is really used
     from sae_lens import SAE
-
 
 
 SIDECAR = "latentlab_sae.json"
@@ -79,8 +77,6 @@ def load_sae(
     ``sae.cfg.metadata["latentlab"]``.
     """
     from sae_lens import SAE
-
-    from latentlab.models import resolve_device
 
     dev = str(resolve_device(device))
     spec = str(path)
@@ -288,9 +284,3 @@ def require_at_least(name: str, value: float, minimum: float, flag: str) -> None
     """``value >= minimum`` (and finite), else one clear error naming the option."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
         raise LatentlabError(f"{name} must be >= {minimum:g}, got {value}", f"pass {flag} {minimum:g} or more")
-
-
-# One home each (kept importable here for the SAE modules and old notebooks).
-check_device_dtype = _config.check_device_dtype
-saved_or_source = _directions.direction_spec
-direction_for = _directions.resolve_direction

@@ -12,15 +12,16 @@ so the projection interval here is the one that command reports for the same pro
 
 :func:`analyze_latent_shift` takes the *loaded* base model; the finetune and the control are
 adapters applied to that same base (``LoadedModel.with_adapter``), so one copy of the weights is in
-memory. :func:`run_sae_shift` is ``latentlab sae shift``: a validated :class:`SAEShiftConfig` in, a
-run folder out.
+memory. :func:`latent_shift` is in small steps: the paired changes (:func:`_changes`), the projection
+on the direction (:func:`_project`), the ranking (:func:`_rank`) and the bootstrap intervals of the
+top latents (:func:`_top_rows`). ``latentlab sae shift`` is :mod:`latentlab.stages.sae`.
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,27 +29,24 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from latentlab.directions import Direction
+from latentlab import activations
+from latentlab.direction import Direction
 from latentlab.errors import LatentlabError
+from latentlab.models import BUILTINS, LoadedModel, load_model, resolve_adapter
 from latentlab.sae.loading import (
     check_acts,
-    check_device_dtype,
     check_sae,
     decoder_vectors,
-    direction_for,
     encode_acts,
     require_at_least,
     resolve_layer,
     sae_summary,
-    saved_or_source,
     unit_direction,
 )
 from latentlab.stats import bootstrap_means, check_finite, percentile_ci
 
 if TYPE_CHECKING:
     from sae_lens import SAE
-
-    from latentlab.models import LoadedModel
 
 STAGE = "sae shift"
 MIN_BOOT = 100  # fewer resamples give no usable 2.5th / 97.5th percentile
@@ -146,21 +144,7 @@ def latent_shift(
     sets = {"base": base_acts, "finetuned": finetuned_acts}
     if control_acts is not None:
         sets["control"] = control_acts
-    for name, acts in sets.items():
-        check_acts(acts, sae, f"{name} activations")
-    n = base_acts.shape[0]
-    if n == 0:
-        raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
-    if n < 2:
-        raise LatentlabError(
-            "one prompt gives no interval for the shift", "pass --prompts with at least two prompts (dozens for a CI)"
-        )
-    if any(a.shape != base_acts.shape for a in sets.values()):
-        raise LatentlabError(
-            "base, finetuned and control activations differ in shape "
-            + str({k_: tuple(v.shape) for k_, v in sets.items()}),
-            "collect all of them on the same prompts at the same layer",
-        )
+    n = _check_paired(sae, sets)
     dec = decoder_vectors(sae).cpu()
     dec_norm = dec.norm(dim=-1)
     unit, name = None, None
@@ -179,23 +163,110 @@ def latent_shift(
     def boot(x: Tensor) -> Tensor:
         return bootstrap_means(x, n_boot, seed)
 
-    # Full [n, d_sae] differences are never materialised: a 262k-latent SAE would need GBs for them.
-    mean_f = {key: v.mean(0) for key, v in f.items()}
-    fires = {key: (v > 0).float().mean(0) for key, v in f.items()}
+    mean_change, f_before, f_after = _changes(f, pairs)
     along = None if unit is None else dec @ unit  # [d_sae]: d_j . u
-    mean_change, f_before, f_after, decomposition = {}, {}, {}, {}
-    for label, (a, b) in pairs.items():
-        mean_change[label] = mean_f[a] - mean_f[b]  # paired per prompt: the mean of the differences
-        f_before[label], f_after[label] = fires[b], fires[a]
-        if along is not None and dec_cos is not None and unit is not None:
-            latent_per_prompt = f[a] @ along - f[b] @ along  # sum_j delta_f_j (d_j . u), per prompt
-            contrib = mean_change[label] * along
-            decomposition[label] = _decompose(x[a] - x[b], latent_per_prompt, contrib, dec_cos, unit, k, boot)
-    size = mean_change[primary].abs() * dec_norm
-    order = torch.argsort(size, descending=True)[: min(k, int(size.shape[0]))].tolist()
+    decomposition: dict[str, dict[str, Any]] = {}
+    if along is not None and dec_cos is not None and unit is not None:
+        decomposition = _project(x, f, pairs, mean_change, along, dec_cos, unit, k, boot)
+    order = _rank(mean_change[primary], dec_norm, k)
     for label, dec_part in decomposition.items():
         assert along is not None
         dec_part["top_k_by_change_term"] = float((mean_change[label] * along)[order].sum())
+    top = _top_rows(order, dec_norm, dec_cos, f, pairs, mean_change, f_before, f_after, boot)
+    l0 = {key: float((v > 0).float().sum(-1).mean()) for key, v in f.items()}
+    _check_results(mean_change, top, pairs, decomposition, name)
+    return LatentShift(
+        layer=layer,
+        direction=name,
+        primary=primary,
+        mean_change=mean_change,
+        freq_before=f_before,
+        freq_after=f_after,
+        decoder_cos=dec_cos,
+        decoder_norm=dec_norm,
+        top=top,
+        decomposition=decomposition,
+        k=k,
+        meta={"n_prompts": n, "n_boot": n_boot, "seed": seed, "l0": l0, "sae": sae_summary(sae)},
+    )
+
+
+Pairs = dict[str, tuple[str, str]]  # comparison label -> (after, before): "control": ("control", "base")
+
+
+def _check_paired(sae: SAE[Any], sets: dict[str, Tensor]) -> int:
+    """The number of prompts, once every set is of the SAE's width, finite, and of the same (>= 2) prompts."""
+    for name, acts in sets.items():
+        check_acts(acts, sae, f"{name} activations")
+    base = sets["base"]
+    n = base.shape[0]
+    if n == 0:
+        raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
+    if n < 2:
+        raise LatentlabError(
+            "one prompt gives no interval for the shift", "pass --prompts with at least two prompts (dozens for a CI)"
+        )
+    if any(a.shape != base.shape for a in sets.values()):
+        raise LatentlabError(
+            "base, finetuned and control activations differ in shape "
+            + str({k_: tuple(v.shape) for k_, v in sets.items()}),
+            "collect all of them on the same prompts at the same layer",
+        )
+    return n
+
+
+def _changes(f: dict[str, Tensor], pairs: Pairs) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Per comparison: each latent's mean activation change, and its firing frequency before and after.
+
+    Full [n, d_sae] differences are never materialised: a 262k-latent SAE would need GBs for them.
+    """
+    mean_f = {key: v.mean(0) for key, v in f.items()}
+    fires = {key: (v > 0).float().mean(0) for key, v in f.items()}
+    mean_change, f_before, f_after = {}, {}, {}
+    for label, (a, b) in pairs.items():
+        mean_change[label] = mean_f[a] - mean_f[b]  # paired per prompt: the mean of the differences
+        f_before[label], f_after[label] = fires[b], fires[a]
+    return mean_change, f_before, f_after
+
+
+def _project(
+    x: dict[str, Tensor],
+    f: dict[str, Tensor],
+    pairs: Pairs,
+    mean_change: dict[str, Tensor],
+    along: Float[Tensor, " d_sae"],
+    dec_cos: Float[Tensor, " d_sae"],
+    unit: Float[Tensor, " d"],
+    k: int,
+    boot: Callable[[Tensor], Tensor],
+) -> dict[str, dict[str, Any]]:
+    """Per comparison, the shift's projection on ``unit`` split into latent and SAE-error terms (:func:`_decompose`)."""
+    out = {}
+    for label, (a, b) in pairs.items():
+        latent_per_prompt = f[a] @ along - f[b] @ along  # sum_j delta_f_j (d_j . u), per prompt
+        contrib = mean_change[label] * along
+        out[label] = _decompose(x[a] - x[b], latent_per_prompt, contrib, dec_cos, unit, k, boot)
+    return out
+
+
+def _rank(change: Float[Tensor, " d_sae"], dec_norm: Float[Tensor, " d_sae"], k: int) -> list[int]:
+    """The k latents whose change moves the residual stream most: |mean change| x decoder norm."""
+    size = change.abs() * dec_norm
+    return torch.argsort(size, descending=True)[: min(k, int(size.shape[0]))].tolist()
+
+
+def _top_rows(
+    order: list[int],
+    dec_norm: Tensor,
+    dec_cos: Tensor | None,
+    f: dict[str, Tensor],
+    pairs: Pairs,
+    mean_change: dict[str, Tensor],
+    f_before: dict[str, Tensor],
+    f_after: dict[str, Tensor],
+    boot: Callable[[Tensor], Tensor],
+) -> list[dict[str, Any]]:
+    """One row per ranked latent: its decoder facts and, per comparison, the change with its bootstrap CI."""
     top = []
     for rank, j in enumerate(order, start=1):
         row: dict[str, Any] = {"rank": rank, "latent": j, "decoder_norm": float(dec_norm[j])}
@@ -213,7 +284,17 @@ def latent_shift(
                 "freq_after": float(f_after[label][j]),
                 "freq_change": float(f_after[label][j] - f_before[label][j]),
             }
-    l0 = {key: float((v > 0).float().sum(-1).mean()) for key, v in f.items()}
+    return top
+
+
+def _check_results(
+    mean_change: dict[str, Tensor],
+    top: list[dict[str, Any]],
+    pairs: Pairs,
+    decomposition: dict[str, dict[str, Any]],
+    name: str | None,
+) -> None:
+    """NaN or inf anywhere in what is reported is one clear error (a float16 overflow, a broken SAE)."""
     check_finite(torch.stack(list(mean_change.values())), "mean latent activation changes", STAGE)
     check_finite([v for row in top for lab in pairs for v in row[lab]["ci"]], "latent change intervals", STAGE)
     for label, part in decomposition.items():
@@ -223,20 +304,6 @@ def latent_shift(
             f"the {label} decomposition along {name}",
             STAGE,
         )
-    return LatentShift(
-        layer=layer,
-        direction=name,
-        primary=primary,
-        mean_change=mean_change,
-        freq_before=f_before,
-        freq_after=f_after,
-        decoder_cos=dec_cos,
-        decoder_norm=dec_norm,
-        top=top,
-        decomposition=decomposition,
-        k=k,
-        meta={"n_prompts": n, "n_boot": n_boot, "seed": seed, "l0": l0, "sae": sae_summary(sae)},
-    )
 
 
 def _decompose(
@@ -283,8 +350,6 @@ def with_adapter(base: LoadedModel, adapter: Path) -> LoadedModel:
         # No role label: a bank label names one adapter for the life of the base, and the same base
         # may later be compared with another "finetuned" adapter; the default label is the adapter's path.
         return cast("LoadedModel", view(adapter))
-    from latentlab.models import BUILTINS, load_model
-
     source = base.info.name if base.info.name in BUILTINS else base.info.path
     return load_model(source, adapter=adapter, device=base.info.device, dtype=base.info.dtype, progress=False)
 
@@ -309,9 +374,6 @@ def analyze_latent_shift(
     (:func:`latentlab.activations.last_token_acts`, prompts rendered for the model), as
     ``latentlab shift`` reads them.
     """
-    from latentlab.activations import last_token_acts
-    from latentlab.shift import resolve_adapter
-
     if not prompts:
         raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
     layer = resolve_layer(sae, layer)
@@ -321,11 +383,11 @@ def analyze_latent_shift(
     if control is not None:
         adapters["control"] = resolve_adapter(control)
     info: dict[str, Any] = {"base": base.info.to_dict()}
-    acts: dict[str, Tensor] = {"base": last_token_acts(base, prompts, [layer], progress)[:, 0]}
+    acts: dict[str, Tensor] = {"base": activations.last_token_acts(base, prompts, [layer], progress)[:, 0]}
     for label, adapter in adapters.items():
         m = with_adapter(base, adapter)
         info[label] = m.info.to_dict()
-        acts[label] = last_token_acts(m, prompts, [layer], progress)[:, 0]
+        acts[label] = activations.last_token_acts(m, prompts, [layer], progress)[:, 0]
         del m
         gc.collect()
     res = latent_shift(
@@ -338,91 +400,4 @@ def analyze_latent_shift(
     trained_on = side.get("model", {}).get("base_fingerprint")
     if trained_on is not None and trained_on != info["base"]["base_fingerprint"]:
         res.meta["warning"] = "the SAE was trained on a different base model (fingerprints differ)"
-    return res
-
-
-# --------------------------------------------------------------------------------------------
-# latentlab sae shift: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SAEShiftConfig:
-    """What ``latentlab sae shift`` takes; validated on construction, recorded whole in the manifest.
-
-    ``finetuned`` / ``control``: adapter folders or ``latentlab finetune`` run folders of ``base``.
-    ``direction`` (optional): a saved ``.safetensors``, or era / persona / a pair JSONL fitted on
-    ``base``. ``layer`` defaults to the SAE's own.
-    """
-
-    finetuned: Path
-    sae: str
-    out: Path = Path("runs/sae-shift")
-    base: str = "gemma-3-270m"
-    control: Path | None = None
-    direction: str | None = None
-    prompts: str = "unrelated"
-    layer: int | None = None
-    k: int = 20
-    n_boot: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        self.out, self.finetuned = Path(self.out), Path(self.finetuned)
-        self.control = None if self.control is None else Path(self.control)
-        require_at_least("k", self.k, 1, "--k")
-        require_at_least("n_boot", self.n_boot, MIN_BOOT, "--n-boot")
-        check_device_dtype(self.device, self.dtype)
-
-
-def run_sae_shift(config: SAEShiftConfig, command: str | None = None, progress: bool = True) -> LatentShift:
-    """``latentlab sae shift``: prompts, adapters, SAE and a saved direction are checked, and the base
-    loaded, before ``config.out`` is touched."""
-    from latentlab.data import load_prompts
-    from latentlab.io import save_tensors, write_json
-    from latentlab.models import load_model
-    from latentlab.plots import latent_shift_figure, save_figure, shift_decomposition_figure
-    from latentlab.runs import Run
-    from latentlab.sae.loading import load_sae
-    from latentlab.shift import resolve_adapter
-
-    cfg = config
-    prompts = load_prompts(cfg.prompts)
-    resolve_adapter(cfg.finetuned)
-    if cfg.control is not None:
-        resolve_adapter(cfg.control)
-    sae = load_sae(cfg.sae, device=cfg.device, layer=cfg.layer)
-    layer = resolve_layer(sae, cfg.layer)
-    spec = None if cfg.direction is None else saved_or_source(cfg.direction)
-    if isinstance(spec, Direction):
-        unit_direction(spec, layer, int(sae.cfg.d_in))
-    base = load_model(cfg.base, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map, progress=progress)
-    base.check_layers([layer])
-    check_sae(sae, layer=layer, d_model=base.d_model)
-    run = Run.start(cfg.out, command or "latentlab.run_sae_shift", asdict(cfg), seed=cfg.seed)
-    d = None if spec is None else direction_for(base, spec, run.out)
-    res = analyze_latent_shift(
-        base,
-        cfg.finetuned,
-        sae,
-        prompts,
-        d,
-        cfg.control,
-        layer,
-        k=cfg.k,
-        n_boot=cfg.n_boot,
-        seed=cfg.seed,
-        progress=progress,
-    )
-    write_json(run.out / "results.json", res.to_dict())
-    save_tensors(run.out / "latent_shift", res.tensors(), {"layer": res.layer, "comparisons": res.comparisons})
-    save_figure(latent_shift_figure(res), run.out, "latent_shift")
-    if res.decomposition:
-        save_figure(shift_decomposition_figure(res), run.out, "decomposition")
-    for role, info in res.meta["models"].items():
-        run.add_model(role, info)
-    run.finish(results={"layer": res.layer, "top": res.top[:5], "decomposition": res.decomposition})
     return res

@@ -9,17 +9,19 @@ curve. The SAE is saved in sae-lens' format (``cfg.json`` + ``sae_weights.safete
 ``SAE.load_from_disk`` reads it, plus a latentlab sidecar ``latentlab_sae.json`` (model
 fingerprint, layer, data hash, training statistics).
 
-:func:`run_sae_train` is ``latentlab sae train``: a validated :class:`SAETrainRunConfig` (the run's
-model, data and layer around the SAE's :class:`SAETrainConfig`) in, a run folder out.
+:func:`train_sae_on_activations` is the trainer in small steps: the trainer and its data
+(:func:`_make_trainer`, :func:`_start_at_the_data`), one step (:func:`_train_step`), the evaluation
+(:func:`_evaluate`). ``latentlab sae train`` is :mod:`latentlab.stages.sae`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,16 +29,27 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latentlab.activations import ActivationSet, collect, encode
+from latentlab.config import check_device_dtype
+from latentlab.data import (
+    Example,
+    as_examples,
+    dataset_hash,
+    load_pairs,
+    load_prompts,
+    pair_examples,
+    read_jsonl,
+    render_prompt,
+)
 from latentlab.errors import LatentlabError
-from latentlab.io import make_temp_dir, replace_dir, sha256_text, write_json
-from latentlab.sae.loading import SIDECAR, check_device_dtype, require_at_least
+from latentlab.io import ensure_writable_dir, make_temp_dir, replace_dir, sha256_text, write_json
+from latentlab.models import LoadedModel, resolve_device
+from latentlab.progress import progress as progress_bar
+from latentlab.sae.loading import SIDECAR, require_at_least
 from latentlab.stats import check_finite
 
 if TYPE_CHECKING:  # sae-lens costs seconds to import: only when an SAE is really used
     from sae_lens import SAE
-
-    from latentlab.data import Example
-    from latentlab.models import LoadedModel
 
 Architecture = Literal["topk", "standard"]
 ARCHITECTURES: tuple[str, ...] = ("topk", "standard")
@@ -204,20 +217,8 @@ def train_sae_on_activations(
     before 6.0): residual streams have a large mean, and learning it from zero wastes most of a
     short CPU run. With ``out``, the SAE is written to a temporary folder and renamed into place.
     """
-    from sae_lens import SAETrainer
-    from sae_lens.config import SAETrainerConfig
-
-    from latentlab.models import resolve_device
-    from latentlab.progress import progress as progress_bar
-
     cfg = config or SAETrainConfig()
-    if acts.ndim != 2 or acts.shape[0] == 0:
-        raise LatentlabError(
-            f"no token activations to train on (shape {tuple(acts.shape)})", "pass data with at least one token"
-        )
-    if not torch.isfinite(acts).all():
-        raise LatentlabError("activations contain NaN or inf", "check the model dtype (try --dtype float32)")
-    acts = acts.float().cpu()
+    acts = _training_acts(acts)
     n_tokens, d_in = acts.shape
     d_sae = int(cfg.d_sae or cfg.expansion * d_in)  # both >= 1 (SAETrainConfig checks)
     batch = min(cfg.batch_size, n_tokens)  # a tiny dataset: every step sees all of it, reshuffled
@@ -225,57 +226,12 @@ def train_sae_on_activations(
     torch.manual_seed(cfg.seed)  # sae-lens initialises with the global RNG
     device = str(resolve_device(cfg.device))
     training_sae = _make_training_sae(cfg, d_in, d_sae, hook_name, model_name, device)
-    decay = max(1, cfg.steps // 5)
-    trainer = SAETrainer(
-        SAETrainerConfig(
-            total_training_samples=cfg.steps * batch,
-            train_batch_size_samples=batch,
-            lr=cfg.lr,
-            lr_end=cfg.lr / 10,  # unused by the constant schedule, but sae-lens requires it set
-            lr_decay_steps=decay if cfg.steps > decay else 0,
-            device=device,
-            dead_feature_window=max(1, min(1000, cfg.steps // 4)),
-            feature_sampling_window=max(1, cfg.steps),
-            n_batches_for_norm_estimate=max(1, min(100, n_tokens // batch)),
-        ),
-        training_sae,
-        activation_batches(acts, batch, cfg.seed),
-    )
+    trainer = _make_trainer(cfg, training_sae, acts, batch, device)
     # What SAETrainer.fit() does, with a progress bar that shows the loss and a kept loss curve.
     t0 = time.time()
-    trainer.activation_scaler.estimate_scaling_factor(
-        d_in, trainer.data_provider, trainer.cfg.n_batches_for_norm_estimate
-    )
-    scale = float(trainer.activation_scaler.scaling_factor or 1.0)
-    with torch.no_grad():
-        training_sae.b_dec.copy_((acts.mean(0) * scale).to(training_sae.b_dec.device))
-    losses: list[dict[str, float]] = []
-    desc = f"SAE layer {layer} ({cfg.architecture}, {d_sae} latents)"
-    bar = progress_bar(total=cfg.steps, desc=desc, disable=not progress)
-    for _ in range(cfg.steps):
-        trainer.maybe_reset_sparsity()
-        step = trainer.step(next(trainer.data_provider))
-        trainer.n_training_steps += 1
-        with torch.no_grad():
-            fa = step.feature_acts.to_dense() if step.feature_acts.is_sparse else step.feature_acts
-            row = {"loss": float(step.loss.detach())}
-            row |= {name: float(v.detach()) for name, v in step.losses.items()}
-            row["l0"] = float((fa > 0).float().sum(-1).mean())
-        if not math.isfinite(row["loss"]):
-            bar.close()
-            raise LatentlabError(f"SAE training diverged (loss {row['loss']} at step {len(losses) + 1})", "lower --lr")
-        losses.append(row)
-        if len(losses) % 10 == 1 or len(losses) == cfg.steps:
-            bar.set_postfix(loss=f"{row['loss']:.3g}", mse=f"{row['mse_loss']:.3g}", l0=f"{row['l0']:.0f}")
-        bar.update(1)
-    bar.close()
-    training_sae.fold_activation_norm_scaling_factor(scale)
-    trainer.activation_scaler.scaling_factor = None
-    trainer.set_final_sae_metadata()
-    if cfg.architecture == "standard":
-        training_sae.fold_W_dec_norm()  # exact for ReLU SAEs: unit decoder rows, so changes compare across latents
-    training_sae.to("cpu")
-    training_sae.cfg.device = "cpu"
+    scale = _start_at_the_data(trainer, training_sae, acts)
+    losses = _train_steps(trainer, cfg.steps, f"SAE layer {layer} ({cfg.architecture}, {d_sae} latents)", progress)
+    _finish_training(trainer, training_sae, cfg, scale)
     seconds = time.time() - t0
 
     # Save in sae-lens' inference format, reload it (what you get is what is on disk), then measure.
@@ -285,21 +241,7 @@ def train_sae_on_activations(
         from sae_lens import SAE
 
         sae = SAE.load_from_disk(str(tmp_root), device="cpu")
-        train_stats, fired = _stats_and_fired(sae, acts)
-        stats: dict[str, Any] = {"train": train_stats}
-        if eval_acts is not None and eval_acts.shape[0] > 0:
-            stats["eval"], fired_eval = _stats_and_fired(sae, eval_acts.float().cpu())
-            fired |= fired_eval
-        for split in ("train", "eval"):
-            if split in stats:
-                vals = [v for v in stats[split].values() if v is not None]
-                check_finite(vals, f"{split} reconstruction statistics", STAGE)
-        stats["dead_fraction"] = float((~fired).float().mean())  # never fires on any token, train or held out
-        stats["reported_on"] = "eval" if "eval" in stats else "train"
-        first = losses[: max(1, len(losses) // 10)]
-        last = losses[-max(1, len(losses) // 10) :]
-        stats["final_loss"] = sum(r["loss"] for r in last) / len(last)
-        stats["initial_loss"] = sum(r["loss"] for r in first) / len(first)
+        stats = _evaluate(sae, acts, eval_acts, losses)
         sidecar = {
             "format": "latentlab-sae/1",
             "layer": layer,
@@ -333,15 +275,117 @@ def train_sae_on_activations(
     return SAETraining(sae=sae, losses=losses, stats=stats, meta=sidecar, path=path)
 
 
-def _parent(out: str | Path) -> Path:
-    from latentlab.io import ensure_writable_dir
+def _training_acts(acts: Tensor) -> Tensor:
+    """The token activations as float32 on the CPU, refused when empty or not finite."""
+    if acts.ndim != 2 or acts.shape[0] == 0:
+        raise LatentlabError(
+            f"no token activations to train on (shape {tuple(acts.shape)})", "pass data with at least one token"
+        )
+    if not torch.isfinite(acts).all():
+        raise LatentlabError("activations contain NaN or inf", "check the model dtype (try --dtype float32)")
+    return acts.float().cpu()
 
+
+def _make_trainer(cfg: SAETrainConfig, training_sae: Any, acts: Tensor, batch: int, device: str) -> Any:
+    """sae-lens' trainer over :func:`activation_batches` of ``acts``: constant LR, linear decay over the last 20%."""
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+
+    decay = max(1, cfg.steps // 5)
+    return SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=cfg.steps * batch,
+            train_batch_size_samples=batch,
+            lr=cfg.lr,
+            lr_end=cfg.lr / 10,  # unused by the constant schedule, but sae-lens requires it set
+            lr_decay_steps=decay if cfg.steps > decay else 0,
+            device=device,
+            dead_feature_window=max(1, min(1000, cfg.steps // 4)),
+            feature_sampling_window=max(1, cfg.steps),
+            n_batches_for_norm_estimate=max(1, min(100, acts.shape[0] // batch)),
+        ),
+        training_sae,
+        activation_batches(acts, batch, cfg.seed),
+    )
+
+
+def _start_at_the_data(trainer: Any, training_sae: Any, acts: Tensor) -> float:
+    """Estimate the activation-norm scale (sae-lens trains in it) and start ``b_dec`` at the scaled data mean."""
+    trainer.activation_scaler.estimate_scaling_factor(
+        acts.shape[1], trainer.data_provider, trainer.cfg.n_batches_for_norm_estimate
+    )
+    scale = float(trainer.activation_scaler.scaling_factor or 1.0)
+    with torch.no_grad():
+        training_sae.b_dec.copy_((acts.mean(0) * scale).to(training_sae.b_dec.device))
+    return scale
+
+
+def _train_steps(trainer: Any, steps: int, desc: str, progress: bool) -> list[dict[str, float]]:
+    """``steps`` training steps with a progress bar showing the loss; the loss curve, one row per step."""
+    losses: list[dict[str, float]] = []
+    bar = progress_bar(total=steps, desc=desc, disable=not progress)
+    for _ in range(steps):
+        row = _train_step(trainer)
+        if not math.isfinite(row["loss"]):
+            bar.close()
+            raise LatentlabError(f"SAE training diverged (loss {row['loss']} at step {len(losses) + 1})", "lower --lr")
+        losses.append(row)
+        if len(losses) % 10 == 1 or len(losses) == steps:
+            bar.set_postfix(loss=f"{row['loss']:.3g}", mse=f"{row['mse_loss']:.3g}", l0=f"{row['l0']:.0f}")
+        bar.update(1)
+    bar.close()
+    return losses
+
+
+def _train_step(trainer: Any) -> dict[str, float]:
+    """One sae-lens step on the next batch: its loss, loss terms and L0."""
+    trainer.maybe_reset_sparsity()
+    step = trainer.step(next(trainer.data_provider))
+    trainer.n_training_steps += 1
+    with torch.no_grad():
+        fa = step.feature_acts.to_dense() if step.feature_acts.is_sparse else step.feature_acts
+        row = {"loss": float(step.loss.detach())}
+        row |= {name: float(v.detach()) for name, v in step.losses.items()}
+        row["l0"] = float((fa > 0).float().sum(-1).mean())
+    return row
+
+
+def _finish_training(trainer: Any, training_sae: Any, cfg: SAETrainConfig, scale: float) -> None:
+    """Fold the norm scale (and, for ReLU SAEs, the decoder norms) into the weights; move the SAE to the CPU."""
+    training_sae.fold_activation_norm_scaling_factor(scale)
+    trainer.activation_scaler.scaling_factor = None
+    trainer.set_final_sae_metadata()
+    if cfg.architecture == "standard":
+        training_sae.fold_W_dec_norm()  # exact for ReLU SAEs: unit decoder rows, so changes compare across latents
+    training_sae.to("cpu")
+    training_sae.cfg.device = "cpu"
+
+
+def _evaluate(sae: SAE[Any], acts: Tensor, eval_acts: Tensor | None, losses: list[dict[str, float]]) -> dict[str, Any]:
+    """Reconstruction statistics on the training and held-out tokens, dead latents, and the loss at both ends."""
+    train_stats, fired = _stats_and_fired(sae, acts)
+    stats: dict[str, Any] = {"train": train_stats}
+    if eval_acts is not None and eval_acts.shape[0] > 0:
+        stats["eval"], fired_eval = _stats_and_fired(sae, eval_acts.float().cpu())
+        fired |= fired_eval
+    for split in ("train", "eval"):
+        if split in stats:
+            vals = [v for v in stats[split].values() if v is not None]
+            check_finite(vals, f"{split} reconstruction statistics", STAGE)
+    stats["dead_fraction"] = float((~fired).float().mean())  # never fires on any token, train or held out
+    stats["reported_on"] = "eval" if "eval" in stats else "train"
+    first = losses[: max(1, len(losses) // 10)]
+    last = losses[-max(1, len(losses) // 10) :]
+    stats["final_loss"] = sum(r["loss"] for r in last) / len(last)
+    stats["initial_loss"] = sum(r["loss"] for r in first) / len(first)
+    return stats
+
+
+def _parent(out: str | Path) -> Path:
     return ensure_writable_dir(Path(out).parent)
 
 
 def _tensor_hash(t: Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -353,17 +397,6 @@ def sae_texts(model: LoadedModel, sources: str | Path | Sequence[str | Path]) ->
     distribution it is later used on; contrast pairs (``era``, ``persona``) give both poles;
     text and chat files are used as :func:`latentlab.collect` reads them.
     """
-    from latentlab.data import (
-        Example,
-        as_examples,
-        dataset_hash,
-        load_pairs,
-        load_prompts,
-        pair_examples,
-        read_jsonl,
-        render_prompt,
-    )
-
     srcs = [sources] if isinstance(sources, (str, Path)) else list(sources)
     if not srcs:
         raise LatentlabError("no data to train the SAE on", "pass --data with a dataset name or JSONL file")
@@ -386,6 +419,11 @@ def sae_texts(model: LoadedModel, sources: str | Path | Sequence[str | Path]) ->
     return examples, {"datasets": names, "dataset_hashes": hashes, "dataset_kinds": kinds}
 
 
+#: the model facts an SAE's sidecar records (what it was trained on)
+MODEL_FACTS = ("name", "path", "architecture", "n_layers", "d_model", "base_fingerprint", "adapter",
+               "adapter_fingerprint")
+
+
 def train_sae(
     model: LoadedModel,
     texts: Any,
@@ -406,9 +444,6 @@ def train_sae(
     reported statistics. Defaults: see :class:`SAETrainConfig`. With ``out``, the folder holds
     sae-lens' ``cfg.json`` + ``sae_weights.safetensors`` and the sidecar ``latentlab_sae.json``.
     """
-    from latentlab.activations import collect, encode
-    from latentlab.data import as_examples
-
     cfg = config or SAETrainConfig()
     if d_sae is not None:
         cfg = SAETrainConfig(**{**asdict(cfg), "d_sae": d_sae})
@@ -419,40 +454,16 @@ def train_sae(
     bos_first = encode(model, examples).bos_first
     acts = collect(model, examples, [layer], "all", batch_size=batch_size, progress=progress)
     assert acts is not None and acts.offsets is not None
-    n = len(acts)
-    g = torch.Generator().manual_seed(cfg.seed)
-    n_eval = int(n * cfg.eval_fraction) if n >= 10 else 0
-    eval_ids = set(torch.randperm(n, generator=g)[:n_eval].tolist())
-    train_rows, eval_rows = [], []
     skip = 1 if (cfg.exclude_bos and bos_first) else 0
-    for i in range(n):
-        rows = acts.example(i)[skip:, 0]
-        (eval_rows if i in eval_ids else train_rows).append(rows)
-    train = torch.cat(train_rows) if train_rows else torch.zeros(0, model.d_model)
-    held = torch.cat(eval_rows) if eval_rows else None
-    text_hash = sha256_text("\x1e".join(ex.text for ex in examples))[:16]
+    train, held, n_eval = _split_examples(acts, cfg, skip, model.d_model)
     info: dict[str, Any] = {
-        "model": {
-            k: getattr(model.info, k)
-            for k in (
-                "name",
-                "path",
-                "architecture",
-                "n_layers",
-                "d_model",
-                "base_fingerprint",
-                "adapter",
-                "adapter_fingerprint",
-            )
-        },
-        "n_examples": n,
+        "model": {k: getattr(model.info, k) for k in MODEL_FACTS},
+        "n_examples": len(acts),
         "n_examples_eval": n_eval,
-        "data_hash": text_hash,
+        "data_hash": sha256_text("\x1e".join(ex.text for ex in examples))[:16],
         "excluded_bos": bool(skip),
     }
     if isinstance(texts, (str, Path)):
-        from latentlab.data import dataset_hash
-
         info |= {"datasets": [str(texts)], "dataset_hashes": [dataset_hash(texts)]}
     return train_sae_on_activations(
         train,
@@ -466,65 +477,19 @@ def train_sae(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# latentlab sae train: config -> run folder.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SAETrainRunConfig:
-    """What ``latentlab sae train`` takes: the model, data and layer, and the SAE's hyper-parameters
-    (``sae``). Validated on construction (``sae`` by :class:`SAETrainConfig`), recorded whole in the
-    manifest; the SAE goes to ``out/sae``."""
-
-    out: Path
-    layer: int
-    data: list[str] = field(default_factory=lambda: ["unrelated"])
-    model: str = "gemma-3-270m"
-    adapter: Path | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    sae: SAETrainConfig = field(default_factory=SAETrainConfig)
-    device_map: str | None = None  # "auto" (accelerate): spread a model too big for one device
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        self.adapter = None if self.adapter is None else Path(self.adapter)
-        self.data = [str(d) for d in ([self.data] if isinstance(self.data, (str, Path)) else self.data)]
-        if not self.data:
-            raise LatentlabError("no data to train the SAE on", "pass --data with a dataset name or JSONL file")
-        if isinstance(self.sae, dict):
-            self.sae = SAETrainConfig(**self.sae)
-        check_device_dtype(self.device, self.dtype)
-
-
-def run_sae_train(config: SAETrainRunConfig, command: str | None = None, progress: bool = True) -> SAETraining:
-    """``latentlab sae train``: data files, model and layer are checked before ``config.out`` is touched;
-    writes ``out/sae`` (sae-lens format + sidecar), results.json (statistics, loss curve) and the loss plot."""
-    from latentlab.data import read_jsonl
-    from latentlab.models import load_model
-    from latentlab.plots import loss_figure, save_figure
-    from latentlab.runs import Run
-
-    cfg = config
-    for src in cfg.data:
-        read_jsonl(src)  # missing or empty files fail before a model loads
-    model = load_model(
-        cfg.model,
-        adapter=cfg.adapter,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        device_map=cfg.device_map,
-        progress=progress,
-    )
-    layer = model.check_layers([cfg.layer])[0]
-    examples, prov = sae_texts(model, cfg.data)
-    run = Run.start(cfg.out, command or "latentlab.run_sae_train", asdict(cfg), seed=cfg.sae.seed)
-    run.add_model("model", model.info)
-    res = train_sae(model, examples, layer, config=cfg.sae, out=run.out / "sae", meta=prov, progress=progress)
-    write_json(run.out / "results.json", {"stats": res.stats, "losses": res.losses, "sae": res.meta})
-    fig = loss_figure([r["loss"] for r in res.losses], len(res.losses), f"SAE training loss, layer {layer}")
-    fig.update_layout(yaxis_title="loss (MSE + sparsity/auxiliary, norm-scaled activations)")
-    save_figure(fig, run.out, "loss")
-    run.finish(results={"sae": str(res.path), "stats": res.stats})
-    return res
+def _split_examples(
+    acts: ActivationSet, cfg: SAETrainConfig, skip: int, d_model: int
+) -> tuple[Tensor, Tensor | None, int]:
+    """(training tokens, held-out tokens or None, number of held-out examples): a seeded split of the
+    *examples* (no text in both), each example's tokens after the first ``skip`` (the BOS)."""
+    n = len(acts)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_eval = int(n * cfg.eval_fraction) if n >= 10 else 0
+    eval_ids = set(torch.randperm(n, generator=g)[:n_eval].tolist())
+    train_rows, eval_rows = [], []
+    for i in range(n):
+        rows = acts.example(i)[skip:, 0]
+        (eval_rows if i in eval_ids else train_rows).append(rows)
+    train = torch.cat(train_rows) if train_rows else torch.zeros(0, d_model)
+    held = torch.cat(eval_rows) if eval_rows else None
+    return train, held, n_eval

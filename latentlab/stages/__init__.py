@@ -18,6 +18,7 @@ from latentlab.stages import (
     finetune,
     models,
     patch,
+    sae,
     shift,
     steer,
     trigger,
@@ -29,7 +30,7 @@ from latentlab.stages.base import Stage, iter_stages
 __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
-    [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift]
+    [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift, sae]
 )
 
 STAGES += iter_stages([_study])

@@ -77,7 +77,7 @@ def test_sae_train_writes_a_run_folder(sae_run: dict[str, Any], tiny_gemma_dir: 
     out = sae_run["out"]
     m = read(out, "manifest.json")
     assert m["status"] == "complete" and m["command"].startswith("latentlab sae train") and m["seed"] == 0
-    assert m["config"]["layer"] == LAYER and m["config"]["sae"]["d_sae"] == 64
+    assert m["config"]["layer"] == LAYER and m["config"]["d_sae"] == 64
     assert m["models"]["model"]["name"] == "tiny-gemma"
     assert {"cfg.json", "sae_weights.safetensors", "latentlab_sae.json"} <= {p.name for p in (out / "sae").iterdir()}
     side = read(out / "sae", "latentlab_sae.json")
@@ -129,7 +129,7 @@ def test_sae_shift(sae_run: dict[str, Any], files: dict[str, Path], tiny_gemma_d
     m = read(out, "manifest.json")
     assert m["status"] == "complete" and set(m["models"]) == {"base", "finetuned", "control"}
     assert m["config"]["k"] == 5 and m["config"]["n_boot"] == 200 and m["config"]["control"] == str(files["control"])
-    assert set(m["config"]) >= {"finetuned", "sae", "base", "direction", "prompts", "layer", "seed", "device", "dtype"}
+    assert set(m["config"]) >= {"finetuned", "sae", "model", "direction", "prompts", "layer", "seed", "device", "dtype"}
     assert m["models"]["control"]["adapter"] == str(files["control"])
     assert "SAE error" in stdout and f"#{res['top'][0]['latent']}" in stdout
 
@@ -214,10 +214,11 @@ def test_bad_inputs_fail_before_a_model_loads_and_leave_out_alone(
     case: str, needles: tuple[str, ...], sae_run: dict[str, Any], files: dict[str, Path], tiny_gemma_dir: Path,
     gemma_lora_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """One `error: ... Fix: ...` line, exit 2, no model loaded, and an existing --out folder as it was."""
+    """One `error: ... Fix: ...` line, exit 2, no model loaded, and an existing --out folder as it was (a hidden
+    file: a visible file of another tool is refused first, as test_bad_input's test_foreign_out_is_refused shows)."""
     out = tmp_path / "existing"
     out.mkdir()
-    (out / "results.json").write_text('{"kept": true}\n')
+    (out / ".kept.json").write_text('{"kept": true}\n')
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def no_model(*a: Any, **kw: Any) -> Any:
