@@ -162,17 +162,17 @@ def config_record(cfg: Any) -> dict[str, Any]:
         else plain(cfg)
 
 
-def config_from_mapping(cls: type[C], values: Mapping[str, Any], where: str, **wiring: Any) -> C:
+def config_from_mapping(cls: type[C], section: Mapping[str, Any], where: str, /, **wiring: Any) -> C:
     """Build a stage config from a recipe section (checked against the config's fields) plus the
     study's wiring for one step (model, out, seed, ...). An unknown key names the valid ones."""
     known = {f.name for f, _ in option_fields(cls) if f.metadata.get("recipe", True)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(section) - known)
     if unknown:
         raise LatentlabError(
             f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}",
             f"use only {', '.join(sorted(known))}",
         )
-    return cls(**{**values, **wiring})
+    return cls(**{**section, **wiring})
 
 
 @dataclass

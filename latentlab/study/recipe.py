@@ -96,7 +96,7 @@ SECTIONS: dict[str, SectionKind] = {
                                   "words"),
                            defaults={"values": "1990:2060:5", "n_prompts": 48}),
     "compliance": SectionKind("compliance", wired=(*_RUN, "finetunes"),
-                              defaults={"budgets": [0, 8, 16, 32]}),
+                              defaults={"budgets": [0, 8, 16, 32], "trigger": "cobalt"}),
 }
 ANALYSES = [k for k in SECTIONS if k != "finetune"]
 
@@ -106,21 +106,21 @@ class Section:
     """One recipe table: the keys it gives (checked against its stage config's fields) and the study keys."""
 
     kind: str
-    values: dict[str, Any]
+    given: dict[str, Any]
 
     @property
     def spec(self) -> SectionKind:
         return SECTIONS[self.kind]
 
     def __getitem__(self, key: str) -> Any:
-        if key in self.values:
-            return self.values[key]
+        if key in self.given:
+            return self.given[key]
         if key in self.spec.study:
             return self.spec.study[key]
         return self.spec.stage_fields()[key][0]
 
     def __getattr__(self, key: str) -> Any:
-        if key.startswith("_") or key in ("kind", "values"):
+        if key.startswith("_") or key in ("kind", "given"):
             raise AttributeError(key)
         try:
             return self[key]
@@ -128,21 +128,21 @@ class Section:
             raise AttributeError(key) from None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key in ("kind", "values"):
+        if key in ("kind", "given"):
             object.__setattr__(self, key, value)
         else:  # a checked or normalised value (a dataset path made absolute, held_out as strings)
-            self.values[key] = value
+            self.given[key] = value
 
     def stage_values(self) -> dict[str, Any]:
         """The stage keys this table sets, with the study's own defaults (what the step's config gets)."""
         keys = set(self.spec.stage_fields())
         return {**{k: v for k, v in self.spec.defaults.items() if k in keys},
-                **{k: v for k, v in self.values.items() if k in keys}}
+                **{k: v for k, v in self.given.items() if k in keys}}
 
     def filled(self) -> dict[str, Any]:
         """Every key with its value or default: what the study records and compares."""
         stage = {k: d for k, (d, _) in self.spec.stage_fields().items() if d is not MISSING}
-        return {**stage, **self.spec.study, **self.values}
+        return {**stage, **self.spec.study, **self.given}
 
 # Analyses that compare a finetune with its control, so need [finetune] with a control.
 _NEEDS_CONTROL = ("shift", "ablation", "prevention")
@@ -197,8 +197,8 @@ def _check_value(key: str, value: Any, tp: Any, section: str) -> None:
             ok = ok or (isinstance(value, int) and not isinstance(value, bool))
         elif k is float:
             ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
-        elif k in (str, Path):
-            ok = ok or isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        elif k in (str, Path):  # a list stands for a comma-separated spec (budgets = [0, 8, 16])
+            ok = ok or (isinstance(value, (str, int, float, list)) and not isinstance(value, bool))
         elif k is list:
             ok = ok or isinstance(value, (list, str))
         else:

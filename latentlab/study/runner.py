@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ _IGNORED = ("overwrite", "resume")
 
 @dataclass(kw_only=True)
 class StudyConfig(StageConfig):
-    """Run a study end to end: finetunes (resumed), analyses (finished ones skipped), summary.json and a self-contained report.html with plots, intervals, verdicts and provenance.
+    """Run a study end to end: finetunes (resumed), analyses (finished ones skipped), summary.json and a
+    self-contained report.html with plots, intervals, verdicts and provenance.
 
     The recipe is read and checked on construction (no model loads). ``model`` / ``seeds`` override
     the recipe's. ``report_only`` rebuilds summary.json and report.html from the run folders already
@@ -241,6 +242,9 @@ def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_s
 
     def make() -> Any:
         wired = {k: (v() if callable(v) else v) for k, v in wiring.items()}
+        if "overwrite" in {f.name for f in fields(stage.config)}:
+            # the study decides what to rerun (a finished step is checked, an interrupted one redone)
+            wired.setdefault("overwrite", True)
         return config_from_mapping(stage.config, values, f"recipe section [{section}]", out=out,
                                    model=r.model, device=cfg.device, **wired)
 
