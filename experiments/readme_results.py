@@ -145,8 +145,9 @@ def ablation_lines() -> list[str]:
     for f in sorted((RES / "studies").glob("persona-facts-*/summary.json")):
         st = json.loads(f.read_text())
         arms.append(("persona", "persona-facts", _study_ablation(st["sections"]), st["model"]))
-    out = ["", "Does the direction carry the behaviour? (era: the frozen results in `experiments/results/ablate_birds/`, "
-           "made before studies existed, which the birds studies of `experiments/studies.sh` now compute; persona: the "
+    out = ["", "Does the direction carry the behaviour? (era: the frozen results in "
+           "`experiments/results/ablate_birds/`, made before studies existed, which the birds studies of "
+           "`experiments/studies.sh` now compute; persona: the "
            "persona-facts studies of `experiments/studies.sh`) The fraction of the finetune's battery gain over "
            "its modern-birds control that projecting the direction out of the residual stream removes, against "
            "10 norm-matched random directions per seed (their mean per seed, averaged over seeds):", "",

@@ -22,8 +22,8 @@ def test_every_snapshot_flag_still_exists_with_its_default() -> None:
         if cmd not in now:
             problems.append(f"command {cmd!r} is gone")
             continue
-        by_opt = {o: (name, p) for name, p in now[cmd].items() for o in p["opts"] + p["secondary"]}
-        for name, old in params.items():
+        by_opt = {o: (n, p) for n, p in now[cmd].items() for o in p["opts"] + p["secondary"]}
+        for old in params.values():
             for opt in old["opts"] + old["secondary"]:
                 if opt not in by_opt:
                     problems.append(f"{cmd}: {opt} is gone")
