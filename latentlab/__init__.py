@@ -99,6 +99,7 @@ _EXPORTS = {
     "run_steer": "latentlab.stages.steer",
     "choose_layer": "latentlab.steering",
     "finetune": "latentlab.finetune",
+    "LoraTrainer": "latentlab.finetune",
     "FinetuneConfig": "latentlab.stages.finetune",
     "LoraOptions": "latentlab.stages.finetune",
     "FinetuneRunConfig": "latentlab.stages.finetune",
