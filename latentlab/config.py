@@ -113,7 +113,7 @@ def check_layer_spec(spec: str | Sequence[int] | None, flag: str = "--layers") -
     parse_layers(spec, 1 << 20)  # "cannot read layer list ..." on a bad spec
 
 
-def check_direction_spec(spec: str | Path) -> str:
+def check_direction_spec(spec: str | Path, flag: str = "--direction") -> str:
     """The form of a --direction: era, persona, a pair ``.jsonl`` or a saved ``.safetensors`` (not read here)."""
     from latentlab.data import BUILTIN_DATASETS
 
@@ -121,7 +121,7 @@ def check_direction_spec(spec: str | Path) -> str:
     if Path(s).suffix in (".safetensors", ".jsonl") or s in BUILTIN_DATASETS:
         return s
     raise LatentlabError(
-        f"--direction {s!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
+        f"{flag} {s!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
         "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
     )
 

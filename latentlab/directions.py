@@ -20,7 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentlab.activations import ActivationSet, collect
-from latentlab.data import BUILTIN_DATASETS, Pair, dataset_hash, load_pairs, pair_examples
+from latentlab.config import check_direction_spec
+from latentlab.data import Pair, dataset_hash, load_pairs, pair_examples
 from latentlab.direction import Direction
 from latentlab.errors import LatentlabError
 from latentlab.io import make_temp_dir, replace_dir, sha256_text, write_json
@@ -241,15 +242,6 @@ def clear_cache(what: str = "directions") -> int:
     return len(entries)
 
 
-def _check_form(spec: str, flag: str) -> str:
-    if Path(spec).suffix in (".safetensors", ".jsonl") or spec in BUILTIN_DATASETS:
-        return spec
-    raise LatentlabError(
-        f"{flag} {spec!r} is neither a built-in (era, persona) nor a .jsonl contrast-pair file",
-        "pass era, persona, FILE.jsonl, or a saved direction FILE.safetensors",
-    )
-
-
 @dataclass(frozen=True)
 class DirectionSpec:
     """A ``--direction`` value: parsed when a config is built, resolved on a model at run time.
@@ -272,7 +264,7 @@ class DirectionSpec:
         s = str(spec)
         if Path(s).is_dir() and (Path(s) / "direction.safetensors").is_file():
             return cls(s, Direction.load(s))
-        _check_form(s, flag)
+        check_direction_spec(s, flag)
         if Path(s).suffix == ".safetensors":
             return cls(s, Direction.load(s))
         resolve_pairs(s)
@@ -313,21 +305,3 @@ def describe_fit(reused: bool, name: str, model: Any) -> str:
     if reused:
         return f"reusing the cached {name} direction and probes for {model.info.name} (--refit to fit again)"
     return f"fitted the {name} direction and probes on {model.info.name} (cached for next time)"
-
-
-# Transitional: the entry points the stages are being moved off (use DirectionSpec).
-def direction_spec(spec: str | Path) -> Direction | str:
-    s = DirectionSpec.parse(spec)
-    return s.saved if s.saved is not None else s.text
-
-
-def fit_or_use(model: LoadedModel, spec: Direction | str, refit: bool = False) -> tuple[Direction, Any]:
-    return DirectionSpec.parse(spec).resolve_with_probes(model, refit=refit)
-
-
-def resolve_direction(model: LoadedModel | None, spec: Direction | str, out: Path | None = None) -> Direction:
-    if isinstance(spec, Direction):
-        return spec
-    if model is None:
-        raise LatentlabError(f"fitting the {spec} direction needs a model", "pass a model, or a saved direction")
-    return DirectionSpec.parse(spec).resolve(model, out=out)

@@ -307,7 +307,7 @@ def test_full_disk_fails_the_collect_run(tiny_gemma_dir: Path, tmp_path: Path, m
     from cli_helpers import run_cli
 
     import latentlab.io
-    from latentlab.activations import CollectConfig, run_collect
+    from latentlab.stages.collect import CollectConfig, run_collect
 
     def full(*a: Any, **k: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -316,7 +316,7 @@ def test_full_disk_fails_the_collect_run(tiny_gemma_dir: Path, tmp_path: Path, m
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "run"
-    cfg = CollectConfig(str(data), out, model=str(tiny_gemma_dir), layers="0", device="cpu")
+    cfg = CollectConfig(data=str(data), out=out, model=str(tiny_gemma_dir), layers="0", device="cpu")
     with pytest.raises(LatentlabError, match=f"no space left on device writing {out / 'activations'}/shard-00000"):
         run_collect(cfg, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
