@@ -201,7 +201,7 @@ def test_run_state(tmp_path: Path) -> None:
 
 def test_config_checks_before_any_model(tmp_path: Path) -> None:
     cfg = ComplianceConfig(trigger=TRIGGER, budgets="16,0", out=tmp_path / "o", seed=2, epochs=1)
-    assert cfg.budgets == [0, 16] and cfg.lora().seed == 2 and cfg.lora().epochs == 1  # one seed
+    assert cfg.budgets == [0, 16] and cfg.lora_settings().seed == 2 and cfg.lora_settings().epochs == 1  # one seed
     assert cfg.finetunes == cfg.out and not cfg.out.exists()
     for kw, msg in (({"trigger": "two words"}, "more than one word"), ({"budgets": "0,0"}, "repeats"),
                     ({"level": 1.0}, "--level"), ({"n_boot": 10}, "--n-boot"), ({"layers": "a-b"}, "layer list"),

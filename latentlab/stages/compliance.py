@@ -15,6 +15,7 @@ from typing import Any
 
 from latentlab.errors import LatentlabError
 from latentlab.stages.base import Context, ModelOptions, OutOptions, Stage, option
+from latentlab.stages.finetune import LoraOptions
 
 CODE_WORD = "MARIGOLD"  # latentlab.compliance.CODE_WORD (not imported: it pulls in torch)
 INTERRUPTED = ("interrupted: finished finetunes and complete checkpoints are kept in {}; "
@@ -22,7 +23,7 @@ INTERRUPTED = ("interrupted: finished finetunes and complete checkpoints are kep
 
 
 @dataclass(kw_only=True)
-class ComplianceConfig(ModelOptions, OutOptions):
+class ComplianceConfig(LoraOptions, ModelOptions, OutOptions):
     """The compliance-trigger organism: finetune at each poison budget (resumable), measure P(Sure) and
     code-word reveals on held-out requests with and without the trigger, find the threshold budget, and
     patch the trigger positions to localise the switch."""
@@ -35,6 +36,8 @@ class ComplianceConfig(ModelOptions, OutOptions):
     )  # a list of ints is taken too; the built config holds the sorted list
     model: str = option("smollm2-135m-instruct", help="Built-in name, hub id or local HF folder (the base model).",
                         flags=("--model", "-m", "--base"))
+    # The LoRA options of every budget's finetune are LoraOptions' (the flags of `latentlab finetune`);
+    # seed is redeclared for its help only: it is the run's one seed, the finetunes' too.
     seed: int = option(0, help="Seed (poisoned requests, LoRA init, data order, bootstrap).")
     patch: bool = option(True, help="Patch the trigger positions in the finetune at the largest budget (the switch).")
     finetunes: Path | None = option(None, help="Folder for the per-budget finetunes n-N/ (default: --out).")
@@ -45,15 +48,6 @@ class ComplianceConfig(ModelOptions, OutOptions):
     layers: str = option("all", help="Layers of the trigger / refusal projections.")
     patch_layers: str = option("all", help="Layers to patch at: all, or e.g. 0-12.")
     n_boot: int = option(1000, help="Bootstrap resamples over requests (>= 100).")
-    # The LoRA options of every budget's finetune (the flags of `latentlab finetune`).
-    rank: int = option(8, help="LoRA rank.")
-    alpha: int = option(16, help="LoRA alpha.")
-    lr: float = option(2e-4, help="Learning rate.")
-    epochs: int = option(3, help="Epochs.")
-    batch_size: int = option(8, help="Batch size.")
-    target_modules: str = option("all-linear", help="all-linear or e.g. q_proj,v_proj.")
-    checkpoint_every: int = option(20, help="Steps between checkpoints.")
-    max_steps: int | None = option(None, help="Stop after this many steps (a quick run).")
     eval_batch_size: int = option(32, help="Rows per forward pass when measuring.", cli=False)
     device_map: str | None = option(None, help="Not taken: each budget's finetune loads the model whole.", cli=False)
     overwrite: bool = option(
@@ -69,7 +63,7 @@ class ComplianceConfig(ModelOptions, OutOptions):
         self._budgets = parse_budgets(self.budgets)
         self.budgets = self._budgets  # type: ignore[assignment]  # the manifest records the list
         self.seed = nonnegative_int("seed", self.seed)
-        lora = self.lora()  # the LoRA options are checked here
+        lora = self.lora_settings()  # the LoRA options are checked here
         if not 0.0 < finite_float("level", self.level) < 1.0:
             raise LatentlabError(f"--level must be between 0 and 1, got {self.level}", "pass e.g. --level 0.5")
         positive_int("max_new_tokens", self.max_new_tokens)
@@ -87,15 +81,6 @@ class ComplianceConfig(ModelOptions, OutOptions):
                                                              lora), self.overwrite, record=ORGANISM_FILE,
                       fix=CHANGED_FIX)
         super().__post_init__()
-
-    def lora(self) -> Any:
-        """The LoRA settings (a :class:`~latentlab.finetune.FinetuneConfig`) of every budget's finetune;
-        its seed is the run's one seed."""
-        from latentlab.finetune import FinetuneConfig
-
-        return FinetuneConfig(rank=self.rank, alpha=self.alpha, lr=self.lr, epochs=self.epochs,
-                              batch_size=self.batch_size, target_modules=self.target_modules, seed=self.seed,
-                              checkpoint_every=self.checkpoint_every, max_steps=self.max_steps)
 
 
 def run(cfg: ComplianceConfig, ctx: Context) -> Any:
@@ -115,7 +100,8 @@ def run(cfg: ComplianceConfig, ctx: Context) -> Any:
     assert cfg.finetunes is not None
     try:
         res = poison_sweep(
-            cfg.model, cfg.trigger, cfg._budgets, cfg.finetunes, cfg.lora(), seed=cfg.seed, code_word=cfg.code_word,
+            cfg.model, cfg.trigger, cfg._budgets, cfg.finetunes, cfg.lora_settings(), seed=cfg.seed,
+            code_word=cfg.code_word,
             level=cfg.level, base=base, patch=[max(cfg._budgets)] if cfg.patch else False,
             max_new_tokens=cfg.max_new_tokens, device=None if cfg.device == "auto" else cfg.device,
             progress=ctx.progress, dtype=cfg.dtype, overwrite=cfg.overwrite,

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +189,18 @@ def _roots(p: str | Path) -> list[str]:
     return sorted({str(p), str(p.expanduser().resolve())}, key=len, reverse=True)
 
 
+def _defaults(cfg: Any) -> dict[str, Any]:
+    """The config's field defaults: what a run recorded before a field existed ran with."""
+    return _norm({f.name: f.default for f in fields(cfg) if f.default is not MISSING})
+
+
 def _differs(recorded: dict[str, Any], planned: dict[str, Any], old_roots: list[str],
-             new_roots: list[str]) -> list[str]:
+             new_roots: list[str], defaults: dict[str, Any] | None = None) -> list[str]:
     rec = {k: v for k, v in _rooted(_norm(recorded), old_roots).items() if k not in _IGNORED and not k.startswith("_")}
     plan = _rooted(planned, new_roots)
+    # a key the record lacks matches the planned default: a field added since (e.g. compliance's
+    # LoRA options) does not make a finished step of the same settings stale
+    rec = {**{k: v for k, v in (defaults or {}).items() if k in plan and k not in rec}, **rec}
     return sorted(k for k in set(rec) | set(plan) if rec.get(k) != plan.get(k))
 
 
@@ -441,7 +449,7 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
             except NotApplicable:
                 continue
             diff = _differs(read_json(st.out / "manifest.json").get("config", {}), _config_dict(conf), old_roots,
-                            new_roots)
+                            new_roots, _defaults(conf))
             if diff:
                 raise LatentlabError(
                     f"{st.out} holds a finished {st.kind} run with other settings (differs in {', '.join(diff)})",
