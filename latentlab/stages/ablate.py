@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import Context, ModelOptions, OutOptions, Stage, option
+from latentlab.stages.base import Context, FinetunedOptions, OutOptions, Stage, option
 
 if TYPE_CHECKING:
     from latentlab.ablation import AblationResult
@@ -24,7 +24,7 @@ MIN_BOOT = 100
 
 
 @dataclass(kw_only=True)
-class AblateConfig(ModelOptions, OutOptions):
+class AblateConfig(FinetunedOptions, OutOptions):
     """Ablate a direction in the base, the finetune and the control: how much of the finetune's battery gain does
     it remove, against random directions?
 
@@ -33,11 +33,7 @@ class AblateConfig(ModelOptions, OutOptions):
     """
 
     command = "ablate"
-    finetuned: Path = option(help="Finetune run folder or adapter folder.")
     out: Path = option(Path("runs/ablate"), help="Run folder to write.")
-    model: str = option("gemma-3-270m", help="Base model the adapters were trained on.",
-                        flags=("--base", "--model", "-m"))
-    control: Path | None = option(None, help="Control finetune run or adapter folder (same base).")
     direction: str = option("era", help="era, persona, a contrast-pair JSONL, or a saved direction .safetensors.")
     layers: str = option("all", help="Layers to ablate at: all, or e.g. 8-17 or 10,12.")
     mode: str = option("project", help="project (remove the component) or mean (set it to the base's mean).")

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Context",
+    "FinetuneBaseOptions",
+    "FinetunedOptions",
     "ModelOptions",
     "OutOptions",
     "Stage",
@@ -121,6 +123,23 @@ class ModelOptions(StageConfig):
         super().__post_init__()
         check_device_dtype(self.device, self.dtype)
         self.device_map = resolve_device_map(self.device_map)  # type: ignore[assignment]
+
+
+@dataclass(kw_only=True)
+class FinetuneBaseOptions(ModelOptions):
+    """``model`` as the base that finetunes (adapters or finetune run folders) were trained on: one
+    declaration of its help for every command that applies them to it."""
+
+    model: str = option(DEFAULT_MODEL, help="Base model the adapters were trained on.",
+                        flags=("--model", "-m", "--base"))
+
+
+@dataclass(kw_only=True)
+class FinetunedOptions(FinetuneBaseOptions):
+    """A finetune and an optional control finetune of the same base, each applied in turn to it."""
+
+    finetuned: Path = option(help="Finetune run folder or adapter folder.")
+    control: Path | None = option(None, help="Control finetune run or adapter folder (same base).")
 
 
 @dataclass(kw_only=True)

@@ -12,24 +12,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import Context, ModelOptions, OutOptions, Stage, option
+from latentlab.stages.base import Context, FinetunedOptions, OutOptions, Stage, option
 
 if TYPE_CHECKING:
     from latentlab.diff import DiffResult
 
 
 @dataclass(kw_only=True)
-class DiffConfig(ModelOptions, OutOptions):
+class DiffConfig(FinetunedOptions, OutOptions):
     """What a finetune changed on unrelated prompts: the logit lens of its mean shift per layer (vs base and vs a
     control) and per-token KL(base || finetune).
     """
 
     command = "diff"
-    finetuned: Path = option(help="Finetune run folder or adapter folder.")
     out: Path = option(Path("runs/diff"), help="Run folder to write.")
-    model: str = option("gemma-3-270m", help="Base model the adapters were trained on.",
-                        flags=("--base", "--model", "-m"))
-    control: Path | None = option(None, help="Control finetune run or adapter folder (same base).")
     prompts: str = option("unrelated", help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")
     layers: str = option("all", help="Layers for the logit lens: all, or e.g. 8-17.")
     k: int = option(10, help="Tokens / positions to report.")

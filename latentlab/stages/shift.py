@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import DEFAULT_MODEL, Context, ModelOptions, OutOptions, Stage, option
+from latentlab.stages.base import Context, FinetuneBaseOptions, ModelOptions, OutOptions, Stage, option
 from latentlab.stages.direction import DIRECTION_HELP
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def _keep_fitted(cfg: ShiftConfig | ScreenConfig, d: Direction, out: Path) -> No
 
 
 @dataclass(kw_only=True)
-class ShiftConfig(ModelOptions, OutOptions):
+class ShiftConfig(FinetuneBaseOptions, OutOptions):
     """Per-layer shift of finetuned (and control) models along a direction on unrelated prompts.
 
     A finetune moves activations in every direction, so each projection is placed among --n-random
@@ -56,8 +56,6 @@ class ShiftConfig(ModelOptions, OutOptions):
     command = "shift"
     finetuned: list[Path] = option(help="Finetune run folder(s) or adapter folder(s) (repeatable).")
     out: Path = option(Path("runs/shift"), help="Run folder to write.")
-    model: str = option(DEFAULT_MODEL, help="Base model the adapters were trained on.",
-                        flags=("--model", "-m", "--base"))
     control: list[Path] | None = option(None, help="Control finetune folder(s) (repeatable).")
     direction: str = option("era", help=DIRECTION_HELP)
     prompts: str = option("unrelated", help="Unrelated prompts JSONL ({'prompt'}) or built-in name.")
