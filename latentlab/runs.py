@@ -159,6 +159,15 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def finetune_progress(folder: str | Path) -> RunState:
+    """What ``folder`` holds of a finetune by its files alone: ``done`` (its adapter), ``resume`` (a
+    complete checkpoint and no adapter) or ``new`` (neither); :func:`run_state` then checks its record."""
+    folder = Path(folder)
+    if (folder / "adapter" / "adapter_config.json").exists():
+        return "done"
+    return "resume" if latest_checkpoint(folder) is not None else "new"
+
+
 def run_state(
     folder: str | Path,
     expected: Mapping[str, Any],
@@ -182,8 +191,8 @@ def run_state(
     first, so an interrupted retraining cannot leave it behind as ``done``).
     """
     folder = Path(folder)
-    has_adapter = (folder / "adapter" / "adapter_config.json").exists()
-    if not (has_adapter or latest_checkpoint(folder) is not None):
+    held = finetune_progress(folder)
+    if held == "new":
         return "new"
     try:
         if callable(record):
@@ -202,4 +211,4 @@ def run_state(
             old, new = _flat(recorded), _flat(want)
             what = "differs in " + ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
         raise LatentlabError(f"{folder} holds a finetune made with another recipe ({what})", fix)
-    return "done" if has_adapter else "resume"
+    return held

@@ -17,11 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
 from latentlab.stages.base import StageConfig, config_record, option
 from latentlab.study.recipe import SECTIONS, Recipe, Section, load_recipe, parse_seeds
+
+if TYPE_CHECKING:
+    from latentlab.runs import RunState
 
 __all__ = ["Step", "StudyConfig", "StudyResult", "plan_steps", "run_study", "shift_layers"]
 
@@ -194,13 +197,19 @@ def _defaults(cfg: Any) -> dict[str, Any]:
     return _norm({f.name: f.default for f in fields(cfg) if f.default is not MISSING})
 
 
-def _differs(recorded: dict[str, Any], planned: dict[str, Any], old_roots: list[str],
-             new_roots: list[str], defaults: dict[str, Any] | None = None) -> list[str]:
+def _comparable(recorded: dict[str, Any], old_roots: list[str], plan: dict[str, Any],
+                defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """A finished step's recorded config as the (rooted) plan is compared with it."""
     rec = {k: v for k, v in _rooted(_norm(recorded), old_roots).items() if k not in _IGNORED and not k.startswith("_")}
-    plan = _rooted(planned, new_roots)
     # a key the record lacks matches the planned default: a field added since (e.g. compliance's
     # LoRA options) does not make a finished step of the same settings stale
-    rec = {**{k: v for k, v in (defaults or {}).items() if k in plan and k not in rec}, **rec}
+    return {**{k: v for k, v in (defaults or {}).items() if k in plan and k not in rec}, **rec}
+
+
+def _differs(recorded: dict[str, Any], planned: dict[str, Any], old_roots: list[str],
+             new_roots: list[str], defaults: dict[str, Any] | None = None) -> list[str]:
+    plan = _rooted(planned, new_roots)
+    rec = _comparable(recorded, old_roots, plan, defaults)
     return sorted(k for k in set(rec) | set(plan) if rec.get(k) != plan.get(k))
 
 
@@ -264,7 +273,7 @@ def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_s
 def plan_steps(cfg: StudyConfig) -> list[Step]:
     """The study's steps in run order (finetunes before the analyses that read them): each a stage
     config from its recipe section plus the wiring for its seed."""
-    from latentlab.finetune import latest_checkpoint
+    from latentlab.runs import finetune_progress
     from latentlab.triggers import parse_values
 
     r, out = cfg.recipe_obj, cfg.out
@@ -282,7 +291,7 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
     def finetune_step(key: str, data: str, folder: Path, seed: int,
                       ablate: Callable[[], list[str]] | None = None) -> Step:
         def resume() -> bool:  # interrupted: a complete checkpoint and no adapter yet
-            return not (folder / "adapter" / "adapter_config.json").exists() and latest_checkpoint(folder) is not None
+            return finetune_progress(folder) == "resume"
 
         return _section_step(cfg, "finetune", key, folder, seed, section="finetune", data=data, seed=seed,
                              resume=resume, overwrite=lambda: not resume(), ablate=ablate or [],
@@ -393,10 +402,37 @@ def external_runs(cfg: StudyConfig) -> dict[str, str]:
 
 
 def _finished(st: Step) -> bool:
+    """The step's manifest says complete (a finetune's adapter is :func:`_finetune_state`'s to check)."""
     from latentlab.config import run_holds
 
-    done = st.out.is_dir() and run_holds(st.out) == "complete"
-    return done and (not st.finetune or (st.out / "adapter" / "adapter_config.json").exists())
+    return st.out.is_dir() and run_holds(st.out) == "complete"
+
+
+def _finetune_state(st: Step, conf: Any, old_roots: list[str], new_roots: list[str]) -> RunState:
+    """A finetune step's folder as :func:`latentlab.runs.run_state` decides it: ``done`` (a finished run of
+    the planned config: skipped; of another config: refused), ``resume`` (a complete checkpoint and no
+    adapter: continued) or ``new`` (trained).
+
+    The record compared is the config the manifest records once the run finished. An adapter whose run
+    did not finish (killed after training, before its plots) has none and is trained again; an
+    interrupted run is resumed, its checkpoint compared by the trainer (its state records the training
+    settings, data and base).
+    """
+    from latentlab.io import read_json
+    from latentlab.runs import finetune_progress, run_state
+
+    plan = _rooted(_config_dict(conf), new_roots)
+    finished = _finished(st)
+
+    def record(folder: Path) -> Any:
+        if finetune_progress(folder) == "resume":
+            return plan  # interrupted: LoraTrainer.resume checks the checkpoint
+        if not finished:
+            return None  # an adapter without a finished run: retrained (overwrite below)
+        return _comparable(read_json(folder / "manifest.json").get("config", {}), old_roots, plan, _defaults(conf))
+
+    return run_state(st.out, plan, overwrite=not finished, record=record,
+                     fix="choose a new --out for this recipe, or delete that folder to rerun it")
 
 
 def _load_avg() -> list[float] | None:
@@ -448,6 +484,9 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
                 conf = st.make()
             except NotApplicable:
                 continue
+            if st.finetune:
+                _finetune_state(st, conf, old_roots, new_roots)  # a finished finetune of other settings is refused
+                continue
             diff = _differs(read_json(st.out / "manifest.json").get("config", {}), _config_dict(conf), old_roots,
                             new_roots, _defaults(conf))
             if diff:
@@ -468,7 +507,7 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
             write_json(state_path, state)
             say(f"{tag}: not run ({e})")
             continue
-        if _finished(st):
+        if (_finetune_state(st, conf, old_roots, new_roots) == "done") if st.finetune else _finished(st):
             state["steps"].setdefault(st.key, {}).update(kind=st.kind, out=_rel(st.out, cfg.out), status="done",
                                                           seed=st.seed)
             say(f"{tag}: done already, skipped")
