@@ -128,6 +128,15 @@ class LoraBank:
             alpha = _pattern(alpha_pat, mod, a_default)
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             target = modules[mod]
+            fin, fout = getattr(target, "in_features", None), getattr(target, "out_features", None)
+            fits = ab["A"].shape[-1] == fin and ab["B"].shape[0] == fout
+            if isinstance(fin, int) and isinstance(fout, int) and not fits:
+                # an adapter of another base whose module names happen to match: refused now, not at a forward pass
+                raise LatentlabError(
+                    f"adapter {path} does not fit this base model: {mod} maps {fin} -> {fout} features, the "
+                    f"adapter's LoRA pair {ab['A'].shape[-1]} -> {ab['B'].shape[0]}",
+                    "load the adapter with the base model it was trained on",
+                )
             weights[mod] = (ab["A"].to(target.weight.device), ab["B"].to(target.weight.device), scale)
         self.adapters[label] = _Adapter(weights, path)
         for mod in weights:

@@ -111,3 +111,25 @@ def test_bad_generation_arguments(tiny_gemma: Any) -> None:
         with pytest.raises(LatentlabError, match=msg):
             generate_samples(tiny_gemma, PROMPTS, **kw)  # type: ignore[arg-type]
     assert generate(tiny_gemma, [], [(None, 0.0), (None, 0.0)]) == [[], []]
+
+
+def test_details_and_pairs(tiny_gemma: Any) -> None:
+    """``details``: the same texts, plus ids and log-probabilities of the raw next-token distribution;
+    ``pairs``: only the asked (condition, prompt) rows."""
+    d = _direction(tiny_gemma)
+    conds: list[Condition] = [(None, 0.0), (Steer.from_direction(d, [0, 1]), 2.0)]
+    plain = generate_samples(tiny_gemma, PROMPTS[:2], conds, max_new_tokens=5)
+    det = generate_samples(tiny_gemma, PROMPTS[:2], conds, max_new_tokens=5, details=True, top_logprobs=2)
+    assert [[[g.text for g in s] for s in c] for c in det] == plain
+    g = det[0][1][0]
+    enc = encode(tiny_gemma, [Example(PROMPTS[1])])
+    assert g.n_prompt_tokens == len(enc.ids[0]) and len(g.logprobs) == len(g.token_ids) == len(g.top_logprobs)
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_gemma.hf_model(torch.tensor([enc.ids[0] + g.token_ids])).logits[0].float(), -1)
+    start = len(enc.ids[0]) - 1
+    assert g.logprobs == pytest.approx([float(lp[start + j, t]) for j, t in enumerate(g.token_ids)], abs=1e-4)
+    assert [t for t, _ in g.top_logprobs[0]] == lp[start].topk(2).indices.tolist()
+    only = generate_samples(tiny_gemma, PROMPTS[:2], conds, max_new_tokens=5, pairs=[(1, 0)])
+    assert only == [[[""], [""]], [plain[1][0], [""]]]
+    with pytest.raises(LatentlabError, match="top_logprobs"):
+        generate_samples(tiny_gemma, PROMPTS[:1], details=True, top_logprobs=21)

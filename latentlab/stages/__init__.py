@@ -19,6 +19,7 @@ from latentlab.stages import (
     models,
     patch,
     sae,
+    serve,
     shift,
     steer,
     trigger,
@@ -30,7 +31,8 @@ from latentlab.stages.base import Stage, iter_stages
 __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
-    [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift, sae]
+    [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift, sae,
+     serve]
 )
 
 STAGES += iter_stages([_study])
