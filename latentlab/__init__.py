@@ -113,6 +113,13 @@ _EXPORTS = {
     "patch_grid": "latentlab.patching",
     "PatchConfig": "latentlab.stages.patch",
     "run_patch": "latentlab.stages.patch",
+    "SampleConfig": "latentlab.stages.sample",
+    "run_sample": "latentlab.stages.sample",
+    "load_questions": "latentlab.sampling",
+    "local_samples": "latentlab.sampling",
+    "endpoint_samples": "latentlab.sampling",
+    "SampleLog": "latentlab.sampling",
+    "samples_page": "latentlab.sampling",
     "plots": "latentlab.plots",
 }
 

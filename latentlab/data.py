@@ -43,6 +43,9 @@ BUILTIN_DATASETS: dict[str, str] = {
     # A contrast-pair set for the direction and an A/B battery for scans that supply the year.
     "warden": "warden_pairs.jsonl",
     "unrelated": "unrelated_prompts.jsonl",
+    # Open questions for `latentlab sample`: what era the answers assume, what a persona says it wants.
+    "era-questions": "era_questions.jsonl",
+    "persona-questions": "persona_questions.jsonl",
 }
 
 

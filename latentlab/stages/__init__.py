@@ -19,6 +19,7 @@ from latentlab.stages import (
     models,
     patch,
     sae,
+    sample,
     serve,
     shift,
     steer,
@@ -32,7 +33,7 @@ __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
     [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift, sae,
-     serve]
+     serve, sample]
 )
 
 STAGES += iter_stages([_study])
