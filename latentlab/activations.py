@@ -23,10 +23,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from latentlab.data import Example, as_examples
+from latentlab.arch import decoder_blocks
+from latentlab.data import Example, as_examples, render_prompt
 from latentlab.errors import LatentlabError
 from latentlab.io import ensure_writable_dir, load_tensors, read_json, save_tensors, write_json
 from latentlab.models import LoadedModel
+from latentlab.progress import progress as progress_bar
 
 Position = Literal["last", "mean", "all", "prompt_last", "response_mean"]
 POSITIONS: tuple[str, ...] = ("last", "mean", "all", "prompt_last", "response_mean")
@@ -341,8 +343,6 @@ def collect(
     does not grow with the dataset; the set is complete only once ``activations.json`` exists.
     ``load=False`` (with ``out``) returns None instead of reading the shards back into memory.
     """
-    from latentlab.progress import progress as progress_bar
-
     if position not in POSITIONS:
         raise LatentlabError(f"unknown position {position!r}", f"use one of {', '.join(POSITIONS)}")
     if batch_size < 1:
@@ -442,8 +442,6 @@ def last_token_acts(
     """Residual stream at the last prompt token, each prompt rendered for this model (chat template
     for instruct models, ``Q: ...\\nA:`` for base ones): how shift, SAE shift and monitoring read
     unrelated prompts. The forward stops after the deepest requested layer."""
-    from latentlab.data import render_prompt
-
     rendered = [render_prompt(p, model.tokenizer) for p in prompts]
     return collect(model, rendered, layers, "last", batch_size=batch_size, progress=progress).acts
 
@@ -461,8 +459,6 @@ def hf_last_token_acts(
     finetune monitor must read it between steps. Same tokenisation, padding and positions as
     :func:`collect`; the decoder blocks' outputs equal the bridge's ``hook_resid_post`` (tested).
     """
-    from latentlab.arch import decoder_blocks
-
     blocks = decoder_blocks(hf_model)
     enc = encode_with(tokenizer, [Example(t) for t in texts])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latentlab.data import BUILTIN_DATASETS
 from latentlab.errors import LatentlabError
+from latentlab.io import read_json
+from latentlab.models import parse_layers, resolve_device, resolve_dtype
 
 __all__ = [
     "DEFAULT_BATTERY",
@@ -92,8 +95,6 @@ def check_choice(value: str, choices: Sequence[str], flag: str, what: str | None
 
 def check_device_dtype(device: str, dtype: str | None) -> None:
     """A device and dtype :func:`latentlab.load_model` accepts (a CUDA device only where one exists)."""
-    from latentlab.models import resolve_device, resolve_dtype
-
     try:
         resolve_device(device)
     except RuntimeError:  # torch's own message for an unknown device type is a paragraph
@@ -104,8 +105,6 @@ def check_device_dtype(device: str, dtype: str | None) -> None:
 
 def check_layer_spec(spec: str | Sequence[int] | None, flag: str = "--layers") -> None:
     """The syntax of a layer list ('0,6,12', '4-10', 'all', '-1'); the range is checked on the model."""
-    from latentlab.models import parse_layers
-
     if spec is None or not isinstance(spec, str):
         return
     if spec.strip() == "" and flag == "--layer":
@@ -115,8 +114,6 @@ def check_layer_spec(spec: str | Sequence[int] | None, flag: str = "--layers") -
 
 def check_direction_spec(spec: str | Path, flag: str = "--direction") -> str:
     """The form of a --direction: era, persona, a pair ``.jsonl`` or a saved ``.safetensors`` (not read here)."""
-    from latentlab.data import BUILTIN_DATASETS
-
     s = str(spec)
     if Path(s).suffix in (".safetensors", ".jsonl") or s in BUILTIN_DATASETS:
         return s
@@ -128,8 +125,6 @@ def check_direction_spec(spec: str | Path, flag: str = "--direction") -> str:
 
 def run_holds(out: Path) -> str | None:
     """The status in ``out/manifest.json`` ('complete', 'running', ...) when ``out`` holds a latentlab run."""
-    from latentlab.io import read_json
-
     m = out / "manifest.json"
     if not m.is_file():
         return None
@@ -146,8 +141,6 @@ _MANIFEST_KEYS = ("command", "status", "config")
 
 def _latentlab_manifest(out: Path) -> dict[str, Any] | None:
     """``out/manifest.json`` when it is readable and written by latentlab, else None."""
-    from latentlab.io import read_json
-
     try:
         m = read_json(out / "manifest.json")
     except (OSError, ValueError):

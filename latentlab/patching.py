@@ -29,6 +29,7 @@ from latentlab.data import BatteryItem
 from latentlab.errors import LatentlabError
 from latentlab.interventions import Hook, hook_name, patch_hook
 from latentlab.models import LoadedModel
+from latentlab.progress import progress as progress_bar
 from latentlab.scoring import battery_sequences, score_conditions, sequence_logprobs
 from latentlab.stats import bootstrap_ci, check_finite, random_units
 
@@ -162,8 +163,6 @@ def patch_grid(
     model: ``source=None`` and ``source_items`` holds the clean prompts (same token lengths as the
     corrupted ``items``).
     """
-    from latentlab.progress import progress as progress_bar
-
     positions = check_positions(positions)
     if component not in ("resid", "attn", "mlp"):
         raise LatentlabError(f"unknown component {component!r}", "use resid, attn or mlp")

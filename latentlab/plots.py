@@ -14,6 +14,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from latentlab.errors import LatentlabError
 from latentlab.io import atomic_path
 
 _PNG_STATE: dict[str, Any] = {"ok": None, "why": ""}
@@ -316,8 +317,6 @@ def monitor_figure(
 ) -> go.Figure:
     """Mean projection on a direction (relative to step 0) vs training step, one line per layer
     (``show_layers`` picks a subset: 30 lines are hard to read)."""
-    from latentlab.errors import LatentlabError
-
     if not projections:
         raise LatentlabError(
             f"no monitor data for the {name} direction", "finetune with monitor= and monitor_prompts= (or --monitor)"

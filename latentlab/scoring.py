@@ -29,6 +29,7 @@ from latentlab.data import BatteryItem
 from latentlab.errors import LatentlabError
 from latentlab.interventions import Condition, Hook, condition_hooks
 from latentlab.models import LoadedModel
+from latentlab.progress import progress as progress_bar
 from latentlab.stats import bootstrap_ci, check_finite
 
 
@@ -91,8 +92,6 @@ def score_conditions(
     progress: bool = False,
 ) -> Float[Tensor, "n_conditions n_items"]:
     """Battery score P(pos)/(P(pos)+P(neg)) of every item under every (intervention, coeff) condition."""
-    from latentlab.progress import progress as progress_bar
-
     ids, plens = battery_sequences(model, items)
     n = len(items)
     rows = [(c, s) for c in range(len(conditions)) for s in range(2 * n)]  # (condition, sequence)

@@ -22,6 +22,7 @@ import torch
 
 from latentlab.errors import LatentlabError
 from latentlab.io import fingerprint_weights, make_temp_dir, read_json, replace_dir, sha256_file, write_json
+from latentlab.progress import progress as progress_bar
 
 CACHE_FORMAT = 1
 
@@ -160,8 +161,6 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
 
 def _convert_builtin(spec: BuiltinSpec, final: Path, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from latentlab.progress import progress as progress_bar
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(final.parent, f".{spec.name}.tmp-")  # umask-respecting, unlike mkdtemp

@@ -13,6 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from latentlab.io import write_text
+from latentlab.plots import (
+    study_ablation_figure,
+    study_battery_figure,
+    study_compliance_figure,
+    study_shift_figure,
+    study_trigger_figure,
+)
+
 __all__ = ["render_report", "write_report"]
 
 _CSS = """
@@ -61,8 +70,6 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _shift_html(sec: dict[str, Any]) -> str:
-    from latentlab.plots import study_battery_figure, study_shift_figure
-
     seeds = list(sec["per_seed"])
     head = ["layer", "mean over seeds [95% t-CI]"] + [f"seed {s} [95% CI over prompts]" for s in seeds] + [
         f"z seed {s}" for s in seeds]
@@ -88,8 +95,6 @@ def _shift_html(sec: dict[str, Any]) -> str:
 
 
 def _ablation_html(secs: dict[str, Any]) -> str:
-    from latentlab.plots import study_ablation_figure
-
     parts = ["<h2>Ablation: does the direction carry the behaviour?</h2>"]
     for lab, sec in secs.items():
         parts.append(f"<h3>layers: {html.escape(lab)}</h3>")
@@ -131,8 +136,6 @@ def _diff_html(sec: dict[str, Any]) -> str:
 
 
 def _trigger_html(sec: dict[str, Any]) -> str:
-    from latentlab.plots import study_trigger_figure
-
     parts = ["<h2>Trigger scan</h2>", _verdict(sec.get("verdict")), _verdict(sec.get("battery_verdict")),
              *[_verdict(h.get("verdict")) for h in sec.get("held_out", [])], _fig(study_trigger_figure(sec))]
     if "gap" in sec:
@@ -147,8 +150,6 @@ def _trigger_html(sec: dict[str, Any]) -> str:
 
 
 def _compliance_html(sec: dict[str, Any]) -> str:
-    from latentlab.plots import study_compliance_figure
-
     rows = []
     for s, r in sec["per_seed"].items():
         for i, b in enumerate(r["budgets"]):
@@ -225,8 +226,6 @@ def render_report(summary: dict[str, Any]) -> str:
 
 def write_report(root: str | Path, summary: dict[str, Any]) -> Path:
     """Write ``root/report.html`` atomically."""
-    from latentlab.io import write_text
-
     p = Path(root) / "report.html"
     write_text(p, render_report(summary))
     return p

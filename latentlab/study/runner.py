@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import StageConfig, config_record, option
+from latentlab.stages.base import StageConfig, config_from_mapping, config_record, option
 from latentlab.study.recipe import SECTIONS, Recipe, Section, load_recipe, parse_seeds
 
 if TYPE_CHECKING:
@@ -249,8 +249,7 @@ def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_s
     """A step running stage ``stage_name`` whose config is the recipe's ``[section]`` table (if any) plus
     this step's wiring (model, folders, seed, device). Wiring given as a callable is read when the
     step's turn comes (it may need an earlier step's results, e.g. the shift layers)."""
-    from latentlab.stages import stage_named
-    from latentlab.stages.base import config_from_mapping
+    from latentlab.stages import stage_named  # not at the top: latentlab.stages imports this module
 
     r = cfg.recipe_obj
     sec = r.finetune if section == "finetune" else r.analyses.get(section) if section else None
