@@ -33,5 +33,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
+        # the stages first: their study command imports the runner, which imports the stages (a first
+        # import of the runner itself would meet its own half-built module there)
+        importlib.import_module("latentlab.stages")
         return getattr(importlib.import_module(f"latentlab.study.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'latentlab.study' has no attribute {name!r}")
