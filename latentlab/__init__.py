@@ -113,6 +113,8 @@ _EXPORTS = {
     "patch_grid": "latentlab.patching",
     "PatchConfig": "latentlab.stages.patch",
     "run_patch": "latentlab.stages.patch",
+    "JudgeConfig": "latentlab.stages.judge",
+    "run_judge": "latentlab.stages.judge",
     "SampleConfig": "latentlab.stages.sample",
     "run_sample": "latentlab.stages.sample",
     "load_questions": "latentlab.sampling",

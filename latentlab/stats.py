@@ -48,6 +48,64 @@ def bootstrap_ci(values: Float[Tensor, " n"], n_boot: int = 1000, seed: int = 0)
     return (float(means.quantile(0.025)), float(means.quantile(0.975)))
 
 
+def cluster_mean(groups: Sequence[Float[Tensor, " n_q"]]) -> float:
+    """Mean of the per-cluster means of the clusters that hold values (each cluster weighs the same);
+    NaN when none does. The point estimate :func:`two_level_bootstrap` resamples."""
+    means = [float(g.double().mean()) for g in groups if len(g)]
+    return sum(means) / len(means) if means else math.nan
+
+
+def two_level_bootstrap(
+    values: Sequence[Sequence[Float[Tensor, " n_q"]]], n_boot: int = 1000, seed: int = 0, chunk: int = 100
+) -> Float[Tensor, "n_groups n_boot"]:
+    """Bootstrap :func:`cluster_mean` of several groups (arms) whose values fall in shared clusters
+    (questions): ``values[group][cluster]`` is a 1-D tensor, possibly empty.
+
+    Each resample draws the clusters with replacement, the same draw for every group, then each drawn
+    cluster's values with replacement within each group. Why two levels: answers to one question are
+    not independent (a model answers one question alike), so resampling answers alone pretends there
+    are more independent observations than there are questions. Why one cluster draw for all groups:
+    ``boot[a] - boot[b]`` is then the paired bootstrap of the difference, which cancels how hard each
+    question is. A cluster a group holds no values for drops out of that group's resample; a resample
+    that drew none with values is NaN (use ``nanquantile``).
+    """
+    if not values:
+        return torch.empty(0, n_boot, dtype=torch.float64)
+    n_q = len(values[0])
+    if any(len(v) != n_q for v in values):
+        raise LatentlabError("every group needs the same clusters for a paired bootstrap", "pass one list per group")
+    if n_q == 0:
+        return torch.full((len(values), n_boot), math.nan, dtype=torch.float64)
+    qdraw = torch.randint(0, n_q, (n_boot, n_q), generator=torch.Generator().manual_seed(seed))
+    out = torch.empty(len(values), n_boot, dtype=torch.float64)
+    for a, groups in enumerate(values):
+        counts = torch.tensor([len(v) for v in groups])
+        width = max(int(counts.max()), 1)
+        mat = torch.zeros(n_q, width, dtype=torch.float64)
+        for q, v in enumerate(groups):
+            mat[q, : len(v)] = v.double()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + a + 1)  # the within-cluster draws of group a
+        for b0 in range(0, n_boot, chunk):
+            qd = qdraw[b0 : b0 + chunk]  # [b, n_q]
+            c = counts[qd]
+            u = torch.rand((*qd.shape, width), generator=g, dtype=torch.float64)
+            idx = (u * c[..., None]).long().clamp_max(width - 1)
+            picked = mat[qd[..., None].expand_as(idx), idx]
+            mask = torch.arange(width)[None, None, :] < c[..., None]
+            qmean = (picked * mask).sum(-1) / c.clamp_min(1)
+            present = c > 0
+            out[a, b0 : b0 + chunk] = (qmean * present).sum(-1) / present.sum(-1)
+    return out
+
+
+def nan_percentile_ci(means: Float[Tensor, " n_boot"]) -> tuple[float, float]:
+    """95% percentile interval of bootstrap statistics, ignoring NaN resamples (NaN if all are)."""
+    m = means[~torch.isnan(means)]
+    if len(m) == 0:
+        return (math.nan, math.nan)
+    return (float(m.quantile(0.025)), float(m.quantile(0.975)))
+
+
 def seed_interval(vals: Sequence[float]) -> tuple[float, float, float]:
     """Mean and 95% t-interval across seeds (n - 1 degrees of freedom); NaN bounds for one seed.
 

@@ -16,6 +16,7 @@ from latentlab.stages import (
     diff,
     direction,
     finetune,
+    judge,
     models,
     patch,
     sae,
@@ -33,7 +34,7 @@ __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
     [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift, sae,
-     serve, sample]
+     serve, sample, judge]
 )
 
 STAGES += iter_stages([_study])
