@@ -322,3 +322,15 @@ def test_shift_verdict_names_the_largest_move_either_way(tmp_path: Path) -> None
     v = summarize_study(tmp_path)["sections"]["shift"]["verdict"]
     assert "against the warden direction" in v and "at layer 1 " in v and "-8.0 [-8.5, -7.5]" in v, v
     assert "above 0 at 1 and below 0 at 1 of 3 layers" in v, v
+
+
+@pytest.mark.parametrize("stmt", ["import latentlab.study.runner", "import latentlab.stages.study",
+                                  "from latentlab.study import StudyConfig, run_study",
+                                  "import latentlab as ll; ll.StudyConfig; ll.run_study"])
+def test_study_modules_import_in_a_fresh_interpreter(stmt: str) -> None:
+    """The config lives with the stages and the runner only type-checks against it: no import cycle."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", stmt], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

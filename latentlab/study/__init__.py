@@ -3,8 +3,9 @@
 :mod:`~latentlab.study.recipe` parses and checks recipes (each table a stage config),
 :mod:`~latentlab.study.runner` plans and runs the steps (each an ordinary run folder),
 :mod:`~latentlab.study.summary` computes the summary from the files alone, and
-:mod:`~latentlab.study.report` renders it. Names are imported on first use, so ``latentlab --help``
-(which reads the study config) does not import torch.
+:mod:`~latentlab.study.report` renders it. The command's config, :class:`StudyConfig`, lives with the
+other commands' in :mod:`latentlab.stages.study` and is re-exported here. Names are imported on first
+use, so ``latentlab --help`` (which reads the study config) does not import torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ _EXPORTS = {
     "parse_seeds": "recipe",
     "render_report": "report",
     "write_report": "report",
-    "StudyConfig": "runner",
+    "StudyConfig": "latentlab.stages.study",
     "StudyResult": "runner",
     "plan_steps": "runner",
     "run_study": "runner",
@@ -33,8 +34,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        # the stages first: their study command imports the runner, which imports the stages (a first
-        # import of the runner itself would meet its own half-built module there)
-        importlib.import_module("latentlab.stages")
-        return getattr(importlib.import_module(f"latentlab.study.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f"latentlab.study.{module}"), name)
     raise AttributeError(f"module 'latentlab.study' has no attribute {name!r}")

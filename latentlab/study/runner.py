@@ -20,83 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import StageConfig, config_from_mapping, config_record, option
-from latentlab.study.recipe import SECTIONS, Recipe, Section, load_recipe, parse_seeds
+from latentlab.stages import stage_named
+from latentlab.stages.base import config_from_mapping, config_record
+from latentlab.study.recipe import SECTIONS, Section
 
 if TYPE_CHECKING:
     from latentlab.runs import RunState
+    from latentlab.stages.study import StudyConfig
 
-__all__ = ["Step", "StudyConfig", "StudyResult", "plan_steps", "run_study", "shift_layers"]
+__all__ = ["Step", "StudyResult", "plan_steps", "run_study", "shift_layers"]
 
 STATE = "study.json"
 _IGNORED = ("overwrite", "resume")
-
-
-@dataclass(kw_only=True)
-class StudyConfig(StageConfig):
-    """Run a study end to end: finetunes (resumed), analyses (finished ones skipped), summary.json and a
-    self-contained report.html with plots, intervals, verdicts and provenance.
-
-    The recipe is read and checked on construction (no model loads). ``model`` / ``seeds`` override
-    the recipe's. ``report_only`` rebuilds summary.json and report.html from the run folders already
-    in ``out`` (no model runs).
-    """
-
-    command = "study"
-    recipe: str | None = option(None, help="A built-in recipe (see --list) or a recipe .toml.", argument=True)
-    model: str | None = option(None, help="Override the recipe's model.", flags=("--model", "-m"))
-    seeds: str | None = option(None, help="Override the recipe's seeds, e.g. 0,1,2 or 0-2.")
-    out: Path = option(Path("runs/study"), help="Study folder (resumed when it holds this study).")
-    report_only: bool = option(False, help="Rebuild summary.json and report.html from the folder; run nothing.")
-    list_recipes: bool = option(False, help="List the built-in recipes and exit.", flags=("--list",))
-    device: str = option("auto", help="cpu, cuda, cuda:N or auto (CUDA when present).")
-    dtype: str = option("float32", help="float32, bfloat16 or float16.")
-
-    def __post_init__(self) -> None:
-        from latentlab.config import check_device_dtype, run_holds
-
-        super().__post_init__()
-        if self.list_recipes:
-            return
-        if self.recipe is None:
-            raise LatentlabError("no recipe given", "pass a built-in recipe (latentlab study --list) or a .toml file")
-        if isinstance(self.seeds, list):
-            self.seeds = ",".join(map(str, self.seeds))
-        seeds = parse_seeds(self.seeds) if self.seeds is not None else None
-        self._recipe = load_recipe(self.recipe, model=self.model, seeds=seeds)
-        check_device_dtype(self.device, self.dtype)
-        self.out = Path(self.out).expanduser()
-        if self.out.exists() and not self.out.is_dir():
-            raise LatentlabError(f"--out {self.out} is a file, not a folder", "choose a folder for --out")
-        if (self.out / "manifest.json").exists() and run_holds(self.out):
-            raise LatentlabError(f"--out {self.out} holds a single-command run, not a study",
-                                 "choose another --out for the study")
-        state = self.out / STATE
-        if state.is_file():
-            new = _step_settings(self._recipe.to_dict())
-            old = _grown(_step_settings(json.loads(state.read_text()).get("recipe", {})), new)
-            diff = sorted(k for k in set(old) | set(new) if k not in PROSE and old.get(k) != new.get(k))
-            if diff:
-                raise LatentlabError(
-                    f"--out {self.out} holds a study of another recipe (differs in {', '.join(diff)})",
-                    "choose a new --out, or rerun with the recipe it was started with (seeds and "
-                    "[ablation] layers entries may only be added)",
-                )
-        elif self.report_only:
-            raise LatentlabError(f"--report-only: {self.out} holds no study ({STATE} missing)",
-                                 "pass the --out of a study that ran")
-        anc = self.out
-        while not anc.exists():
-            anc = anc.parent
-        if not os.access(anc, os.W_OK | os.X_OK):
-            raise LatentlabError(f"cannot write to {self.out} ({anc} is read-only)", "choose a writable --out")
-
-    @property
-    def recipe_obj(self) -> Recipe:
-        return self._recipe
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in config_record(self).items() if k != "list_recipes"}
 
 
 @dataclass
@@ -249,8 +184,6 @@ def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_s
     """A step running stage ``stage_name`` whose config is the recipe's ``[section]`` table (if any) plus
     this step's wiring (model, folders, seed, device). Wiring given as a callable is read when the
     step's turn comes (it may need an earlier step's results, e.g. the shift layers)."""
-    from latentlab.stages import stage_named  # not at the top: latentlab.stages imports this module
-
     r = cfg.recipe_obj
     sec = r.finetune if section == "finetune" else r.analyses.get(section) if section else None
     stage = stage_named(stage_name)
