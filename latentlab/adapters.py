@@ -12,6 +12,10 @@ layers' original modules see exactly what peft's layers would. The result equals
 to float rounding (tested). Supported: plain LoRA (``lora_A``/``lora_B``, rsLoRA scaling, per-module
 rank and alpha patterns) on linear and GPT-2 Conv1D layers; anything else (DoRA, embedding LoRA)
 is refused with a pointer to ``load_model(adapter=...)``, which merges with peft itself.
+
+Amplification: a view may carry a factor on the adapter's difference (``W x + f s B A x``): 0 is the
+base exactly, 1 the finetune as trained (bit for bit), 2 twice what the finetune changed. It
+exaggerates what a finetune learned (model diffing's amplification), so a weak effect can be read.
 """
 
 from __future__ import annotations
@@ -31,6 +35,28 @@ from latentlab.errors import LatentlabError
 from latentlab.io import read_json
 
 _WRAPPED = "._original_component"
+
+
+def check_scale(scale: Any, what: str = "adapter scale") -> float:
+    """A finite factor >= 0 on a LoRA difference (a negative one would be another model, not more of this one)."""
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise LatentlabError(f"the {what} {scale!r} is not a number", "pass a factor >= 0, e.g. 2") from None
+    if isinstance(scale, bool) or not math.isfinite(v) or v < 0:
+        raise LatentlabError(f"the {what} must be a finite number >= 0, got {scale!r}",
+                             "pass a factor >= 0, e.g. 0 (the base), 1 (as trained) or 2")
+    return v
+
+
+def format_scale(scale: float) -> str:
+    """A factor as labels and records write it: ``2``, ``0.5`` (never ``2.0``), exact enough to read back."""
+    return str(int(scale)) if float(scale).is_integer() else repr(float(scale))
+
+
+def scaled_name(name: str, scale: float) -> str:
+    """``name`` at factor ``scale``: the name itself at 1 (as trained, so today's labels stay), else ``name@x2``."""
+    return name if scale == 1 else f"{name}@x{format_scale(scale)}"
 
 
 class AdapterNeedsMerge(LatentlabError):
@@ -75,11 +101,13 @@ class _Adapter:
 
 @dataclass
 class LoraBank:
-    """Adapters attached to one base model; at most one is active during a forward pass."""
+    """Adapters attached to one base model; at most one is active during a forward pass, at a factor
+    ``active_scale`` on its difference (the view's, so one adapter's weights serve every factor)."""
 
     hf_model: torch.nn.Module
     adapters: dict[str, _Adapter] = field(default_factory=dict)
     active: str | None = None
+    active_scale: float = 1.0
     _handles: dict[str, Any] = field(default_factory=dict)
     _modules: dict[str, torch.nn.Module] | None = None
 
@@ -145,12 +173,14 @@ class LoraBank:
 
     def _hook(self, mod: str) -> Any:
         def hook(_m: torch.nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
-            if self.active is None:
+            if self.active is None or self.active_scale == 0:  # factor 0: the base's own output, exactly
                 return None
             w = self.adapters[self.active].weights.get(mod)
             if w is None:
                 return None
             a, b, scale = w
+            if self.active_scale != 1:  # factor 1 computes exactly what it always did
+                scale = scale * self.active_scale
             x = args[0]
             delta = (x.to(a.dtype) @ a.T) @ b.T
             return out + (delta * scale).to(out.dtype)
@@ -158,12 +188,14 @@ class LoraBank:
         return hook
 
     @contextmanager
-    def activate(self, label: str | None) -> Iterator[None]:
-        previous, self.active = self.active, label
+    def activate(self, label: str | None, scale: float = 1.0) -> Iterator[None]:
+        """Switch adapter ``label`` on (None: all off) at factor ``scale`` for the enclosed passes."""
+        previous = self.active, self.active_scale
+        self.active, self.active_scale = label, scale
         try:
             yield
         finally:
-            self.active = previous
+            self.active, self.active_scale = previous
 
 
 def _pattern(pattern: dict[str, Any], module: str, default: float) -> Any:

@@ -194,6 +194,9 @@ def cache_key(model: LoadedModel, source: str | Path, layers: Sequence[int], pos
         "method": method,
         "dtype": model.info.dtype,
     }
+    scale = getattr(model, "adapter_scale", 1.0)
+    if scale != 1:  # an amplified finetune is other weights (absent at 1: existing cache entries still match)
+        parts["adapter_scale"] = scale
     return sha256_text(json.dumps(parts, sort_keys=True))[:20]
 
 

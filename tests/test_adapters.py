@@ -83,3 +83,101 @@ def test_missing_target_modules_are_named(tiny_gemma_dir: Path, gemma_lora_dir: 
     # hooks cannot serve it, so it falls back to peft's merge, which refuses it with one clear line
     with pytest.warns(UserWarning, match="qkv_proj"), pytest.raises(LatentlabError, match="does not fit"):
         load_tiny(tiny_gemma_dir).with_adapter(bad)
+
+
+# --- amplification: a factor on the adapter's difference ------------------------------------------
+
+
+def _logits(m: Any, texts: list[str] = TEXTS) -> torch.Tensor:
+    """Next-token logits at every position of each text (one text a pass: no padding in the comparison)."""
+    out = []
+    with torch.inference_mode(), m.forward_context():
+        for t in texts:
+            ids = m.tokenizer(t, return_tensors="pt").input_ids
+            out.append(m.bridge(ids, return_type="logits")[0].float())
+    return torch.cat(out)
+
+
+def test_scale_zero_is_the_base_and_one_is_today(tiny_gemma_dir: Path, gemma_lora_dir: Path,
+                                                 load_tiny: Callable[..., Any]) -> None:
+    base = load_tiny(tiny_gemma_dir)
+    l_base = _logits(base)
+    today = base.with_adapter(gemma_lora_dir)
+    l_today = _logits(today)
+    zero = base.with_adapter(gemma_lora_dir, scale=0)
+    one = base.with_adapter(gemma_lora_dir, scale=1.0)
+    assert torch.equal(_logits(zero), l_base)  # the base, bit for bit
+    assert torch.equal(_logits(one), l_today)  # as trained, bit for bit
+    assert (l_today - l_base).abs().max() > 1e-3
+    assert zero.adapter_scale == 0 and zero.info.extra == {"adapter_scale": 0.0}
+    assert today.info.extra == {} and today.info.to_dict() == one.info.to_dict()  # records unchanged at 1
+    assert torch.equal(_logits(base), l_base)  # views at any factor leave the base alone
+    from latentlab.directions import cache_key
+
+    keys = {cache_key(v, "era", [0], "last", "mean_diff") for v in (today, one, zero)}
+    assert len(keys) == 2  # a fitted direction of an amplified finetune never reuses the as-trained one
+
+
+def test_scale_two_doubles_the_difference_to_first_order(tiny_gemma_dir: Path, tmp_path: Path,
+                                                         load_tiny: Callable[..., Any]) -> None:
+    from conftest import make_lora_adapter
+
+    small = make_lora_adapter(tiny_gemma_dir, tmp_path / "small", seed=5, std=2e-3)
+    base = load_tiny(tiny_gemma_dir)
+    l0 = _logits(base)
+    d1 = _logits(base.with_adapter(small)) - l0
+    d2 = _logits(base.with_adapter(small, scale=2)) - l0
+    dh = _logits(base.with_adapter(small, scale=0.5)) - l0
+    assert d1.norm() > 1e-3
+    # the linear prediction holds up to the second-order term (relative size ~ the difference's norm)
+    assert (d2 - 2 * d1).norm() / (2 * d1).norm() < 0.05
+    assert (dh - 0.5 * d1).norm() / (0.5 * d1).norm() < 0.05
+    assert d2.norm() > 1.8 * d1.norm()
+
+
+def test_hooked_and_merged_amplification_agree(tiny_gemma_dir: Path, gemma_lora_dir: Path,
+                                               load_tiny: Callable[..., Any]) -> None:
+    import latentlab
+
+    base = load_tiny(tiny_gemma_dir)
+    for f in (0.5, 2.0):
+        merged = latentlab.load_model(str(tiny_gemma_dir), adapter=gemma_lora_dir, adapter_scale=f, device="cpu",
+                                      progress=False)
+        assert merged.adapter_scale == f and merged.info.extra == {"adapter_scale": f}
+        assert_close_rel(_logits(base.with_adapter(gemma_lora_dir, scale=f)), _logits(merged), 1e-5)
+
+
+def test_bad_scales_are_refused(tiny_gemma_dir: Path, gemma_lora_dir: Path, load_tiny: Callable[..., Any]) -> None:
+    import latentlab
+
+    base = load_tiny(tiny_gemma_dir)
+    for bad in (-1, float("nan"), float("inf"), "x"):
+        with pytest.raises(LatentlabError, match="scale"):
+            base.with_adapter(gemma_lora_dir, scale=bad)
+    with pytest.raises(LatentlabError, match="without an adapter"):
+        latentlab.load_model(str(tiny_gemma_dir), adapter_scale=2, device="cpu", progress=False)
+
+
+def test_fused_family_scales_its_merged_copy(tmp_path: Path, load_tiny: Callable[..., Any]) -> None:
+    """GPT-2's fused c_attn cannot be hooked: the view is a merged copy, its difference scaled before the merge
+    (the same as merging an adapter whose lora_B was multiplied on disk)."""
+    import shutil
+
+    from conftest import make_lora_adapter, save_tiny_family
+    from safetensors.torch import load_file, save_file
+
+    gpt2 = save_tiny_family(tmp_path / "gpt2", "gpt2", seed=3, chat_template=None)
+    lora = make_lora_adapter(gpt2, tmp_path / "lora", seed=4, targets=("c_attn",), std=0.2)
+    doubled = tmp_path / "doubled"
+    shutil.copytree(lora, doubled)
+    t = load_file(str(doubled / "adapter_model.safetensors"))
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in t.items()}, str(doubled / "adapter_model.safetensors"))
+    base = load_tiny(gpt2)
+    l_base = _logits(base)
+    with pytest.warns(UserWarning, match="merging"):
+        zero, one, two = (base.with_adapter(lora, scale=f) for f in (0, 1, 2))
+    assert torch.equal(_logits(zero), l_base)
+    assert torch.equal(_logits(one), _logits(load_tiny(gpt2, adapter=lora)))
+    assert two.adapter_scale == 2 and two.info.extra == {"adapter_scale": 2.0}
+    assert_close_rel(_logits(two), _logits(load_tiny(gpt2, adapter=doubled)), 1e-5)
+    assert (_logits(two) - l_base).abs().max() > 1e-3

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from latentlab import arch
-from latentlab.adapters import AdapterNeedsMerge, LoraBank
+from latentlab.adapters import AdapterNeedsMerge, LoraBank, check_scale
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import fingerprint_weights, read_json, sha256_file
 from latentlab.models.builtin import BUILTINS, DEFAULT_MODEL, ensure_builtin
@@ -67,21 +67,26 @@ class LoadedModel:
     info: ModelInfo
     lora: Any = field(default=None, repr=False)  # latentlab.adapters.LoraBank shared by views of one base
     adapter_label: str | None = None  # the adapter this view switches on (None: the base itself)
+    adapter_scale: float = 1.0  # the factor on the adapter's difference (1: as trained)
 
     def forward_context(self) -> Any:
         """Context every forward pass runs in: switches this view's adapter on (or all off)."""
         if self.lora is None:
             return contextlib.nullcontext()
-        return self.lora.activate(self.adapter_label)
+        return self.lora.activate(self.adapter_label, self.adapter_scale)
 
-    def with_adapter(self, adapter: str | Path, label: str | None = None) -> LoadedModel:
+    def with_adapter(self, adapter: str | Path, label: str | None = None, scale: float = 1.0) -> LoadedModel:
         """This base plus a LoRA adapter, sharing the base weights (no second copy).
 
         The view's forward passes add the adapter's ``s B A x`` through hooks; the base's own
         passes (and other views') stay untouched. Use it to compare a base with several finetunes
         and controls in the memory of one model. ``adapter``: a PEFT folder or a ``latentlab
-        finetune`` run folder.
+        finetune`` run folder. ``scale``: a factor on the difference, ``scale * s B A x`` (0: the
+        base exactly; 1: as trained, bit for bit; 2: the finetune's change amplified twofold); views
+        of one adapter at several factors share its weights. A family whose adapter must be merged
+        (fused QKV) merges ``scale * s B A`` into its copy.
         """
+        scale = check_scale(scale)
         path = resolve_adapter(adapter)
         check_adapter(path, self.info.name, self.info.base_fingerprint)
         if self.adapter_label is not None or self.info.adapter is not None:
@@ -98,12 +103,14 @@ class LoadedModel:
             # weight, so a hook on it never fires. A merged copy is exact; it costs a second copy.
             warnings.warn(f"latentlab: {e.problem}; merging it into a second copy of the weights", stacklevel=2)
             return load_model(
-                self.info.path, adapter=path, device=self.info.device, dtype=self.info.dtype, progress=False
+                self.info.path, adapter=path, device=self.info.device, dtype=self.info.dtype, progress=False,
+                adapter_scale=scale,
             )
         info = ModelInfo(
             **{**self.info.to_dict(), "adapter": str(path), "adapter_fingerprint": adapter_fingerprint(path)}
         )
-        return LoadedModel(self.bridge, self.tokenizer, info, self.lora, label)
+        info.extra = _scale_extra(info.extra, scale)
+        return LoadedModel(self.bridge, self.tokenizer, info, self.lora, label, scale)
 
     @property
     def n_layers(self) -> int:
@@ -129,6 +136,7 @@ class LoadedModel:
     def __repr__(self) -> str:
         i = self.info
         ad = f", adapter={i.adapter!r}" if i.adapter else ""
+        ad += f", adapter_scale={self.adapter_scale:g}" if self.adapter_scale != 1 else ""
         return f"LoadedModel({i.name!r}{ad}, n_layers={i.n_layers}, d_model={i.d_model}, device={i.device})"
 
 
@@ -274,8 +282,15 @@ def check_adapter(adapter: Path, base_name: str, base_fp: str) -> None:
             )
 
 
-def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> Any:
-    """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched)."""
+def _scale_extra(extra: dict[str, Any], scale: float) -> dict[str, Any]:
+    """``ModelInfo.extra`` recording a factor on the adapter (none at 1: records stay as they were)."""
+    out = {k: v for k, v in extra.items() if k != "adapter_scale"}
+    return out if scale == 1 else {**out, "adapter_scale": scale}
+
+
+def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str, scale: float = 1.0) -> Any:
+    """Merge a PEFT LoRA adapter into ``model`` (a fresh copy, so a base loaded elsewhere is untouched),
+    its difference times ``scale`` (peft's per-module ``scaling``, before the merge)."""
     from peft import PeftModel
 
     check_adapter(adapter, base_name, base_fp)
@@ -307,6 +322,13 @@ def _merge_adapter(model: Any, adapter: Path, base_name: str, base_fp: str) -> A
             )
     if not manifest.exists():
         _check_adapter_base_name(adapter, base_name)
+    if scale != 1:
+        from peft.tuners.lora import LoraLayer
+
+        for mod in peft_model.modules():
+            if isinstance(mod, LoraLayer):
+                for name in mod.scaling:
+                    mod.scaling[name] *= scale
     return peft_model.merge_and_unload()
 
 
@@ -318,6 +340,7 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
     device_map: str | dict[str, Any] | None = None,
+    adapter_scale: float = 1.0,
 ) -> LoadedModel:
     """Load a built-in name, hub id or local HF folder (+ optional LoRA adapter) as a hooked model.
 
@@ -329,9 +352,14 @@ def load_model(
     GPU over all GPUs; or a dict module name -> device); weights are read straight in ``dtype`` onto
     their devices. Hooks and early stopping work across devices; offload to disk/meta, or to CPU
     next to GPUs, is refused (the bridge's components would not see the offloaded weights).
-    A multimodal checkpoint (Gemma 3 4B-27B) loads as its language model.
+    A multimodal checkpoint (Gemma 3 4B-27B) loads as its language model. ``adapter_scale``: a
+    factor on the adapter's difference before it is merged (0: the base; 1: as trained).
     """
     from transformer_lens.model_bridge import TransformerBridge
+
+    adapter_scale = check_scale(adapter_scale)
+    if adapter is None and adapter_scale != 1:
+        raise LatentlabError(f"adapter_scale={adapter_scale:g} without an adapter", "pass adapter=DIR too")
 
     dmap = resolve_device_map(device_map)
     dev = resolve_device(device)
@@ -347,7 +375,7 @@ def load_model(
     try:
         if adapter is not None:
             adapter_path = Path(adapter).expanduser()
-            model = _merge_adapter(model, adapter_path, name, base_fp)
+            model = _merge_adapter(model, adapter_path, name, base_fp, adapter_scale)
             adapter_fp = adapter_fingerprint(adapter_path)
         if dmap is None:
             model = model.to(dev)  # a no-op when the weights were loaded onto dev
@@ -382,6 +410,7 @@ def load_model(
         family=arch.family(model.config),
         source_architecture=source_arch,
         device_map={k: str(v) for k, v in placed.items()} if placed else None,
+        extra=_scale_extra({}, adapter_scale),
     )
-    return LoadedModel(bridge=bridge, tokenizer=bridge.tokenizer, info=info)
+    return LoadedModel(bridge=bridge, tokenizer=bridge.tokenizer, info=info, adapter_scale=adapter_scale)
 
