@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from latentlab.runs import RunState
     from latentlab.stages.study import StudyConfig
 
-__all__ = ["Step", "StudyResult", "plan_steps", "run_study", "shift_layers"]
+__all__ = ["Step", "StudyResult", "plan_steps", "run_study", "shift_layers", "step_needs"]
 
 STATE = "study.json"
 _IGNORED = ("overwrite", "resume")
@@ -37,7 +37,13 @@ _IGNORED = ("overwrite", "resume")
 @dataclass
 class Step:
     """One run folder of the study: ``make`` builds the stage config (it may read earlier steps'
-    results, so it is called only when the step's turn comes); ``run`` runs it."""
+    results, so it is called only when the step's turn comes); ``run`` runs it.
+
+    ``needs``: the keys of the steps whose folders this one reads (its finetunes, the study's direction,
+    the seed's shift for ``shift``/``peak`` layers), all earlier in the plan; an executor may start the
+    step as soon as those finished. ``None``: not declared, so every earlier step comes first (the
+    plan's order, which always satisfies the needs).
+    """
 
     key: str
     kind: str
@@ -46,6 +52,26 @@ class Step:
     run: Callable[[Any], Any]
     seed: int | None = None
     finetune: bool = False
+    needs: tuple[str, ...] | None = None
+    stage: str = ""
+
+
+def step_needs(steps: list[Step]) -> dict[str, tuple[str, ...]]:
+    """Each step's needs, an undeclared one (``None``) read as every earlier step."""
+    out: dict[str, tuple[str, ...]] = {}
+    for st in steps:
+        out[st.key] = tuple(out) if st.needs is None else st.needs
+    return out
+
+
+def _check_needs(steps: list[Step]) -> None:
+    """Every need names an earlier step, so the plan's order satisfies them and they form no cycle."""
+    seen: set[str] = set()
+    for st in steps:
+        late = [k for k in st.needs or () if k not in seen]
+        if late:
+            raise AssertionError(f"study plan: {st.key} needs {late}, not earlier steps")
+        seen.add(st.key)
 
 
 @dataclass
@@ -180,10 +206,11 @@ class NotApplicable(Exception):
 
 def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_seed: int | None, *,
                   kind: str | None = None, section: str | None = None, label: str | None = None,
-                  **wiring: Any) -> Step:
+                  needs: Iterable[str] | None = None, **wiring: Any) -> Step:
     """A step running stage ``stage_name`` whose config is the recipe's ``[section]`` table (if any) plus
     this step's wiring (model, folders, seed, device). Wiring given as a callable is read when the
-    step's turn comes (it may need an earlier step's results, e.g. the shift layers)."""
+    step's turn comes (it may need an earlier step's results, e.g. the shift layers); ``needs`` names
+    the steps that write what the wiring reads (:attr:`Step.needs`)."""
     r = cfg.recipe_obj
     sec = r.finetune if section == "finetune" else r.analyses.get(section) if section else None
     stage = stage_named(stage_name)
@@ -199,7 +226,8 @@ def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_s
 
     return Step(key, kind or section or stage_name, out, make,
                 lambda c: stage(c, f"latentlab study: {label or stage_name}"), step_seed,
-                finetune=stage_name == "finetune")
+                finetune=stage_name == "finetune", needs=None if needs is None else tuple(dict.fromkeys(needs)),
+                stage=stage_name)
 
 
 def plan_steps(cfg: StudyConfig) -> list[Step]:
@@ -212,22 +240,32 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
     dt = cfg.dtype
     steps: list[Step] = []
     uses_direction = any(a in r.analyses for a in ("shift", "screen", "ablation", "prevention", "patch", "trigger"))
+    # what a step reads, named by the step that writes it: the study's own direction, and the finetunes
+    # the study trains (by folder; an external run is no step's)
+    read_direction: tuple[str, ...] = ()
+    trained: dict[Path, str] = {}
     if Path(r.direction).suffix == ".safetensors" or not uses_direction:
         direction = str(Path(r.direction))
     else:
         direction = str(out / "direction" / "direction.safetensors")
         steps.append(_section_step(cfg, "direction", "direction", out / "direction", None,
-                                   direction=r.direction, dtype=dt, overwrite=True))
+                                   direction=r.direction, dtype=dt, overwrite=True, needs=()))
+        read_direction = ("direction",)
     ft = r.finetune
 
+    def trains(*folders: Path | None) -> tuple[str, ...]:
+        """The steps that train these finetune folders."""
+        return tuple(trained[f] for f in folders if f is not None and f in trained)
+
     def finetune_step(key: str, data: str, folder: Path, seed: int,
-                      ablate: Callable[[], list[str]] | None = None) -> Step:
+                      ablate: Callable[[], list[str]] | None = None, needs: tuple[str, ...] = ()) -> Step:
         def resume() -> bool:  # interrupted: a complete checkpoint and no adapter yet
             return finetune_progress(folder) == "resume"
 
+        trained[folder] = key
         return _section_step(cfg, "finetune", key, folder, seed, section="finetune", data=data, seed=seed,
                              resume=resume, overwrite=lambda: not resume(), ablate=ablate or [],
-                             dtype=None if dt == "float32" else dt)
+                             dtype=None if dt == "float32" else dt, needs=needs)
 
     ana = r.analyses
     data_arm = _arm(ft.data) if ft else ""
@@ -253,14 +291,20 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
         assert ft is not None
         for data in [ft.data] + ([ft.control] if ft.control and not r.control_is_run() else []):
             steps.append(_section_step(cfg, "screen", f"screen:{_arm(data)}", out / f"screen-{_arm(data)}", None,
-                                       section="screen", data=data, direction=direction, dtype=dt, overwrite=True))
+                                       section="screen", data=data, direction=direction, dtype=dt, overwrite=True,
+                                       needs=read_direction))
     for seed in r.seeds:
         ftr, ctr = runs.get(("finetuned", seed)), runs.get(("control", seed))
         common = {"seed": seed, "dtype": dt}
         if "shift" in ana:
             steps.append(_section_step(cfg, "shift", f"shift-s{seed}", out / f"shift-s{seed}", seed, section="shift",
                                        finetuned=[ftr], control=[ctr], direction=direction, prompts=r.prompts,
-                                       battery=r.battery, overwrite=True, **common))
+                                       battery=r.battery, overwrite=True, needs=trains(ftr, ctr) + read_direction,
+                                       **common))
+
+        def layers_read(spec: str, seed: int = seed) -> tuple[str, ...]:
+            """``shift`` / ``peak`` layers are read from this seed's shift results."""
+            return (f"shift-s{seed}",) if spec in ("shift", "peak") and "shift" in ana else ()
 
         def resolve_layers(spec: str, seed: int = seed) -> str:
             if spec not in ("shift", "peak"):
@@ -281,26 +325,28 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
                 steps.append(_section_step(cfg, "ablate", key, out / key, seed, section="ablation",
                                            finetuned=ftr, control=ctr, direction=direction, battery=r.battery,
                                            layers=lambda spec=spec, rl=resolve_layers: rl(spec), overwrite=True,
-                                           **common))
+                                           needs=trains(ftr, ctr) + read_direction + layers_read(spec), **common))
         if "prevention" in ana:
             assert ft is not None
             pf = out / "finetunes" / f"{data_arm}-ablated-s{seed}"
             runs[("ablated", seed)] = pf
             spec = ana["prevention"].layers
             steps.append(finetune_step(f"finetune:{data_arm}-ablated-s{seed}", ft.data, pf, seed,
-                                       ablate=lambda spec=spec, rl=resolve_layers: [f"{direction}@{rl(spec)}"]))
+                                       ablate=lambda spec=spec, rl=resolve_layers: [f"{direction}@{rl(spec)}"],
+                                       needs=read_direction + layers_read(spec)))
             steps.append(_section_step(cfg, "shift", f"prevent-s{seed}", out / f"prevent-s{seed}", seed,
                                        kind="prevention", section="shift" if "shift" in ana else None,
                                        label="prevention shift", finetuned=[ftr, pf], control=[ctr],
                                        direction=direction, prompts=r.prompts, battery=r.battery, overwrite=True,
-                                       **common))
+                                       needs=trains(ftr, pf, ctr) + read_direction, **common))
         if "diff" in ana and seed in (ana["diff"].seeds or first):
             steps.append(_section_step(cfg, "diff", f"diff-s{seed}", out / f"diff-s{seed}", seed, section="diff",
-                                       finetuned=ftr, control=ctr, prompts=r.prompts, dtype=dt, overwrite=True))
+                                       finetuned=ftr, control=ctr, prompts=r.prompts, dtype=dt, overwrite=True,
+                                       needs=trains(ftr, ctr)))
         if "patch" in ana and seed in (ana["patch"].seeds or first):
             steps.append(_section_step(cfg, "patch", f"patch-s{seed}", out / f"patch-s{seed}", seed, section="patch",
                                        finetuned=ftr, battery=r.battery or "era", direction=direction,
-                                       overwrite=True, **common))
+                                       overwrite=True, needs=trains(ftr) + read_direction, **common))
         if "trigger" in ana:
             t = ana["trigger"]
             for arm, run_dir in (("finetuned", ftr), ("control", ctr)):
@@ -308,14 +354,15 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
                     continue
                 key = f"trigger-{arm}-s{seed}"
                 steps.append(_section_step(cfg, "trigger", key, out / key, seed, section="trigger", finetuned=run_dir,
-                                           direction=direction, prompts=r.prompts,
-                                           values=parse_values(t.values), **common))
+                                           direction=direction, prompts=r.prompts, values=parse_values(t.values),
+                                           needs=trains(run_dir) + read_direction, **common))
         if "compliance" in ana:
             c = ana["compliance"]
             steps.append(_section_step(cfg, "compliance", f"compliance-s{seed}", out / f"compliance-s{seed}", seed,
                                        section="compliance",
                                        finetunes=out / "finetunes" / f"compliance-s{seed}",
-                                       patch=c.patch and seed == r.seeds[0], **common))
+                                       patch=c.patch and seed == r.seeds[0], needs=(), **common))
+    _check_needs(steps)
     return steps
 
 
