@@ -20,6 +20,7 @@ from latentlab.models import parse_layers, resolve_device, resolve_dtype
 
 __all__ = [
     "DEFAULT_BATTERY",
+    "adapter_scales",
     "check_choice",
     "check_device_dtype",
     "check_layer_spec",
@@ -82,6 +83,21 @@ def finite_floats(spec: str | Sequence[Any], flag: str, example: str = "-1,-0.5,
         if not math.isfinite(v):
             raise LatentlabError(f"{flag} holds {p!r}, which is not a finite number", f"use e.g. {flag} {example}")
         out.append(v)
+    return out
+
+
+def adapter_scales(spec: str | Sequence[Any], flag: str = "--scale") -> list[float]:
+    """Factors on a finetune's LoRA difference: finite, >= 0, distinct, at least one (``0,0.5,1,2,4``)."""
+    from latentlab.adapters import format_scale
+
+    example = "0,0.5,1,2,4"
+    out = finite_floats(str(spec) if isinstance(spec, (int, float)) else spec, flag, example)
+    for v in out:
+        if v < 0:
+            raise LatentlabError(f"{flag} holds {format_scale(v)}: a factor on a finetune's difference must be >= 0",
+                                 f"use factors >= 0, e.g. {flag} {example} (0 = the base, 1 = as trained)")
+    if len(set(out)) != len(out):
+        raise LatentlabError(f"{flag} repeats a factor ({', '.join(map(format_scale, out))})", "list each factor once")
     return out
 
 

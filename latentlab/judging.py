@@ -672,10 +672,12 @@ def _rec(x: Any) -> Mapping[str, Any]:
 
 
 def comparisons(arms: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """(arm, reference, why) pairs to report as differences: every arm minus each control arm (an intervened
-    arm minus the control under the same intervention), and every intervened arm minus its plain arm."""
+    """(arm, reference, why) pairs to report as differences: every arm minus each control arm at the same factor
+    on the LoRA difference (an intervened arm minus the control under the same intervention), and every
+    intervened arm minus its plain arm."""
     names = [str(a["name"]) for a in arms]
     roles = {str(a["name"]): a.get("role") for a in arms}
+    scales = {str(a["name"]): float(a.get("scale", 1.0)) for a in arms}
     split = {n: (m.group("plain"), m.group("suffix")) if (m := _INTERVENED.match(n)) and m.group("plain") in names
              else (n, "") for n in names}
     controls = [n for n in names if roles[n] == "control" and not split[n][1]]
@@ -684,7 +686,7 @@ def comparisons(arms: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]
         plain, suffix = split[n]
         if roles[n] != "control":
             for c in controls:
-                if c + suffix in names and c + suffix != n:
+                if c + suffix in names and c + suffix != n and scales[c] == scales[n]:
                     out.append((n, c + suffix, "control"))
         if suffix:
             out.append((n, plain, "intervention"))

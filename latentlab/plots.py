@@ -274,6 +274,36 @@ def cosine_figure(result: Any, title: str | None = None) -> go.Figure:
     return _layout(fig, title or f"cos(mean shift, {result.direction} direction)", "layer", "cosine")
 
 
+def amplification_figure(result: Any) -> go.Figure:
+    """A shift run with several --scale factors: each model's battery score by factor (without a battery, its
+    projection at the layer where the first model moves most at the largest factor), 95% intervals."""
+    fig = go.Figure()
+    by = result.meta["by_scale"]
+    factors = [float(f) for f in by]
+    plain = list(next(iter(by.values())))
+    if result.battery:
+        for i, lab in enumerate(k for k in plain if " - " not in k):
+            sc = [result.battery[by[f][lab]] for f in by]
+            fig.add_trace(go.Scatter(x=factors, y=[s["score"] for s in sc], mode="lines+markers", name=lab,
+                                     line=dict(color=SERIES_COLORS[i % len(SERIES_COLORS)]),
+                                     error_y=_ci_bars([s["score"] for s in sc], [s["ci"] for s in sc])))
+        fig.add_hline(y=result.battery["base"]["score"], line=dict(color=RANDOM_COLOR, dash="dot"),
+                      annotation_text="base")
+        return _layout(fig, f"{result.direction} battery score by factor on the LoRA difference", "factor",
+                       "battery score (bootstrap 95% CI)")
+    top = result.stats[by[list(by)[-1]][plain[0]]]["projection"]
+    j = max(range(len(top)), key=lambda i: abs(top[i]))
+    for i, lab in enumerate(plain):
+        st = [result.stats[by[f][lab]] for f in by]
+        ys = [s["projection"][j] for s in st]
+        fig.add_trace(go.Scatter(x=factors, y=ys, mode="lines+markers", name=lab,
+                                 line=dict(color=SERIES_COLORS[i % len(SERIES_COLORS)]),
+                                 error_y=_ci_bars(ys, [s["projection_ci"][j] for s in st])))
+    fig.add_hline(y=0, line_color="#cccccc")
+    return _layout(fig, f"shift along {result.direction} at layer {result.layers[j]} by factor on the LoRA difference",
+                   "factor", "mean projection (bootstrap 95% CI)")
+
+
 def battery_figure(scores: dict[str, dict[str, Any]], title: str = "Battery score by model") -> go.Figure:
     labels = list(scores)
     fig = go.Figure(

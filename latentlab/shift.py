@@ -15,6 +15,10 @@ The control finetune (same format, no 19th century) is analysed the same way, an
 also compared with each control directly (``"finetuned - control"``, paired over prompts): without
 it, a shared format shift reads as an era effect (see DESIGN.md, layers 3-11 on gemma-3-270m).
 
+Amplification (``scales``): every finetune and control is measured again with its LoRA difference
+times each factor (``finetuned@x2``; the label itself at factor 1), each finetune against each
+control at the same factor, so what a finetune learned can be exaggerated beside its control's.
+
 :func:`screen_dataset` scores training examples *before* training, as in Persona Vectors: the
 projection of the training response's activations minus that of the model's own response to the
 same prompt.
@@ -32,6 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latentlab.activations import collect, last_token_acts
+from latentlab.adapters import check_scale, format_scale, scaled_name
 from latentlab.data import BatteryItem, Chat, Example, render_chat
 from latentlab.directions import Direction
 from latentlab.errors import LatentlabError
@@ -117,6 +122,7 @@ def analyze_shift(
     n_random: int = 100,
     seed: int = 0,
     progress: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> ShiftResult:
     """Shift of each finetune (``{label: adapter or finetune run folder}``) relative to ``base``.
 
@@ -124,7 +130,17 @@ def analyze_shift(
     compared with every control on the same prompts, as ``"<finetune> - <control>"`` in ``stats``.
     Every adapter is switched on the one loaded base (:meth:`LoadedModel.with_adapter`), so memory
     holds one model plus the activations, whatever the number of finetunes.
+
+    ``scales``: factors on every adapter's difference. Each model is measured at each factor under
+    :func:`~latentlab.adapters.scaled_name` (``finetuned@x2``; the plain label at 1, so the default
+    result is today's), each finetune against each control at the same factor. With any factor but
+    a lone 1 the result also holds ``scales``, ``by_scale`` (factor -> {plain label: its key at that
+    factor}) and, with a battery and controls, ``battery_paired``: finetune minus control per factor,
+    the mean over battery items with a paired bootstrap interval.
     """
+    scales = [check_scale(x) for x in scales]
+    if not scales or len(set(scales)) != len(scales):
+        raise LatentlabError(f"scales {scales} must be distinct factors, at least one", "pass e.g. scales=[0, 1, 2]")
     controls = dict(controls or {})
     clash = sorted(set(finetuned) & set(controls))
     if clash:
@@ -140,33 +156,42 @@ def analyze_shift(
     info = {"base": base.info.to_dict()}
     units = direction.units()
     stats = {}
-    acts: dict[str, Tensor] = {}
-    for label, adapter in adapters.items():
-        ft = base.with_adapter(adapter, label=f"shift:{label}:{adapter}")
-        info[label] = ft.info.to_dict()
-        h = last_token_acts(ft, prompts, progress=progress)
-        stats[label] = projection_stats(h - h_base, units, n_random, seed)
-        acts[label] = h
-        if battery:
-            batt[label] = battery_score(ft, battery)
-    # Paired comparison on the same prompts: what the finetune did beyond its control.
-    for label in finetuned:
-        for c in controls:
-            stats[f"{label} - {c}"] = projection_stats(acts[label] - acts[c], units, n_random, seed)
-    return ShiftResult(
-        direction.layers,
-        direction.name,
-        stats,
-        batt,
-        {
-            "models": info,
-            "controls": list(controls),
-            "n_prompts": len(prompts),
-            "n_random": n_random,
-            "seed": seed,
-            "direction_meta": direction.meta,
-        },
-    )
+    by_scale: dict[str, dict[str, str]] = {}
+    paired_battery: dict[str, dict[str, Any]] = {}
+    for x in scales:
+        acts: dict[str, Tensor] = {}
+        names = by_scale[format_scale(x)] = {label: scaled_name(label, x) for label in adapters}
+        for label, adapter in adapters.items():
+            # one bank label per adapter: its weights serve every factor
+            ft = base.with_adapter(adapter, label=f"shift:{label}:{adapter}", scale=x)
+            info[names[label]] = ft.info.to_dict()
+            h = last_token_acts(ft, prompts, progress=progress)
+            stats[names[label]] = projection_stats(h - h_base, units, n_random, seed)
+            acts[label] = h
+            if battery:
+                batt[names[label]] = battery_score(ft, battery)
+        # Paired comparison on the same prompts: what the finetune did beyond its control.
+        for label in finetuned:
+            for c in controls:
+                key = f"{names[label]} - {names[c]}"
+                names[f"{label} - {c}"] = key
+                stats[key] = projection_stats(acts[label] - acts[c], units, n_random, seed)
+                if battery:
+                    d = torch.tensor(batt[names[label]]["per_item"]) - torch.tensor(batt[names[c]]["per_item"])
+                    paired_battery[key] = {"score": float(d.mean()), "ci": bootstrap_ci(d, seed=seed)}
+    meta: dict[str, Any] = {
+        "models": info,
+        "controls": list(controls),
+        "n_prompts": len(prompts),
+        "n_random": n_random,
+        "seed": seed,
+        "direction_meta": direction.meta,
+    }
+    if scales != [1.0]:  # the default result keeps today's layout
+        meta.update(scales=scales, by_scale=by_scale)
+        if paired_battery:
+            meta["battery_paired"] = paired_battery
+    return ShiftResult(direction.layers, direction.name, stats, batt, meta)
 
 
 def screen_dataset(

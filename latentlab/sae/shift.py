@@ -342,16 +342,17 @@ def _decompose(
     }
 
 
-def with_adapter(base: LoadedModel, adapter: Path) -> LoadedModel:
-    """``base`` with a LoRA adapter: ``base.with_adapter`` (a view sharing the base weights) where
-    :class:`~latentlab.models.LoadedModel` has it, else a merged copy loaded like ``base``."""
+def with_adapter(base: LoadedModel, adapter: Path, scale: float = 1.0) -> LoadedModel:
+    """``base`` with a LoRA adapter (its difference times ``scale``): ``base.with_adapter`` (a view sharing
+    the base weights) where :class:`~latentlab.models.LoadedModel` has it, else a merged copy loaded like ``base``."""
     view = getattr(base, "with_adapter", None)
     if view is not None:
         # No role label: a bank label names one adapter for the life of the base, and the same base
         # may later be compared with another "finetuned" adapter; the default label is the adapter's path.
-        return cast("LoadedModel", view(adapter))
+        return cast("LoadedModel", view(adapter) if scale == 1 else view(adapter, scale=scale))
     source = base.info.name if base.info.name in BUILTINS else base.info.path
-    return load_model(source, adapter=adapter, device=base.info.device, dtype=base.info.dtype, progress=False)
+    return load_model(source, adapter=adapter, device=base.info.device, dtype=base.info.dtype, progress=False,
+                      adapter_scale=scale)
 
 
 def analyze_latent_shift(
@@ -366,13 +367,14 @@ def analyze_latent_shift(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    scale: float = 1.0,
 ) -> LatentShift:
     """:func:`latent_shift` from models: the loaded ``base``, and the finetune (and control) as
     adapters or ``latentlab finetune`` run folders applied to that same base, one at a time.
 
     Activations are the residual stream after ``layer`` at the last prompt token
     (:func:`latentlab.activations.last_token_acts`, prompts rendered for the model), as
-    ``latentlab shift`` reads them.
+    ``latentlab shift`` reads them. ``scale``: a factor on both adapters' difference (amplification).
     """
     if not prompts:
         raise LatentlabError("no prompts to measure the shift on", "pass --prompts with at least one prompt")
@@ -385,7 +387,7 @@ def analyze_latent_shift(
     info: dict[str, Any] = {"base": base.info.to_dict()}
     acts: dict[str, Tensor] = {"base": activations.last_token_acts(base, prompts, [layer], progress)[:, 0]}
     for label, adapter in adapters.items():
-        m = with_adapter(base, adapter)
+        m = with_adapter(base, adapter, scale)
         info[label] = m.info.to_dict()
         acts[label] = activations.last_token_acts(m, prompts, [layer], progress)[:, 0]
         del m

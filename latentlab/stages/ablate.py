@@ -105,11 +105,13 @@ def run(cfg: AblateConfig, ctx: Context) -> AblationResult:
     if cfg._spec.saved is not None:
         cfg._spec.saved.check(base, layers)
     # Views refuse an adapter of another base (recorded fingerprint) before the run folder exists.
-    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
+    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}",
+                           scale=cfg.scales()[0])
     ctx.record("finetuned", ft)
     ctrl = None
     if cfg.control is not None:
-        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}")
+        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}",
+                                 scale=cfg.scales()[0])
         ctx.record("control", ctrl)
     run = ctx.start(seed=cfg.seed)
     d = cfg._spec.resolve(base, out=run.out, log=ctx.log)

@@ -35,6 +35,7 @@ __all__ = [
     "FinetunedOptions",
     "ModelOptions",
     "OutOptions",
+    "ScaleOption",
     "Stage",
     "StageConfig",
     "config_from_mapping",
@@ -126,9 +127,47 @@ class ModelOptions(StageConfig):
 
 
 @dataclass(kw_only=True)
-class FinetuneBaseOptions(ModelOptions):
+class ScaleOption(StageConfig):
+    """A factor on every finetune's LoRA difference (amplification): ``W x + f s B A x``, the control's alike.
+
+    ``scale`` stays the canonical text (``0,0.5,1``; ``1`` by default, so a record made before the option
+    existed compares equal); ``_scales`` holds the factors. A command that reports one model at a time sets
+    ``several_scales = False`` and is refused more than one factor before a model loads.
+    """
+
+    several_scales: typing.ClassVar[bool] = False
+
+    scale: str = option(
+        "1", help="Scale the finetunes' LoRA difference by these factors, e.g. 0,0.5,1,2,4 (1 = as trained; the "
+        "control is scaled alike)."
+    )
+
+    def __post_init__(self) -> None:
+        self.scales()
+        super().__post_init__()
+
+    def scales(self) -> list[float]:
+        """The factors, checked (read once; a config's own checks may need them before this class's)."""
+        if getattr(self, "_scales", None) is None:
+            from latentlab.adapters import format_scale
+            from latentlab.config import adapter_scales
+
+            scales = adapter_scales(self.scale)
+            self.scale = ",".join(format_scale(x) for x in scales)
+            if len(scales) > 1 and not self.several_scales:
+                raise LatentlabError(
+                    f"{self.command or 'this command'} takes one --scale factor, got {self.scale}",
+                    "run it once per factor (shift and sample take several)",
+                )
+            self._scales = scales
+        return self._scales
+
+
+@dataclass(kw_only=True)
+class FinetuneBaseOptions(ModelOptions, ScaleOption):
     """``model`` as the base that finetunes (adapters or finetune run folders) were trained on: one
-    declaration of its help for every command that applies them to it."""
+    declaration of its help for every command that applies them to it, and ``scale``, the factor on
+    their difference."""
 
     model: str = option(DEFAULT_MODEL, help="Base model the adapters were trained on.",
                         flags=("--model", "-m", "--base"))

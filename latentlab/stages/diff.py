@@ -57,11 +57,13 @@ def run(cfg: DiffConfig, ctx: Context) -> DiffResult:
 
     base = ctx.load("base")
     layers = base.check_layers(cfg.layers)
-    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}")
+    ft = base.with_adapter(cfg.finetuned, label=f"{STAGE}:finetuned:{resolve_adapter(cfg.finetuned).resolve()}",
+                           scale=cfg.scales()[0])
     ctx.record("finetuned", ft)
     ctrl = None
     if cfg.control is not None:
-        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}")
+        ctrl = base.with_adapter(cfg.control, label=f"{STAGE}:control:{resolve_adapter(cfg.control).resolve()}",
+                                 scale=cfg.scales()[0])
         ctx.record("control", ctrl)
     run = ctx.start()
     res = diff_models(base, ft, cfg._prompts, control=ctrl, layers=layers, k=cfg.k, batch_size=cfg.batch_size,

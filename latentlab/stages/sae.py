@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import AdapterOption, Context, ModelOptions, OutOptions, Stage, option
+from latentlab.stages.base import AdapterOption, Context, ModelOptions, OutOptions, ScaleOption, Stage, option
 
 SAE_HELP = (
     "SAE folder (`latentlab sae train` --out, or sae-lens' cfg.json + sae_weights.safetensors) "
@@ -244,12 +244,12 @@ def show_sae_latents(res: Any, cfg: SAELatentsConfig, console: Any) -> None:
 
 
 @dataclass(kw_only=True)
-class SAEShiftConfig(ModelOptions, OutOptions):
+class SAEShiftConfig(ModelOptions, ScaleOption, OutOptions):
     """Which SAE latents a finetune moved on unrelated prompts (vs base and vs a control), and how much of its
     shift along a direction they carry.
 
     --finetuned and --control are adapter folders or `latentlab finetune` run folders of --model (the
-    base, also --base); both are applied in turn to the one loaded base.
+    base, also --base); both are applied in turn to the one loaded base, their LoRA difference times --scale.
     """
 
     command = "sae shift"
@@ -305,7 +305,7 @@ def run_sae_shift_stage(cfg: SAEShiftConfig, ctx: Context) -> Any:
     d = None if spec is None else spec.resolve(base, out=run.out, log=ctx.log)
     res = analyze_latent_shift(
         base, cfg.finetuned, sae, prompts, d, cfg.control, layer,
-        k=cfg.k, n_boot=cfg.n_boot, seed=cfg.seed, progress=ctx.progress,
+        k=cfg.k, n_boot=cfg.n_boot, seed=cfg.seed, progress=ctx.progress, scale=cfg.scales()[0],
     )
     write_json(run.out / "results.json", res.to_dict())
     save_tensors(run.out / "latent_shift", res.tensors(), {"layer": res.layer, "comparisons": res.comparisons})

@@ -25,8 +25,10 @@ class SampleConfig(FinetuneBaseOptions, OutOptions):
     them again under every --steer / --ablate spec.
 
     In process, the base loads once and each finetune is its adapter switched on it; arms of one model view
-    share every batch. With --endpoint (an OpenAI-compatible base URL such as http://localhost:8000/v1, e.g.
-    latentlab serve or vLLM) no model loads: each arm is asked under its --served name.
+    share every batch. --scale 0,1,2 samples each finetune and the control at each factor on its LoRA
+    difference (arms NAME@x0, NAME, NAME@x2: amplification). With --endpoint (an OpenAI-compatible base
+    URL such as http://localhost:8000/v1, e.g. latentlab serve or vLLM) no model loads: each arm is asked
+    under its --served name.
 
     OUT gets samples.jsonl (one answer per line, id ARM/QUESTION/K), samples.json (the settings), samples.html
     (answers side by side, with the labels of a judge's judgments.jsonl when there is one) and manifest.json.
@@ -36,6 +38,7 @@ class SampleConfig(FinetuneBaseOptions, OutOptions):
     """
 
     command = "sample"
+    several_scales = True
     out: Path = option(Path("runs/sample"), help="Run folder to write.")
     finetuned: list[str] | None = option(
         None, help="A finetune to sample: NAME=RUN or RUN (a finetune run or adapter folder; repeatable)."
@@ -140,7 +143,10 @@ class SampleConfig(FinetuneBaseOptions, OutOptions):
         self.questions = str(self.questions)
         self._questions = load_questions(self.questions)
         self._arms = build_arms(self.finetuned or (), self.control, self.steer or (), self.ablate or (),
-                                base=not self.no_base)
+                                base=not self.no_base, scales=self.scales())
+        if self.scales() != [1.0] and not self.finetuned and self.control is None:
+            raise LatentlabError(f"--scale {self.scale} scales a finetune, and none is sampled",
+                                 "pass --finetuned NAME=RUN (or --control), or drop --scale")
         adapters = list(dict.fromkeys(a.adapter for a in self._arms if a.adapter is not None))
         for other in adapters[1:]:
             check_same_base(adapters[0], other)

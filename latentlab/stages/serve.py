@@ -26,8 +26,9 @@ class ServeConfig(ModelOptions):
 
     The base is served under --served-name (default: the --model value), each --adapter NAME=RUN as the
     model NAME: a LoRA view on the one loaded base, as `vllm serve BASE --enable-lora --lora-modules
-    old=DIR` serves it. Requests take n, temperature, top_p, max_tokens, stop, seed and logprobs (chat:
-    logprobs/top_logprobs; completions: logprobs=k). An intervention is an extra body field,
+    old=DIR` serves it; NAME=RUN@2 serves it with its LoRA difference doubled (amplification). Requests
+    take n, temperature, top_p, max_tokens, stop, seed and logprobs (chat: logprobs/top_logprobs;
+    completions: logprobs=k). An intervention is an extra body field,
     "latentlab": {"steer": "era:0.5@8-17"} or {"ablate": "era@all"}, with the spec syntax of the other
     commands (a saved direction .safetensors works as the direction).
 
@@ -42,7 +43,8 @@ class ServeConfig(ModelOptions):
 
     command = "serve"
     adapter: list[str] | None = option(
-        None, help="NAME=RUN_OR_ADAPTER_DIR: serve this finetune as the model NAME (repeatable).",
+        None, help="NAME=RUN_OR_ADAPTER_DIR[@FACTOR]: serve this finetune as the model NAME, its LoRA difference "
+        "times FACTOR (default 1; repeatable).",
         flags=("--adapter",),
     )
     host: str = option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface).")
@@ -55,15 +57,17 @@ class ServeConfig(ModelOptions):
     batch_window_ms: float = option(20.0, help="How long the worker waits for more requests to batch (ms).")
 
     def __post_init__(self) -> None:
-        from latentlab.arms import parse_named_adapter
+        from latentlab.adapters import format_scale
+        from latentlab.arms import parse_scaled_adapter
         from latentlab.config import nonnegative_int, positive_int
 
-        self._adapters = [parse_named_adapter(a) for a in self.adapter or []]  # folders exist: before any load
-        self.adapter = [f"{n}={p}" for n, p in self._adapters] or None
+        self._adapters = [parse_scaled_adapter(a) for a in self.adapter or []]  # folders exist: before any load
+        self.adapter = [f"{n}={p}" + ("" if f == 1 else f"@{format_scale(f)}")
+                        for n, p, f in self._adapters] or None
         self.served_name = (self.served_name or self.model).strip()
         if not self.served_name:
             raise LatentlabError("--served-name is empty", "pass a name such as --served-name base")
-        names = [self.served_name] + [n for n, _ in self._adapters]
+        names = [self.served_name] + [n for n, _, _ in self._adapters]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise LatentlabError(f"two served models are named {dup[0]!r}",
@@ -125,7 +129,7 @@ def run(cfg: ServeConfig, ctx: Context) -> ServeResult:
     try:
         base = ctx.load(adapter=None)
         arms = {cfg.served_name: Arm(cfg.served_name)}
-        arms.update({name: Arm(name, folder, role="finetuned") for name, folder in cfg._adapters})
+        arms.update({name: Arm(name, folder, role="finetuned", scale=f) for name, folder, f in cfg._adapters})
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         app = make_app(base, arms, api_key=key, max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000)
         host, port = sock.getsockname()[:2]

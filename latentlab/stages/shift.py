@@ -51,9 +51,14 @@ class ShiftConfig(FinetuneBaseOptions, OutOptions):
     random unit directions (z-score and percentile). Each finetune is also compared with each control
     on the same prompts (finetuned - control): without it, a shared format shift reads as an effect of
     the direction.
+
+    --scale 0,0.5,1,2,4 measures every finetune and control again with its LoRA difference times each
+    factor (amplification: 0 is the base, 1 as trained, 2 twice the change), as finetuned@x2 and
+    control@x2, each finetune against each control at the same factor, and the battery per factor.
     """
 
     command = "shift"
+    several_scales = True
     finetuned: list[Path] = option(help="Finetune run folder(s) or adapter folder(s) (repeatable).")
     out: Path = option(Path("runs/shift"), help="Run folder to write.")
     control: list[Path] | None = option(None, help="Control finetune folder(s) (repeatable).")
@@ -112,7 +117,7 @@ def run_shift_stage(cfg: ShiftConfig, ctx: Context) -> ShiftResult:
     (width, every layer) before ``cfg.out`` is touched."""
     from latentlab.data import load_battery, load_prompts
     from latentlab.io import write_json
-    from latentlab.plots import battery_figure, cosine_figure, save_figure, shift_figure
+    from latentlab.plots import amplification_figure, battery_figure, cosine_figure, save_figure, shift_figure
     from latentlab.shift import analyze_shift
     from latentlab.stats import check_finite
 
@@ -124,7 +129,7 @@ def run_shift_stage(cfg: ShiftConfig, ctx: Context) -> ShiftResult:
     run = ctx.start(seed=cfg.seed)
     _keep_fitted(cfg, d, run.out)
     res = analyze_shift(m, models, d, plist, items, controls=ctrls, n_random=cfg.n_random, seed=cfg.seed,
-                        progress=ctx.progress)
+                        progress=ctx.progress, scales=cfg.scales())
     for label, st in res.stats.items():
         check_finite(st["projection"], f"the projections of {label}", "shift")
     for label, b in res.battery.items():
@@ -134,7 +139,11 @@ def run_shift_stage(cfg: ShiftConfig, ctx: Context) -> ShiftResult:
     save_figure(cosine_figure(res), run.out, "cosine")
     if res.battery:
         save_figure(battery_figure(res.battery, f"{d.name} battery score by model"), run.out, "battery")
-    ctx.finish(results={"labels": [*models, *ctrls]})
+    if "scales" in res.meta:
+        save_figure(amplification_figure(res), run.out, "amplification")
+    labels = [*models, *ctrls]
+    ctx.finish(results={"labels": labels if cfg.scales() == [1.0] else
+                        [n for by in res.meta["by_scale"].values() for k, n in by.items() if k in labels]})
     return res
 
 
@@ -163,6 +172,8 @@ def show_shift(res: ShiftResult, cfg: ShiftConfig, console: Any) -> None:
             "battery: "
             + ", ".join(f"{k} {v['score']:.3f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for k, v in res.battery.items())
         )
+    for key, v in res.meta.get("battery_paired", {}).items():
+        console.print(f"battery, {key}: {v['score']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]")
     console.print(f"results.json and plots in {cfg.out}")
 
 

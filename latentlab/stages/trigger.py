@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.errors import LatentlabError
-from latentlab.stages.base import Context, ModelOptions, OutOptions, Stage, option
+from latentlab.stages.base import Context, ModelOptions, OutOptions, ScaleOption, Stage, option
 
 DEFAULT_TEMPLATE = "{value}. {prompt}"  # latentlab.triggers.DEFAULT_TEMPLATE (not imported: it pulls in torch)
 
 
 @dataclass(kw_only=True)
-class TriggerConfig(ModelOptions, OutOptions):
+class TriggerConfig(ModelOptions, ScaleOption, OutOptions):
     """Scan a trigger across values: projection on a direction at every layer (and a battery score) for the
-    base and the finetune, finetune - base per value, training values marked."""
+    base and the finetune, finetune - base per value, training values marked. --scale multiplies the
+    finetune's LoRA difference (amplification)."""
 
     command = "trigger"
     direction: str = option(help="era, persona, a contrast-pair JSONL, or a saved direction.")
@@ -62,6 +63,9 @@ class TriggerConfig(ModelOptions, OutOptions):
             raise LatentlabError("both --adapter and --finetuned were given", "pass one of them")
         if self.finetune_path is not None:
             resolve_adapter(self.finetune_path)
+        elif self.scales() != [1.0]:
+            raise LatentlabError(f"--scale {self.scale} scales a finetune, and none is given",
+                                 "pass --finetuned RUN (or --adapter DIR), or drop --scale")
         if not isinstance(self.n_boot, int) or self.n_boot < 100:
             raise LatentlabError(f"n_boot must be >= 100, got {self.n_boot}", "pass --n-boot 100 or more")
         positive_int("batch_size", self.batch_size)
@@ -124,7 +128,10 @@ def run(cfg: TriggerConfig, ctx: Context) -> Any:
                              "pick a scanned layer, or scan --layers all")
     run = ctx.start(seed=cfg.seed)
     direction = cfg._spec.resolve(model, out=run.out, log=ctx.log)
-    res = trigger_scan(model, cfg.finetune_path, cfg.template, cfg._values, prompts, direction, battery,
+    finetune: Any = cfg.finetune_path
+    if finetune is not None and cfg.scales() != [1.0]:
+        finetune = model.with_adapter(finetune, scale=cfg.scales()[0])
+    res = trigger_scan(model, finetune, cfg.template, cfg._values, prompts, direction, battery,
                        layer_list, training=trained_vals, n_boot=cfg.n_boot, seed=cfg.seed,
                        batch_size=cfg.batch_size, progress=ctx.progress)
     res.meta["training_data"] = str(training) if training is not None else None
