@@ -15,8 +15,11 @@ Two model-diffing reads of the same unrelated prompts (the finetune never saw th
   rendered prompts (the last position predicts the first response token), with the prompts and the
   positions where it is highest: where base and finetune disagree most.
 
-``latentlab diff`` (:mod:`latentlab.stages.diff`) writes both into a run folder as results.json and
-``diff.html`` (:func:`diff_html`: small tables).
+With ``patchscope=True`` the same mean shifts are also read through a patchscope
+(:mod:`latentlab.patchscope`: the shift written into an identity prompt, read by the model's later
+layers, beside a random direction of the same norm). ``latentlab diff`` (:mod:`latentlab.stages.diff`)
+writes all of it into a run folder as results.json and ``diff.html`` (:func:`diff_html`: small
+tables), with the difference dictionary of :mod:`latentlab.sae.dictionary` when asked.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from latentlab.arch import final_logits
 from latentlab.data import render_prompt
 from latentlab.errors import LatentlabError
 from latentlab.models import LoadedModel, resolve_adapter
+from latentlab.patchscope import IDENTITY_PROMPT
+from latentlab.patchscope import patchscope as read_patchscope
 from latentlab.stats import check_finite
 
 __all__ = ["DiffResult", "diff_html", "diff_models", "kl_per_token", "logit_lens_of_shift"]
@@ -144,15 +149,27 @@ def _kl_summary(
 class DiffResult:
     """``logit_lens[comparison][i]`` for ``layers[i]``; ``kl[comparison]`` (``finetuned`` =
     KL(base || finetune), ``control`` = KL(base || control), ``finetuned vs control`` =
-    KL(control || finetune))."""
+    KL(control || finetune)); ``patchscope`` (:func:`latentlab.patchscope.patchscope` of the same
+    shifts) and ``dictionary`` (:func:`latentlab.sae.dictionary.difference_dictionary`) when asked."""
 
     layers: list[int]
     logit_lens: dict[str, list[dict[str, Any]]]
     kl: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    patchscope: dict[str, Any] | None = None
+    dictionary: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "logit_lens": self.logit_lens, "kl": self.kl, **self.meta}
+        extra = {name: v for name, v in (("patchscope", self.patchscope), ("dictionary", self.dictionary))
+                 if v is not None}
+        return {"layers": self.layers, "logit_lens": self.logit_lens, "kl": self.kl, **self.meta, **extra}
+
+    def largest_shift_layer(self, comparison: str = "finetuned - base") -> int:
+        """The layer where the mean shift is largest relative to the residual norm there (raw norms grow
+        with depth, so the raw largest would nearly always be the last layer)."""
+        rows, norms = self.logit_lens[comparison], self.meta["resid_norm"]
+        rel = [r["shift_norm"] / n if n > 0 else 0.0 for r, n in zip(rows, norms)]
+        return self.layers[max(range(len(rel)), key=rel.__getitem__)]
 
 
 def diff_models(
@@ -165,9 +182,16 @@ def diff_models(
     k: int = 10,
     batch_size: int = 16,
     progress: bool = False,
+    patchscope: bool = False,
+    patchscope_prompt: str = IDENTITY_PROMPT,
+    patchscope_tokens: int = 12,
+    seed: int = 0,
 ) -> DiffResult:
     """Logit lens of the mean shift per layer, and per-token KL, of a finetune (and a control) on
-    ``prompts`` (rendered for the model, as ``latentlab shift`` reads them); see the module docstring."""
+    ``prompts`` (rendered for the model, as ``latentlab shift`` reads them); see the module docstring.
+
+    ``patchscope``: the same shifts read through :func:`latentlab.patchscope.patchscope` by the base
+    (``patchscope_prompt``, ``patchscope_tokens`` greedy tokens, random control seeded by ``seed``)."""
     if not prompts:
         raise LatentlabError("no prompts to compare the models on", "pass --prompts with at least one prompt")
     if k < 1:
@@ -191,13 +215,19 @@ def diff_models(
     if control is not None:
         pairs["finetuned - control"] = ("finetuned", "control")
         pairs["control - base"] = ("control", "base")
+    shifts = {label: means[a] - means[b] for label, (a, b) in pairs.items()}  # [layers, d] each
     lens = {
         label: [
-            {"layer": layer, **logit_lens_of_shift(base, means[b][i], means[a][i] - means[b][i], k)}
+            {"layer": layer, **logit_lens_of_shift(base, means[b][i], shifts[label][i], k)}
             for i, layer in enumerate(layer_list)
         ]
         for label, (a, b) in pairs.items()
     }
+    resid_norm = acts["base"].norm(dim=-1).mean(0)  # [layers]: the typical size of an activation there
+    scope = None
+    if patchscope:
+        scope = read_patchscope(base, shifts, layer_list, resid_norm, prompt=patchscope_prompt, k=k,
+                                max_new_tokens=patchscope_tokens, seed=seed)
     rendered = [render_prompt(p, base.tokenizer) for p in prompts]
     seqs = encode(base, [Example(r) for r in rendered]).ids
     kl_pairs = {"finetuned": ("base", "finetuned")}
@@ -212,7 +242,9 @@ def diff_models(
     return DiffResult(
         layer_list, lens, kl,
         {"models": {n: m.info.to_dict() for n, m in models.items()}, "n_prompts": len(prompts), "k": k,
-         "position": "last prompt token (logit lens); every prompt position (KL)"},
+         "position": "last prompt token (logit lens); every prompt position (KL)",
+         "resid_norm": [float(x) for x in resid_norm]},
+        patchscope=scope,
     )
 
 
@@ -223,6 +255,60 @@ def diff_models(
 
 def _cells(rows: Sequence[dict[str, Any]], n: int = 5) -> str:
     return " ".join(f"<code>{html.escape(repr(r['token']))}</code>&nbsp;{r['logit_change']:+.2f}" for r in rows[:n])
+
+
+def _reading_cell(r: dict[str, Any]) -> str:
+    top = " ".join(f"<code>{html.escape(repr(t['token']))}</code>&nbsp;{t['prob']:.2f}" for t in r["top"][:5])
+    return f"{top}<br><i>{html.escape(repr(r['continuation']))}</i>"
+
+
+def _patchscope_html(ps: dict[str, Any]) -> list[str]:
+    e = html.escape
+    parts = [f"<h2>Patchscope of the mean shift</h2><p>Each layer's shift, scaled to the residual norm there, is "
+             f"added at the placeholder of <code>{e(repr(ps['prompt']))}</code> at the same layer; the base's top next "
+             f"tokens (probability), KL(unpatched || patched) and greedy continuation. Unpatched: "
+             f"{_reading_cell(ps['unpatched'])}</p>",
+             "<table><tr><th>layer</th>" + "".join(f"<th>{e(label)}</th>" for label in ps["readings"]) + "</tr>"]
+    n = len(next(iter(ps["readings"].values())))
+    for i in range(n):
+        rows = [r[i] for r in ps["readings"].values()]
+        parts.append(f"<tr><td>{rows[0]['layer']}</td>" + "".join(
+            f"<td>{_reading_cell(r)}<br>KL {r['kl_from_unpatched']:.3g}</td>" for r in rows) + "</tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _dictionary_html(dic: dict[str, Any]) -> list[str]:
+    e = html.escape
+    parts = []
+    for name in ("finetuned", "control"):
+        d = dic.get(name)
+        if d is None:
+            continue
+        parts.append(f"<h2>Dictionary of the difference: {e(name)} - base at layer {dic['layer']}</h2>"
+                     f"<p>A TopK SAE ({d['d_sae']} latents, {d['n_active_latents']} active) on {d['n_tokens']} token "
+                     f"differences. Share: the part of the squared difference each latent's reconstruction explains "
+                     f"(all latents {d['latents_share']:.1%}, SAE error {d['error_share']:.1%}). Random directions' "
+                     f"|cos| with a latent: median {d['random_abs_cos']['median']:.3f}, 99th percentile "
+                     f"{d['random_abs_cos']['p99']:.3f}.</p>")
+        ctrl = "control_match_chance" in d
+        head = ["latent", "share", "frequency", "top tokens (context)", "logit lens", "cos with directions"]
+        if ctrl:
+            head.append(f"best control match (random p95 {d['control_match_chance']['p95']:.2f})")
+        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
+        for r in d["top_latents"]:
+            toks = "<br>".join(f"<code>{e(repr(t['context']))}</code> {t['activation']:.3g}"
+                               for t in r["top_tokens"][:4])
+            cos = "<br>".join(f"{e(n)} {c['cos']:+.3f} (random pct {c['random_percentile']:.0f})"
+                              for n, c in r["directions"].items())
+            cells = [str(r["latent"]), f"{r['share']:.1%}", f"{r['frequency']:.2%}", toks,
+                     _cells(r["logit_lens"]["promoted"]) + "<br>" + _cells(r["logit_lens"]["suppressed"]), cos]
+            if ctrl:
+                m = r["control_match"]
+                cells.append(f"#{m['latent']} cos {m['cos']:+.3f}")
+            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
+    return parts
 
 
 def diff_html(res: DiffResult, title: str = "What the finetune changed") -> str:
@@ -240,6 +326,10 @@ def diff_html(res: DiffResult, title: str = "What the finetune changed") -> str:
             parts.append(f"<tr><td>{r['layer']}</td><td>{r['shift_norm']:.3g}</td><td>{_cells(r['promoted'])}</td>"
                          f"<td>{_cells(r['suppressed'])}</td></tr>")
         parts.append("</table>")
+    if res.patchscope is not None:
+        parts += _patchscope_html(res.patchscope)
+    if res.dictionary is not None:
+        parts += _dictionary_html(res.dictionary)
     for kl in res.kl.values():
         parts.append(f"<h2>KL({e(kl['reference'])} || {e(kl['model'])}) per token</h2>"
                      f"<p>mean {kl['mean']:.4g} nats per position; at the last prompt token "

@@ -22,8 +22,9 @@ per condition.
   model, autograd-transparent.
 
 Positions: ``all`` changes every token; ``generated`` changes the last prompt token (which predicts
-the first new token) and everything after it. Each hook reads absolute positions, so it is exact
-both for a full forward pass and for KV-cached decoding (where later calls see one new token).
+the first new token) and everything after it; ``Steer.at`` changes one prompt position only. Each
+hook reads absolute positions, so it is exact both for a full forward pass and for KV-cached
+decoding (where later calls see one new token).
 """
 
 from __future__ import annotations
@@ -102,11 +103,17 @@ def _unit_of(direction: Any, layer: int) -> Tensor:
 
 @dataclass
 class Steer:
-    """Vectors to add (at coefficient 1) per layer, and where: all positions or generated ones only."""
+    """Vectors to add (at coefficient 1) per layer, and where: all positions or generated ones only.
+
+    ``at``: only that one prompt position instead, counted from the last prompt token (0: the last
+    prompt token, -1: the one before): a patchscope writes its vector into one token of its prompt
+    (:mod:`latentlab.patchscope`), and no later token sees it except through attention.
+    """
 
     vectors: dict[int, Float[Tensor, " d_model"]]
     mode: Mode = "all"
     label: str = "steer"
+    at: int | None = None
 
     @classmethod
     def from_direction(cls, direction: Any, layers: int | Sequence[int], mode: Mode = "all") -> Steer:
@@ -159,11 +166,18 @@ Condition = tuple[Intervention | None, float]
 
 
 def _position_mask(
-    t: Tensor, generated_only: Tensor, starts: Tensor, offset: int
+    t: Tensor, generated_only: Tensor, starts: Tensor, offset: int, at: Tensor | None = None
 ) -> Bool[Tensor, "batch seq"]:
     pos = torch.arange(offset, offset + t.shape[1], device=t.device)[None, :]
     gen = pos >= starts.to(t.device)[:, None]
-    return torch.where(generated_only.to(t.device)[:, None], gen, torch.ones_like(gen))
+    mask = torch.where(generated_only.to(t.device)[:, None], gen, torch.ones_like(gen))
+    if at is None:
+        return mask
+    at = at.to(t.device)[:, None]  # a row's one position relative to its start (Steer.at); NO_AT: by mode
+    return torch.where(at != NO_AT, pos == starts.to(t.device)[:, None] + at, mask)
+
+
+NO_AT = 1 << 30  # a row whose Steer has no ``at`` (positions by its mode)
 
 
 def condition_hooks(
@@ -183,7 +197,7 @@ def condition_hooks(
     for layer in layers:
         add: list[Tensor | None] = []
         unit: list[Tensor | None] = []
-        mean, scale, gen = [], [], []
+        mean, scale, gen, at = [], [], [], []
         for ci in row_cond:
             iv, coeff = conditions[ci]
             vec = iv.vectors.get(layer) if iv is not None else None
@@ -194,6 +208,7 @@ def condition_hooks(
             mean.append(float(iv.means.get(layer, 0.0)) if is_abl else 0.0)  # type: ignore[union-attr]
             scale.append(float(coeff) if is_abl else 0.0)
             gen.append(iv is not None and iv.mode == "generated")
+            at.append(iv.at if is_steer and iv.at is not None else NO_AT)  # type: ignore[union-attr]
         if all(a is None for a in add) and all(u is None for u in unit):
             continue
         d = next(v for v in add + unit if v is not None).shape[-1]
@@ -203,6 +218,7 @@ def condition_hooks(
         mean_t = torch.tensor(mean, device=device)
         scale_t = torch.tensor(scale, device=device)
         gen_t = torch.tensor(gen, device=device)
+        at_t = torch.tensor(at, device=device) if any(a != NO_AT for a in at) else None
         any_abl = any(u is not None for u in unit)
 
         def hook(
@@ -213,9 +229,10 @@ def condition_hooks(
             mean: Tensor = mean_t,
             scale: Tensor = scale_t,
             gen: Tensor = gen_t,
+            at: Tensor | None = at_t,
             any_abl: bool = any_abl,
         ) -> Tensor:
-            mask = _position_mask(t, gen, starts, offset() if offset else 0)[..., None].to(t.dtype)
+            mask = _position_mask(t, gen, starts, offset() if offset else 0, at)[..., None].to(t.dtype)
             out = add_vector(t, add[:, None, :], mask)
             if any_abl:
                 out = project_out(out, unit[:, None, :], mean[:, None, None], scale[:, None, None], mask)

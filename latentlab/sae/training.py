@@ -208,6 +208,7 @@ def train_sae_on_activations(
     meta: dict[str, Any] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    b_dec: Literal["mean", "zero"] = "mean",
 ) -> SAETraining:
     """Train an SAE on token activations of one layer with sae-lens' ``SAETrainer``.
 
@@ -215,7 +216,10 @@ def train_sae_on_activations(
     scale on them, trains in that scale and folds it into the weights, so the saved SAE reads raw
     activations. ``b_dec`` starts at the data mean (as sae-lens' ``b_dec_init_method="mean"`` did
     before 6.0): residual streams have a large mean, and learning it from zero wastes most of a
-    short CPU run. With ``out``, the SAE is written to a temporary folder and renamed into place.
+    short CPU run. ``b_dec="zero"`` fixes ``b_dec`` at zero instead (not trained): for activation
+    *differences* (:mod:`latentlab.sae.dictionary`), where no difference must decode to zero and the
+    mean difference is what the latents are there to carry. With ``out``, the SAE is written to a
+    temporary folder and renamed into place.
     """
     cfg = config or SAETrainConfig()
     acts = _training_acts(acts)
@@ -229,7 +233,7 @@ def train_sae_on_activations(
     trainer = _make_trainer(cfg, training_sae, acts, batch, device)
     # What SAETrainer.fit() does, with a progress bar that shows the loss and a kept loss curve.
     t0 = time.time()
-    scale = _start_at_the_data(trainer, training_sae, acts)
+    scale = _start_at_the_data(trainer, training_sae, acts, b_dec)
     losses = _train_steps(trainer, cfg.steps, f"SAE layer {layer} ({cfg.architecture}, {d_sae} latents)", progress)
     _finish_training(trainer, training_sae, cfg, scale)
     seconds = time.time() - t0
@@ -259,6 +263,7 @@ def train_sae_on_activations(
                 "norm_scaling_factor": scale,
                 "seconds": round(seconds, 2),
                 "trainer": "sae_lens.SAETrainer",
+                "b_dec": "fixed at zero" if b_dec == "zero" else "started at the data mean, trained",
                 "sae_lens_l0": sae.cfg.metadata.get("l0"),
             },
             "stats": stats,
@@ -309,14 +314,19 @@ def _make_trainer(cfg: SAETrainConfig, training_sae: Any, acts: Tensor, batch: i
     )
 
 
-def _start_at_the_data(trainer: Any, training_sae: Any, acts: Tensor) -> float:
-    """Estimate the activation-norm scale (sae-lens trains in it) and start ``b_dec`` at the scaled data mean."""
+def _start_at_the_data(trainer: Any, training_sae: Any, acts: Tensor, b_dec: str = "mean") -> float:
+    """Estimate the activation-norm scale (sae-lens trains in it) and start ``b_dec`` at the scaled data
+    mean, or fix it at zero (``b_dec="zero"``: no gradient, so sae-lens' Adam never moves it)."""
     trainer.activation_scaler.estimate_scaling_factor(
         acts.shape[1], trainer.data_provider, trainer.cfg.n_batches_for_norm_estimate
     )
     scale = float(trainer.activation_scaler.scaling_factor or 1.0)
     with torch.no_grad():
-        training_sae.b_dec.copy_((acts.mean(0) * scale).to(training_sae.b_dec.device))
+        if b_dec == "zero":
+            training_sae.b_dec.zero_()
+            training_sae.b_dec.requires_grad_(False)
+        else:
+            training_sae.b_dec.copy_((acts.mean(0) * scale).to(training_sae.b_dec.device))
     return scale
 
 
