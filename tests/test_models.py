@@ -322,7 +322,7 @@ def test_list_models_reports_status(home: Path) -> None:
 def _assert_nothing_left(home: Path, name: str) -> None:
     models = home / "models"
     assert not (models / name).exists(), "an interrupted conversion left a final cache folder"
-    leftovers = [p.name for p in models.iterdir()] if models.exists() else []
+    leftovers = [p.name for p in models.iterdir() if p.suffix != ".lock"] if models.exists() else []
     assert leftovers == [], f"temporary folders left behind: {leftovers}"
 
 
@@ -393,7 +393,7 @@ def test_conversion_pipeline_with_a_fake_gguf(home: Path, monkeypatch: pytest.Mo
     assert {"config.json", "model.safetensors", "tokenizer.json", "latentlab_cache.json"} <= names
     assert "gemma-3-270m-q4_k_m.gguf" not in names  # the intermediate is not kept
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
-    assert [p.name for p in (home / "models").iterdir()] == ["gemma-3-270m"]
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["gemma-3-270m", "gemma-3-270m.lock"]
 
     model = latentlab.load_model("gemma-3-270m", progress=False)  # from the cache, no conversion
     assert (model.info.name, model.n_layers, model.d_model) == ("gemma-3-270m", 4, 64)
@@ -410,4 +410,68 @@ def test_conversion_pipeline_with_a_fake_gguf(home: Path, monkeypatch: pytest.Mo
         with pytest.warns(UserWarning, match="rebuilding the cache"):
             lm.ensure_builtin("gemma-3-270m", progress=False)
     assert lm.cache_status("gemma-3-270m") == (True, "ready")
-    assert [p.name for p in (home / "models").iterdir()] == ["gemma-3-270m"]
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["gemma-3-270m", "gemma-3-270m.lock"]
+
+
+# Run in two processes at once by the test below: a fake conversion (tiny model for the dequantised GGUF)
+# that records each time it runs and takes long enough for the other process to arrive meanwhile.
+_CONVERTER = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import torch, transformers
+from conftest import make_char_tokenizer, tiny_gemma_config
+import latentlab.models.builtin as b
+
+count, go = Path(sys.argv[1]), Path(sys.argv[2])
+(go.parent / f"ready-{os.getpid()}").touch()
+
+def fake_locate(spec, workdir):
+    with open(count, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(2)
+    p = workdir / spec.gguf_name
+    p.write_bytes(b"gguf bytes")
+    return p
+
+def fake_model(*args, **kwargs):
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(tiny_gemma_config())
+    m.config.quantization_config = {"quant_method": "gguf"}
+    return m
+
+b._locate_gguf = fake_locate
+transformers.AutoTokenizer.from_pretrained = lambda *a, **k: make_char_tokenizer()
+transformers.AutoModelForCausalLM.from_pretrained = fake_model
+while not go.exists():
+    time.sleep(0.01)
+print(b.ensure_builtin("gemma-3-270m", progress=False))
+"""
+
+
+def test_two_processes_convert_a_builtin_once(home: Path, tmp_path: Path) -> None:
+    """Two processes (a study's workers on a shared LATENTLAB_HOME) converting one built-in into an empty
+    cache at once: one converts under the lock, the other waits and reuses its cache; both succeed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script, count, go = tmp_path / "convert.py", tmp_path / "conversions.txt", tmp_path / "go"
+    script.write_text(_CONVERTER)
+    env = {**os.environ, "LATENTLAB_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    tests = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, str(script), str(count), str(go), tests], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    deadline = time.time() + 240
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()  # both start converting together, once their imports are done
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip() == str(home / "models" / "gemma-3-270m")
+    assert len(count.read_text().splitlines()) == 1  # exactly one conversion
+    assert any("another process is converting gemma-3-270m" in err for _, err in outs)  # the other waited
+    assert lm.cache_status("gemma-3-270m") == (True, "ready")
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["gemma-3-270m", "gemma-3-270m.lock"]

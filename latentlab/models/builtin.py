@@ -4,16 +4,21 @@ Built-in models ship as GGUF files inside PyPI packages (no model hub here). The
 dequantises the GGUF once into ``$LATENTLAB_HOME/models/<name>`` as a normal HF folder; later loads
 take seconds. The cache is written to a temporary folder and renamed only when whole, and a marker
 file records what a whole cache holds, so an interrupted or damaged conversion is rebuilt, never
-used.
+used. Two processes converting the same model at once (a study's Ray workers on a shared
+``$LATENTLAB_HOME``) take turns on ``models/<name>.lock``: the first converts, the others wait and
+then find the cache whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,13 +155,36 @@ def ensure_builtin(name: str, progress: bool = True) -> Path:
     final = builtin_cache_dir(name)
     if ok:
         return final
-    if final.exists():
-        warnings.warn(f"latentlab: rebuilding the cache of {name}: {why}", stacklevel=2)
-    _convert_builtin(BUILTINS[name], final, progress=progress)
-    ok, why = cache_status(name)
+    with _conversion_lock(name):
+        ok, why = cache_status(name)  # another process may have converted it while this one waited
+        if ok:
+            return final
+        if final.exists():
+            warnings.warn(f"latentlab: rebuilding the cache of {name}: {why}", stacklevel=2)
+        _convert_builtin(BUILTINS[name], final, progress=progress)
+        ok, why = cache_status(name)
     if not ok:  # pragma: no cover - would mean the conversion itself is broken
         raise LatentlabError(f"conversion of {name} produced a bad cache ({why})", "report this bug")
     return final
+
+
+@contextlib.contextmanager
+def _conversion_lock(name: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``models/<name>.lock`` for one conversion at a time, across processes
+    and (on filesystems that support it, e.g. NFSv4, Lustre, GPFS) across nodes. The kernel drops it
+    when its holder dies, so a killed conversion never blocks the next."""
+    lock = latentlab_home() / "models" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every cache file
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"latentlab: another process is converting {name}; waiting for it", stacklevel=3)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _convert_builtin(spec: BuiltinSpec, final: Path, progress: bool) -> None:
