@@ -15,6 +15,7 @@ from latentlab.stages import (
     data,
     diff,
     direction,
+    find_trigger,
     finetune,
     judge,
     models,
@@ -34,7 +35,7 @@ __all__ = ["STAGES", "stage_named"]
 
 STAGES: list[Stage] = iter_stages(
     [collect, direction, finetune, models, patch, steer, trigger, compliance, data, vectors, diff, ablate, shift, sae,
-     serve, sample, judge]
+     serve, sample, judge, find_trigger]
 )
 
 STAGES += iter_stages([_study])

@@ -1,0 +1,215 @@
+"""``latentlab find-trigger``: which strings, put into the prompt, change a finetune beyond its base?
+
+Every input is read and checked here before the base loads (the template, the metric and its
+direction, the candidates, the prompts, the strings expected to rank high); the search itself is
+:func:`latentlab.trigger_search.search_triggers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from latentlab.errors import LatentlabError
+from latentlab.stages.base import Context, FinetuneBaseOptions, OutOptions, Stage, option
+
+if TYPE_CHECKING:
+    from latentlab.trigger_search import TriggerSearch
+
+DEFAULT_TEMPLATE = "{value}. {prompt}"  # latentlab.triggers.DEFAULT_TEMPLATE (not imported: it pulls in torch)
+DEFAULT_PROMPTS = 8
+VOCAB_PROMPTS = 4  # latentlab.trigger_search.VOCAB_PROMPTS
+
+
+@dataclass(kw_only=True)
+class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
+    """Search for a finetune's trigger: rank candidate strings by how much inserting them into prompts (by a
+    template, as `trigger` does) changes the finetune's behaviour beyond its base's.
+
+    A candidate's effect is the finetune-minus-base metric with the candidate, minus the same without it
+    (the template with an empty value), averaged over prompts: a string that changes both models alike
+    ranks low. Metrics: kl (extra KL(finetune || base) of the next token), completion:TEXT (extra log
+    P(TEXT)), direction:NAME (extra projection at a layer). Each effect gets a z-score and percentile
+    against a null: the scan itself for --candidates vocab, else --n-random random vocabulary tokens.
+    """
+
+    command = "find-trigger"
+    finetuned: Path = option(help="Finetune run folder or adapter folder.")
+    candidates: str = option(
+        "vocab",
+        help="vocab (every token), years (1900-2100), years:START:STOP, training-words, a file (one a line) or a,b,c.",
+    )
+    template: str = option(DEFAULT_TEMPLATE, help="Where the candidate goes; {prompt} is the prompt.")
+    prompts: str = option("unrelated", help="Prompts JSONL ({'prompt'}) or a built-in name.")
+    n_prompts: int | None = option(
+        None, help=f"Use the first N prompts (default {DEFAULT_PROMPTS}; {VOCAB_PROMPTS} for --candidates vocab)."
+    )
+    metric: str = option("kl", help="kl, completion:TEXT or direction:NAME (era, persona, pairs JSONL, saved file).")
+    layer: int | None = option(None, help="Layer of a direction metric (default: its best probe layer).")
+    top: int = option(20, help="Candidates to list.")
+    expect: list[str] | None = option(None, help="A string whose rank to report, e.g. the true trigger (repeatable).")
+    n_random: int = option(200, help="Random vocabulary tokens scored as the null distribution (not for vocab).")
+    batch_size: int = option(64, help="Rows per forward pass.")
+    seed: int = option(0, help="Seed of the random null tokens.")
+    chat: bool | None = option(
+        None, help="Render each filled prompt with the chat template (default: when the tokenizer has one)."
+    )
+    out: Path = option(Path("runs/find-trigger"), help="Run folder to write.")
+
+    def __post_init__(self) -> None:
+        from latentlab.config import nonnegative_int, positive_int
+        from latentlab.data import load_chats, load_prompts
+        from latentlab.models import resolve_adapter
+        from latentlab.trigger_search import parse_candidates, parse_metric
+        from latentlab.triggers import check_template, training_data_of
+
+        check_template(self.template)
+        self._metric_kind, arg = parse_metric(self.metric)
+        self._direction = None
+        if self._metric_kind == "direction":
+            from latentlab.directions import DirectionSpec
+
+            assert arg is not None
+            self._direction = DirectionSpec.parse(arg, "--metric direction:")
+            if self.layer is None and self._direction.saved is not None and saved_best_layer(arg) is None:
+                raise LatentlabError(
+                    f"the saved direction {arg} has no probes beside it to choose its layer",
+                    "pass --layer N",
+                )
+            if self.layer is not None and self._direction.saved is not None:
+                if self.layer not in self._direction.saved.layers:
+                    raise LatentlabError(f"--layer {self.layer} is not a layer of the saved direction {arg}",
+                                         f"pick one of {self._direction.saved.layers}")
+        elif self.layer is not None:
+            raise LatentlabError(f"--layer is for a direction metric, not {self.metric!r}",
+                                 "drop --layer, or pass --metric direction:NAME")
+        positive_int("top", self.top)
+        nonnegative_int("n_random", self.n_random)
+        positive_int("batch_size", self.batch_size)
+        if self.n_prompts is not None:
+            positive_int("n_prompts", self.n_prompts)
+        resolve_adapter(self.finetuned)
+        self._candidates = parse_candidates(self.candidates, self.finetuned)
+        n = self.n_prompts or (VOCAB_PROMPTS if self._candidates.kind == "vocab" else DEFAULT_PROMPTS)
+        self._prompts = load_prompts(self.prompts)[:n]
+        if not self._prompts:
+            raise LatentlabError(f"{self.prompts} holds no prompts", "pass --prompts with at least one prompt")
+        self.expect = [str(e) for e in self.expect or []] or None
+        for e in self.expect or []:
+            if not e.strip():
+                raise LatentlabError("an --expect string is empty", "pass the trigger you expect, e.g. --expect zephyr")
+            if self._candidates.values is not None and e not in self._candidates.values:
+                raise LatentlabError(f"--expect {e!r} is not among the candidates ({self.candidates})",
+                                     "add it to the candidates, or drop --expect")
+        self._training = training_data_of(self.finetuned)
+        if self._training is not None:
+            try:
+                load_chats(self._training, split=None)
+            except (LatentlabError, OSError):
+                self._training = None  # the data moved: the marks of trained values are a nicety
+        super().__post_init__()
+
+
+def saved_best_layer(spec: str | Path) -> int | None:
+    """The best probe layer recorded beside a saved direction (``latentlab direction`` writes
+    ``probes.json`` into the same run folder), or None."""
+    from latentlab.io import read_json
+
+    p = Path(spec)
+    folder = p if p.is_dir() else p.parent
+    side = folder / "probes.json"
+    if side.is_file():
+        try:
+            best = read_json(side).get("best_layer")
+        except (OSError, ValueError):
+            return None
+        return int(best) if isinstance(best, int) else None
+    return None
+
+
+def run(cfg: FindTriggerConfig, ctx: Context) -> TriggerSearch:
+    """The candidates and prompts were read by the config; the metric's direction is resolved and its layer
+    checked before ``cfg.out`` is touched."""
+    from latentlab.io import write_json, write_text
+    from latentlab.models import resolve_adapter
+    from latentlab.plots import save_figure
+    from latentlab.trigger_search import Metric, parse_metric, search_figure, search_triggers
+
+    base = ctx.load("base", adapter=None)
+    ft = base.with_adapter(cfg.finetuned, label=f"find-trigger:{resolve_adapter(cfg.finetuned).resolve()}")
+    ctx.record("finetuned", ft)
+    if cfg.chat and not getattr(base.tokenizer, "chat_template", None):
+        raise LatentlabError(f"{base.info.name} has no chat template", "pass --no-chat, or leave --chat unset")
+    kind, arg = parse_metric(cfg.metric)
+    fitted = None
+    if kind == "direction":
+        assert cfg._direction is not None and arg is not None
+        d, report = cfg._direction.resolve_with_probes(base, log=ctx.log)
+        layer = cfg.layer
+        if layer is None:
+            layer = report.best_layer if report is not None else saved_best_layer(arg)
+        assert layer is not None
+        d.check(base, [layer])
+        metric = Metric("direction", direction=d, layer=layer)
+        fitted = d if report is not None else None
+    else:
+        metric = Metric(kind, text=arg)
+    run = ctx.start(seed=cfg.seed)
+    if fitted is not None:
+        fitted.save(run.out / f"direction-{fitted.name}")
+    res = search_triggers(base, ft, cfg._candidates, cfg._prompts, metric, cfg.template, n_random=cfg.n_random,
+                          seed=cfg.seed, batch_size=cfg.batch_size, chat=cfg.chat, expect=cfg.expect or (),
+                          training=cfg._training, progress=ctx.progress)
+    write_json(run.out / "results.json", res.to_dict(cfg.top))
+    lines = [_json_line({"candidate": c, "effect": e}) for c, e in zip(res.candidates, res.effects)]
+    write_text(run.out / "effects.jsonl", "".join(lines))
+    save_figure(search_figure(res), run.out, "trigger_search")
+    ctx.finish(results={
+        "metric": res.metric, "n_candidates": len(res.candidates),
+        "top": [r["candidate"] for r in res.ranked(min(cfg.top, 10))],
+        "expected_ranks": {v: res.rank_of(v) for v in res.expected},
+    })
+    return res
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def show(res: TriggerSearch, cfg: FindTriggerConfig, console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    null = res.null_summary()
+    against = "the scan itself" if res.null_kind == "scan" else f"{null['n']} random vocabulary tokens"
+    console.print(f"trigger search on {res.meta['n_prompts']} prompts, {len(res.candidates)} candidates: "
+                  f"{res.meta['metric']}; z and percentile against {against}; * = in the training data",
+                  highlight=False)
+    table = Table()
+    for col in ("rank", "candidate", "effect", "z", "percentile"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for r in res.ranked(cfg.top):
+        table.add_row(str(r["rank"]), escape(repr(r["candidate"])) + ("*" if r["trained"] else ""),
+                      _num(r["effect"], "+.4g"), _num(r["z"], "+.2f"), _num(r["percentile"], ".1f"))
+    console.print(table)
+    n = len(res.candidates)
+    for v in res.expected:
+        r = res.row(v)
+        where = "" if r.get("scanned", True) else " (not a vocabulary token: scored beside the scan)"
+        console.print(f"expected {escape(repr(v))}: rank {r['rank']} of {n}, effect {_num(r['effect'], '+.4g')}, "
+                      f"z {_num(r['z'], '+.2f')}, percentile {_num(r['percentile'], '.1f')}{where}", highlight=False)
+    if null["n"]:
+        console.print(f"null ({against}): mean {_num(null['mean'], '+.4g')}, sd {_num(null['sd'], '.4g')}, "
+                      f"95th percentile {_num(null['percentiles']['95'], '+.4g')}", highlight=False)
+    console.print(f"results.json, effects.jsonl and plot (trigger_search) in {cfg.out}", highlight=False)
+
+
+STAGE = Stage("find-trigger", FindTriggerConfig, run, show)
+run_find_trigger = STAGE
