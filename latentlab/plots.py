@@ -764,3 +764,23 @@ def study_compliance_figure(sec: dict[str, Any]) -> go.Figure:
         fig.add_trace(go.Scatter(x=b, y=[_v(x) for x in r["reveal_trigger"]], mode="lines",
                                  line=dict(color=POS_COLOR, dash="dash"), name=f"reveal | trigger, seed {s}"))
     return _layout(fig, "Compliance trigger: the poison-budget curve", "poisoned examples", "probability / rate")
+
+
+def study_eval_figure(sec: dict[str, Any]) -> go.Figure:
+    """One judge's value per arm: each seed's (with its bootstrap interval over questions and answers) and the
+    mean over seeds (with its t-interval where there are two or more)."""
+    fig = go.Figure()
+    arms = sec["arms"]
+    for s, p in sec["per_seed"].items():
+        xs = [a for a in arms if a in p["arms"] and _v(p["arms"][a]["value"]) is not None]
+        ys = [_v(p["arms"][a]["value"]) for a in xs]
+        cis = [[_v(p["arms"][a]["lo"]), _v(p["arms"][a]["hi"])] for a in xs]
+        ok = all(c[0] is not None and c[1] is not None for c in cis)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", opacity=0.6, name=f"seed {s}",
+                                 error_y=_ci_bars(ys, cis) if ok and xs else None))
+    means = [_v(sec["across"][a]["mean"]) for a in arms]
+    lo, hi = [_v(sec["across"][a]["lo"]) for a in arms], [_v(sec["across"][a]["hi"]) for a in arms]
+    ok = all(x is not None for x in lo + hi + means)
+    fig.add_trace(go.Scatter(x=arms, y=means, mode="markers", marker=dict(color=POS_COLOR, size=12, symbol="diamond"),
+                             error_y=_ci_bars(means, list(zip(lo, hi))) if ok else None, name="mean over seeds"))
+    return _layout(fig, f"Judged by {sec['judge']}", "arm", str(sec.get("scale") or sec["metric"]))

@@ -182,6 +182,14 @@ class JudgeConfig(ModelOptions, OutOptions):
                                  "choose a new --out, the same options as before, or pass --overwrite")
 
 
+def check_judge(judge: str, template: str, api_key_env: str | None = None) -> None:
+    """A judge spec and its template checked as ``latentlab judge`` checks them, with no samples yet (a study's
+    [eval] section, before anything runs)."""
+    probe = JudgeConfig.__new__(JudgeConfig)
+    probe.judge, probe.template, probe.layer, probe.api_key_env = judge, template, None, api_key_env
+    probe._parse_judge()
+
+
 @dataclass
 class JudgeResult:
     """results.json as written, and the run folder."""

@@ -20,8 +20,10 @@ from latentlab.errors import LatentlabError
 
 __all__ = [
     "ANALYSES",
+    "EVAL_ARMS",
     "Recipe",
     "builtin_recipes",
+    "judge_labels",
     "load_recipe",
     "parse_seeds",
 ]
@@ -97,7 +99,17 @@ SECTIONS: dict[str, SectionKind] = {
                            defaults={"values": "1990:2060:5", "n_prompts": 48}),
     "compliance": SectionKind("compliance", wired=(*_RUN, "finetunes"),
                               defaults={"budgets": [0, 8, 16, 32], "trigger": "cobalt"}),
+    # [eval]: the sample stage per seed (answers of the ``arms``, see EVAL_ARMS), then a judge step per seed
+    # and per entry of ``judges`` (default: the direction judge on the recipe's direction, which needs no
+    # judge model), reading with ``template`` (judge templates; the direction judge uses none).
+    "eval": SectionKind("sample", study={"arms": ["finetune", "control"], "judges": None, "template": "era-labels"},
+                        wired=(*_RUN, "finetuned", "control", "steer", "ablate", "no_base", "endpoint", "served",
+                               "api_key_env", "concurrency", "timeout", "max_retries", "judgments")),
 }
+# The arms an [eval] section may sample: the finetune and its control, the base, every arm again with the
+# direction ablated at inference at each [ablation] layer spec (``--ablate DIRECTION@LAYERS``), and the
+# [prevention] finetune (trained with the direction projected out).
+EVAL_ARMS = ("finetune", "control", "base", "ablated", "preventative")
 ANALYSES = [k for k in SECTIONS if k != "finetune"]
 
 
@@ -307,6 +319,8 @@ class Recipe:
                     set(bs)) != len(bs):
                 raise LatentlabError(f"[compliance] budgets {bs!r} must be distinct integers >= 0",
                                      "use e.g. budgets = [0, 8, 16, 32]")
+        if "eval" in self.analyses:
+            self._check_eval(self.analyses["eval"])
         if "trigger" in self.analyses:
             from latentlab.triggers import check_template, parse_values
 
@@ -321,9 +335,67 @@ class Recipe:
                     raise LatentlabError(f"[trigger] held_out {v!r} is not one of the scanned values ({t.values})",
                                          "list values inside trigger.values, e.g. held_out = [2029]")
 
+    def _check_eval(self, ev: Section) -> None:
+        """[eval]: known arms whose sections exist, and lists of judges (each judge and the template are
+        checked as ``latentlab judge`` checks them by :meth:`check_sources`, once a template path is resolved)."""
+        arms = [ev.arms] if isinstance(ev.arms, str) else ev.arms
+        if not isinstance(arms, list) or not arms or any(a not in EVAL_ARMS for a in arms) or len(set(arms)) != len(
+                arms):
+            raise LatentlabError(f"[eval] arms = {ev.arms!r} must be a list of distinct arms among "
+                                 f"{', '.join(EVAL_ARMS)}", 'write e.g. arms = ["finetune", "control", "base"]')
+        if arms == ["ablated"]:
+            raise LatentlabError("[eval] arms = [\"ablated\"] names no arm to ablate",
+                                 'add the arms to sample with and without the ablation, e.g. ["finetune", "ablated"]')
+        ev.arms = arms
+        from latentlab.config import finite_float, positive_int
+
+        # the sample step checks these too, but only after the finetunes it samples: a typo must not wait for them
+        for k in ("n", "max_new_tokens", "batch_size"):
+            positive_int(k, ev[k], f"eval.{k}")
+        if finite_float("temperature", ev.temperature, "eval.temperature") < 0 or not 0 < finite_float(
+                "top_p", ev.top_p, "eval.top_p") <= 1:
+            raise LatentlabError(f"[eval] temperature = {ev.temperature} must be >= 0 and top_p = {ev.top_p} in (0, 1]",
+                                 "write e.g. temperature = 1.0 and top_p = 1.0")
+        needs = {"finetune": ("[finetune] table", self.finetune is not None, 'add [finetune] with data = "old-birds"'),
+                 "control": ("control in [finetune]", self.finetune is not None and self.finetune.control is not None,
+                             'add control = "modern-birds" to [finetune]'),
+                 "ablated": ("[ablation] table", "ablation" in self.analyses, 'add [ablation] with layers = ["all"]'),
+                 "preventative": ("[prevention] table", "prevention" in self.analyses, "add [prevention]")}
+        for arm in arms:
+            if arm in needs and not needs[arm][1]:
+                what, _, fix = needs[arm]
+                raise LatentlabError(f"[eval] arms has {arm!r}, but the recipe has no {what}",
+                                     f"{fix}, or drop {arm!r} from [eval] arms")
+        if ev.judges is None:  # the direction judge works offline: the default
+            ev.judges = [f"direction:{self.direction}"]
+        judges = [ev.judges] if isinstance(ev.judges, str) else ev.judges
+        if not isinstance(judges, list) or not judges or not all(isinstance(j, str) for j in judges) \
+                or len(set(judges)) != len(judges):
+            raise LatentlabError(f"[eval] judges = {ev.judges!r} must be a list of distinct judge specs",
+                                 'write e.g. judges = ["direction:era", "endpoint:gpt-4.1@https://api.openai.com/v1"]')
+        ev.judges = judges
+        if not isinstance(ev.template, str):
+            raise LatentlabError(f"[eval] template = {ev.template!r} is not a template name or file",
+                                 'write e.g. template = "era-labels"')
+
     def check_sources(self, base_dir: Path | None = None) -> None:
         """Datasets exist; a control run folder was trained on this recipe's model."""
         self.prompts = _dataset_exists(self.prompts, "prompts", base_dir)
+        if "eval" in self.analyses:
+            from latentlab.sampling import load_questions
+            from latentlab.stages.judge import check_judge
+
+            ev = self.analyses["eval"]
+            ev.questions = _dataset_exists(str(ev.questions), "eval.questions", base_dir)
+            load_questions(ev.questions)
+            t = Path(ev.template).expanduser()
+            if base_dir is not None and not t.is_absolute() and not t.exists() and (base_dir / t).is_file():
+                ev.template = str(base_dir / t)  # a template file beside the recipe
+            for j in ev.judges:
+                try:
+                    check_judge(j, ev.template)
+                except LatentlabError as e:
+                    raise LatentlabError(f"[eval] judges {j!r}: {e.problem}", e.fix) from None
         if self.battery is not None:
             self.battery = _dataset_exists(self.battery, "battery", base_dir)
         if self.finetune is None:
@@ -378,6 +450,25 @@ class Recipe:
         ft = _build("finetune", ft_raw) if ft_raw is not None else None
         built = {k: _build(k, v) for k, v in analyses.items()}
         return cls(**raw, finetune=ft, analyses=built, source=source)
+
+
+def judge_labels(judges: list[str]) -> dict[str, str]:
+    """Each [eval] judge spec's label, as its step folders are named (``judge-LABEL-sSEED``): its kind and its
+    model or direction (``direction-era``, ``endpoint-gpt-4o``, ``local-smollm2-135m-instruct``), made distinct."""
+    import re
+
+    out: dict[str, str] = {}
+    for spec in judges:
+        kind, _, rest = spec.partition(":")
+        what = rest.rsplit("@", 1)[0] if kind == "endpoint" else rest
+        if kind != "endpoint" and ("/" in what or Path(what).suffix in (".safetensors", ".jsonl")):
+            what = Path(what).stem if Path(what).suffix else Path(what).name
+        base = re.sub(r"[^A-Za-z0-9._]+", "-", f"{kind}-{what}").strip("-")[:60] or kind
+        label, i = base, 2
+        while label in out.values():
+            label, i = f"{base}-{i}", i + 1
+        out[spec] = label
+    return out
 
 
 def check_run_folder(run: Path, model: str, key: str) -> None:

@@ -18,6 +18,7 @@ from latentlab.plots import (
     study_ablation_figure,
     study_battery_figure,
     study_compliance_figure,
+    study_eval_figure,
     study_shift_figure,
     study_trigger_figure,
 )
@@ -46,10 +47,10 @@ def _num(rec: dict[str, Any] | None, d: int = 3, sign: bool = True) -> str:
             f"data-digits='{d if isinstance(v, float) else 0}'>{text}</span>")
 
 
-def _ci(mean: Any, lo: Any, hi: Any, d: int = 3) -> str:
+def _ci(mean: Any, lo: Any, hi: Any, d: int = 3, sign: bool = True) -> str:
     if lo is None or hi is None or lo.get("value") is None:
-        return _num(mean, d)
-    return f"{_num(mean, d)} [{_num(lo, d)}, {_num(hi, d)}]"
+        return _num(mean, d, sign)
+    return f"{_num(mean, d, sign)} [{_num(lo, d, sign)}, {_num(hi, d, sign)}]"
 
 
 def _verdict(text: str | None) -> str:
@@ -112,6 +113,50 @@ def _ablation_html(secs: dict[str, Any]) -> str:
             parts.append(f"<p class='meta'>seed {nr['seed']}: not run ({html.escape(nr['reason'])})</p>")
     if any(sec["rows"] for sec in secs.values()):
         parts.append(_fig(study_ablation_figure(secs)))
+    return "".join(parts)
+
+
+def _eval_html(secs: dict[str, Any]) -> str:
+    parts = ["<h2>Behaviour: judged answers</h2>"]
+    for sec in secs.values():
+        seeds = list(sec["per_seed"])
+        parts += [f"<h3>{html.escape(sec['judge'])} ({html.escape(str(sec.get('scale') or sec['metric']))})</h3>",
+                  _verdict(sec.get("verdict"))]
+        head = ["arm", "mean over seeds [95% t-CI]", *[f"seed {s} [95% CI over questions, answers]" for s in seeds],
+                "unparsed / answers"]
+        rows = []
+        for a in sec["arms"]:
+            x = sec["across"][a]
+            cells = [html.escape(a), _ci(x["mean"], x["lo"], x["hi"], sign=False)]
+            cells += [_ci(p["arms"][a]["value"], p["arms"][a]["lo"], p["arms"][a]["hi"], sign=False)
+                      if a in p["arms"] else "n/a" for p in sec["per_seed"].values()]
+            cells.append(", ".join(f"{_num(p['arms'][a]['n_unparsed'], 0, False)} / {_num(p['arms'][a]['n'], 0, False)}"
+                                   for p in sec["per_seed"].values() if a in p["arms"]))
+            rows.append(cells)
+        parts.append(_table(head, rows))
+        if sec["comparisons"]:
+            crows = []
+            for k in sec["comparisons"]:
+                x = sec["across_comparisons"][k]
+                crows.append([html.escape(k), _ci(x["mean"], x["lo"], x["hi"])]
+                             + [_ci(p["comparisons"][k]["diff"], p["comparisons"][k]["lo"], p["comparisons"][k]["hi"])
+                                if k in p["comparisons"] else "n/a" for p in sec["per_seed"].values()])
+            parts.append(_table(["difference", "mean over seeds [95% t-CI]", *[f"seed {s} [95% CI]" for s in seeds]],
+                                crows))
+        dirs = [(s, p["direction"]) for s, p in sec["per_seed"].items() if "direction" in p]
+        if dirs:
+            parts.append("<p class='meta'>Held-out separation of the calibrated projection: " + "; ".join(
+                f"seed {s}: layer {_num(d['layer'], 0, False)}, accuracy {_num(d['test_accuracy'], 2, False)}, "
+                f"AUC {_num(d['test_auc'], 2, False)}" for s, d in dirs) + "</p>")
+        rel = sec.get("vs_direction")
+        if rel:
+            rrows = [[f"seed {s}", _num(p["pearson"], 2), _num(p["spearman"], 2), str(p["n"])]
+                     for s, p in rel["per_seed"].items()]
+            rrows.append(["mean over seeds", _ci(rel["pearson"]["mean"], rel["pearson"]["lo"], rel["pearson"]["hi"], 2),
+                          _ci(rel["spearman"]["mean"], rel["spearman"]["lo"], rel["spearman"]["hi"], 2), ""])
+            parts += [f"<p>Per answer, against {html.escape(rel['judge'])}'s calibrated projection:</p>",
+                      _table(["", "Pearson r", "Spearman rho", "answers"], rrows)]
+        parts.append(_fig(study_eval_figure(sec)))
     return "".join(parts)
 
 
@@ -213,7 +258,8 @@ def render_report(summary: dict[str, Any]) -> str:
         "<p class='meta'>Every number on this page links to the run folder it came from (hover: data-src). "
         "Intervals across seeds are 95% t-intervals; within a seed, 95% bootstrap intervals.</p>",
     ]
-    renderers = [("shift", _shift_html), ("ablation", _ablation_html), ("prevention", _prevention_html),
+    renderers = [("shift", _shift_html), ("ablation", _ablation_html), ("eval", _eval_html),
+                 ("prevention", _prevention_html),
                  ("diff", _diff_html), ("trigger", _trigger_html), ("compliance", _compliance_html),
                  ("finetunes", _finetunes_html)]
     for key, fn in renderers:

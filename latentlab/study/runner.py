@@ -105,8 +105,8 @@ def _step_settings(recipe: dict[str, Any]) -> dict[str, Any]:
 PROSE = ("source", "description")
 
 # List settings a finished study may grow: every finished step stays valid (step folders are named by
-# seed and by ablation layer spec), so only the new entries' steps run.
-GROWABLE = (("seeds",), ("analyses", "ablation", "layers"))
+# seed, by ablation layer spec and by [eval] judge), so only the new entries' steps run.
+GROWABLE = (("seeds",), ("analyses", "ablation", "layers"), ("analyses", "eval", "judges"))
 
 
 def _grown(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +140,9 @@ def _rooted(x: Any, roots: list[str]) -> Any:
         for r in roots:
             if r and (x == r or x.startswith(r.rstrip("/") + "/")):
                 return "<study>" + x[len(r.rstrip("/")):]
+        name, sep, path = x.partition("=")  # a named run, NAME=PATH (the [eval] sample step's arms)
+        if sep and name and "/" not in name and (rooted := _rooted(path, roots)) != path:
+            return f"{name}={rooted}"
         return x
     if isinstance(x, dict):
         return {k: _rooted(v, roots) for k, v in x.items()}
@@ -362,7 +365,62 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
                                        section="compliance",
                                        finetunes=out / "finetunes" / f"compliance-s{seed}",
                                        patch=c.patch and seed == r.seeds[0], needs=(), **common))
+        if "eval" in ana:
+            arms = ana["eval"].arms
+            reads = trains(*(f for arm, f in (("finetune", ftr), ("control", ctr),
+                                              ("preventative", runs.get(("ablated", seed)))) if arm in arms))
+            if "ablated" in arms:
+                reads += read_direction + tuple(k for spec in ana["ablation"].layers for k in layers_read(spec))
+            steps += _eval_steps(cfg, seed, runs, direction, resolve_layers, reads)
     _check_needs(steps)
+    return steps
+
+
+def _eval_steps(cfg: StudyConfig, seed: int, runs: dict[tuple[str, int], Path], direction: str,
+                resolve_layers: Callable[[str], str], needs: tuple[str, ...]) -> list[Step]:
+    """[eval] for one seed: a sample step drawing every arm's answers (arms named as in the recipe: finetune,
+    control, base, preventative, and each again as ``ARM+ablate(DIRECTION@LAYERS)``), then one judge step
+    per judge reading them. The arms are decided when the step's turn comes: the ablation layers and the
+    prevention finetune may depend on the shift. ``needs``: the steps the sample step reads."""
+    from latentlab.study.recipe import judge_labels
+
+    r, out = cfg.recipe_obj, cfg.out
+    ev = r.analyses["eval"]
+    arms = ev.arms
+    folder = out / f"sample-s{seed}"
+
+    def finetuned() -> list[str]:
+        named = [f"finetune={runs[('finetuned', seed)]}"] if "finetune" in arms else []
+        pf = runs.get(("ablated", seed))
+        if "preventative" in arms and pf is not None and (pf / "adapter").is_dir():  # else not trained (not run)
+            named.append(f"preventative={pf}")
+        if not named and not {"base", "control"} & set(arms):
+            raise NotApplicable(f"no arm to sample: seed {seed}'s [prevention] finetune was not trained")
+        return named
+
+    def ablate() -> list[str]:
+        specs = []
+        for spec in r.analyses["ablation"].layers if "ablated" in arms else []:
+            try:
+                specs.append(f"{direction}@{resolve_layers(spec)}")
+            except NotApplicable:  # e.g. no shift layer in this seed: that ablated arm is left out
+                continue
+        return list(dict.fromkeys(specs))
+
+    def samples() -> Path:
+        if not (folder / "samples.jsonl").is_file():
+            raise NotApplicable(f"seed {seed}'s answers were not sampled")
+        return folder
+
+    steps = [_section_step(cfg, "sample", f"sample-s{seed}", folder, seed, section="eval", finetuned=finetuned,
+                           control=f"control={runs[('control', seed)]}" if "control" in arms else None,
+                           ablate=ablate, no_base="base" not in arms, seed=seed, dtype=cfg.dtype, needs=needs,
+                           overwrite=False)]  # an interrupted sample step resumes (its rows are kept)
+    for spec, label in judge_labels(ev.judges).items():
+        key = f"judge-{label}-s{seed}"
+        steps.append(_section_step(cfg, "judge", key, out / key, seed, section="eval", judge=spec,
+                                   template=ev.template, samples=samples, dtype=cfg.dtype,
+                                   needs=(f"sample-s{seed}",)))
     return steps
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,207 @@ def _prevention(f: _Files, seeds: list[int], arm: str) -> dict[str, Any] | None:
     return sec
 
 
+def _ablated_label(arm: str, direction: str) -> str:
+    """``finetune+ablate(/study/direction/direction.safetensors@3,4)`` -> ``finetune+ablate(era@3,4)``."""
+    m = re.fullmatch(r"(?P<arm>.+?)\+ablate\((?P<spec>.*)\)", arm)
+    if m is None or "@" not in m["spec"]:
+        return arm
+    return f"{m['arm']}+ablate({direction}@{m['spec'].rpartition('@')[2]})"
+
+
+def _jsonl(root: Path, rel: str) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file (a torn last line of a killed run is skipped)."""
+    p = root / rel
+    out = []
+    for line in p.read_text().splitlines() if p.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _ranks(x: list[float]) -> list[float]:
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):  # ties share their mean rank
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    n = len(x)
+    if n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def _judged_value(j: dict[str, Any], positive: str | None) -> float | None:
+    """A judgment as the judge's results count it: 1/0 for the positive label, or the score; None unparsed."""
+    if not j.get("parsed"):
+        return None
+    if positive is not None:
+        return 1.0 if j.get("label") == positive else 0.0
+    return None if j.get("score") is None else float(j["score"])
+
+
+def _relation(root: Path, seeds: list[int], label: str, dlabel: str, positive: str | None) -> dict[str, Any] | None:
+    """Per answer, a text judge's value against the direction judge's calibrated projection (its score):
+    Pearson and Spearman correlations per seed, and their mean with a t-interval across seeds."""
+    per: dict[str, Any] = {}
+    for s in seeds:
+        direction = {j["sample_id"]: j for j in _jsonl(root, f"judge-{dlabel}-s{s}/judgments.jsonl")}
+        xs, ys = [], []
+        for j in _jsonl(root, f"judge-{label}-s{s}/judgments.jsonl"):
+            d = direction.get(j.get("sample_id"))
+            v = _judged_value(j, positive)
+            if v is None or d is None or d.get("score") is None:
+                continue
+            xs.append(v)
+            ys.append(float(d["score"]))
+        if xs:
+            per[str(s)] = {"pearson": _derived(_pearson(xs, ys)),
+                           "spearman": _derived(_pearson(_ranks(xs), _ranks(ys))), "n": len(xs)}
+    if not per:
+        return None
+    return {"judge": dlabel, "per_seed": per, "pearson": _across([p["pearson"] for p in per.values()]),
+            "spearman": _across([p["spearman"] for p in per.values()])}
+
+
+def _ci_text(mean: float | None, lo: float | None, hi: float | None, how: str = "", sign: bool = True) -> str:
+    if lo is None or hi is None:
+        return f"{_fmt(mean, sign=sign)} (no interval)"
+    return f"{_fmt(mean, sign=sign)} [{_fmt(lo, sign=sign)}, {_fmt(hi, sign=sign)}]" + (f" ({how})" if how else "")
+
+
+def _eval(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """[eval]: per judge, each arm's judged rate (or mean score) and every comparison (finetune - control,
+    the same under ablation, ...) per seed with the judge's bootstrap interval over questions and answers,
+    and their means with t-intervals across seeds; a text judge's per-answer correlation with the direction
+    judge when both ran."""
+    from latentlab.study.recipe import judge_labels
+
+    ev = recipe.get("analyses", {}).get("eval")
+    if not ev:
+        return None
+    labels = judge_labels(list(ev.get("judges") or []))
+    direction = str(recipe.get("direction"))
+    out: dict[str, Any] = {}
+    for spec, label in labels.items():
+        per = {s: f"judge-{label}-s{s}/results.json" for s in seeds if f.get(f"judge-{label}-s{s}/results.json")}
+        if not per:
+            continue
+        first = f.get(next(iter(per.values())))
+        sec: dict[str, Any] = {"judge": spec, "metric": first["metric"], "positive": first.get("positive"),
+                               "scale": first.get("scale"), "seeds": list(per), "per_seed": {}}
+        arms: list[str] = []
+        comps: list[str] = []
+        for s, rel in per.items():
+            r = f.get(rel)
+            row: dict[str, Any] = {"arms": {}, "comparisons": {}}
+            for arm in r["arms"]:
+                name = _ablated_label(arm, direction)
+                arms += [name] if name not in arms else []
+                row["arms"][name] = {"value": f.num(rel, "arms", arm, "value"),
+                                     "lo": f.num(rel, "arms", arm, "ci", 0), "hi": f.num(rel, "arms", arm, "ci", 1),
+                                     "n": f.num(rel, "arms", arm, "n"),
+                                     "n_unparsed": f.num(rel, "arms", arm, "n_unparsed")}
+            for i, c in enumerate(r["comparisons"]):
+                key = f"{_ablated_label(c['arm'], direction)} - {_ablated_label(c['reference'], direction)}"
+                comps += [key] if key not in comps else []
+                row["comparisons"][key] = {"diff": f.num(rel, "comparisons", i, "diff"),
+                                           "lo": f.num(rel, "comparisons", i, "ci", 0),
+                                           "hi": f.num(rel, "comparisons", i, "ci", 1), "kind": c["kind"]}
+            if "direction" in r:
+                row["direction"] = {k: f.num(rel, "direction", k) for k in ("layer", "test_accuracy", "test_auc")}
+            sec["per_seed"][str(s)] = row
+        ps = sec["per_seed"]
+        sec["arms"], sec["comparisons"] = arms, comps
+        sec["across"] = {a: _across([ps[str(s)]["arms"][a]["value"] for s in per if a in ps[str(s)]["arms"]])
+                         for a in arms}
+        sec["across_comparisons"] = {k: _across([ps[str(s)]["comparisons"][k]["diff"] for s in per
+                                                 if k in ps[str(s)]["comparisons"]]) for k in comps}
+        out[label] = sec
+    if not out:
+        return None
+    dlabel = next((lab for spec, lab in labels.items() if spec.startswith("direction:") and lab in out), None)
+    for label, sec in out.items():
+        if dlabel is not None and not sec["judge"].startswith("direction:"):
+            rel = _relation(f.root, [int(s) for s in sec["seeds"]], label, dlabel,
+                            sec["positive"] if sec["metric"] == "rate" else None)
+            if rel is not None:
+                sec["vs_direction"] = rel
+        sec["verdict"] = _eval_verdict(sec, out.get(dlabel or "", {}).get("judge"))
+    return out
+
+
+def _eval_verdict(sec: dict[str, Any], direction_judge: str | None) -> str:
+    """One judge's finetune - control (else each arm's value), every other comparison with a control, the
+    unparsed answers, and the correlation with the direction judge."""
+    ps, n = sec["per_seed"], len(sec["seeds"])
+    s0 = sec["seeds"][0]
+    how = f"95% t-interval across {n} seeds" if n >= 2 else \
+        "one seed: a 95% bootstrap interval over questions and answers, not a replication interval"
+
+    def interval(kind: str, key: str) -> tuple[Any, Any, Any]:
+        if kind == "arm":
+            a = sec["across"][key]
+            one = ps[str(s0)]["arms"].get(key)
+        else:
+            a = sec["across_comparisons"][key]
+            one = ps[str(s0)]["comparisons"].get(key)
+        if n >= 2 or one is None:
+            return a["mean"]["value"], a["lo"]["value"], a["hi"]["value"]
+        return a["mean"]["value"], one["lo"]["value"], one["hi"]["value"]
+
+    text = f"Judged by {sec['judge']} ({sec['scale']})"
+    main = "finetune - control"
+    if main in sec["across_comparisons"]:
+        m, lo, hi = interval("comparison", main)
+        text += (f": finetune {_fmt(sec['across']['finetune']['mean']['value'], sign=False)} against control "
+                 f"{_fmt(sec['across']['control']['mean']['value'], sign=False)}; finetune minus control "
+                 f"{_ci_text(m, lo, hi, how)}")
+        text += {"above 0": ": the finetune's answers score higher than the control's.",
+                 "below 0": ": the finetune's answers score lower than the control's.",
+                 "includes 0": ": no difference distinguishable from 0 (a null).",
+                 "undetermined": "."}[verdict_interval(lo, hi)]
+    else:
+        text += ": " + "; ".join(f"{a} {_ci_text(*interval('arm', a), sign=False)}" for a in sec["arms"]) + \
+            f" ({how})."
+    others = [k for k in sec["comparisons"] if k != main and not k.startswith("base - ")
+              and any(ps[s]["comparisons"].get(k, {}).get("kind") == "control" for s in ps)]
+    if others:
+        text += " Also: " + "; ".join(f"{k} {_ci_text(*interval('comparison', k))}" for k in others) + "."
+    unparsed = sum(a["n_unparsed"]["value"] for p in ps.values() for a in p["arms"].values())
+    total = sum(a["n"]["value"] for p in ps.values() for a in p["arms"].values())
+    if unparsed:
+        text += f" {unparsed} of {total} answers could not be read and are left out."
+    rel = sec.get("vs_direction")
+    if rel is not None:
+        pr = rel["pearson"]
+        ns = sum(p["n"] for p in rel["per_seed"].values())
+        what = "label" if sec["metric"] == "rate" else "score"
+        if pr["mean"]["value"] is None:
+            text += (f" Per answer, this judge's {what} cannot be correlated with {direction_judge}'s calibrated "
+                     f"projection: one of them does not vary over the {ns} answers judged by both.")
+        else:
+            text += (f" Per answer, this judge's {what} correlates with {direction_judge}'s calibrated projection at "
+                     f"r = {_fmt(pr['mean']['value'], 2)}"
+                     + (f" [{_fmt(pr['lo']['value'], 2)}, {_fmt(pr['hi']['value'], 2)}] across "
+                        f"{len(rel['per_seed'])} seeds" if pr["lo"]["value"] is not None else "")
+                     + f" (Pearson, {ns} answers).")
+    return text
+
+
 def _diff(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
     for s in seeds:
         rel = f"diff-s{s}/results.json"
@@ -538,6 +740,7 @@ def summarize_study(root: str | Path) -> dict[str, Any]:
         "finetunes": _finetunes(f, steps),
         "shift": _shift(f, seeds, recipe),
         "ablation": _ablation(f, seeds, steps),
+        "eval": _eval(f, seeds, recipe),
         "prevention": _prevention(f, seeds, arm),
         "diff": _diff(f, seeds),
         "trigger": _trigger(f, seeds, [str(v) for v in recipe.get("analyses", {}).get("trigger", {})
