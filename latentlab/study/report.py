@@ -91,8 +91,25 @@ def _shift_html(sec: dict[str, Any]) -> str:
         parts += ["<h3>Battery</h3>", _verdict(sec["battery_verdict"]), _table(["seed", *labels], brows),
                   f"<p>finetuned - control, mean over seeds: {_ci(bd['mean'], bd['lo'], bd['hi'])}</p>",
                   _fig(study_battery_figure(sec))]
+    if sec.get("amplification"):
+        parts.append(_amplification_html(sec["amplification"]))
     parts += ["<details><summary>per-layer table</summary>", _table(head, rows), "</details>"]
     return "".join(parts)
+
+
+def _amplification_html(amp: dict[str, Any]) -> str:
+    """The shift and the battery per factor on the LoRA difference (finetune and control scaled alike)."""
+    rows = []
+    for e in amp["rows"]:
+        b = e.get("battery") or {}
+        rows.append([f"x{e['factor']:g}", _ci(e["paired"]["mean"], e["paired"]["lo"], e["paired"]["hi"], 1),
+                     _ci(b["finetuned"]["mean"], b["finetuned"]["lo"], b["finetuned"]["hi"]) if b else "n/a",
+                     _ci(b["control"]["mean"], b["control"]["lo"], b["control"]["hi"]) if b else "n/a",
+                     _ci(e["battery_diff"]["mean"], e["battery_diff"]["lo"], e["battery_diff"]["hi"])
+                     if "battery_diff" in e else "n/a"])
+    return "".join(["<h3>Amplification</h3>", _verdict(amp["verdict"]),
+                    _table(["factor", f"shift at layer {amp['layer']}, finetuned - control", "battery: finetuned",
+                            "battery: control", "battery: finetuned - control"], rows)])
 
 
 def _ablation_html(secs: dict[str, Any]) -> str:

@@ -181,7 +181,7 @@ def shift_layers(shift_dir: Path) -> list[int]:
     """The layers where a study's paired shift (finetuned - control) has its bootstrap interval
     over prompts above 0: "where the shift lives" for ablation and prevention."""
     r = json.loads((shift_dir / "results.json").read_text())
-    st = r["stats"]["finetuned - control"]
+    st = _as_trained(r, shift_dir)
     return [layer for layer, ci in zip(r["layers"], st["projection_ci"]) if ci[0] > 0]
 
 
@@ -189,8 +189,18 @@ def peak_layer(shift_dir: Path) -> int:
     """The layer where a seed's paired shift (finetuned - control) is largest in magnitude: the
     ``peak`` layer spec, one layer to ablate where many-layer ablations hit a ceiling."""
     r = json.loads((shift_dir / "results.json").read_text())
-    means = r["stats"]["finetuned - control"]["projection"]
+    means = _as_trained(r, shift_dir)["projection"]
     return int(r["layers"][max(range(len(means)), key=lambda i: abs(means[i]))])
+
+
+def _as_trained(r: dict[str, Any], shift_dir: Path) -> dict[str, Any]:
+    """The paired shift of the finetune as trained (factor 1): a shift step amplified only at other
+    factors (``[shift] scale``) says nothing about where the trained finetune's shift lives."""
+    if "finetuned - control" not in r["stats"]:
+        raise NotApplicable(f"{shift_dir.name} measured no factor 1 ([shift] scale = "
+                            f"{','.join(map(str, r.get('by_scale', {})))}), so its layers are not the trained "
+                            "finetune's")
+    return r["stats"]["finetuned - control"]
 
 
 def _arm(name: str) -> str:

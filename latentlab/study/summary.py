@@ -99,16 +99,23 @@ def _shift(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any
         return None
     first = f.get(next(iter(per.values())))
     layers = first["layers"]
-    key = "finetuned - control"
+    # [shift] scale with other factors than 1: the headline is the finetune as trained (factor 1), or, without
+    # it, the largest factor; models keep their plain labels here, each number naming its scaled key
+    by = first.get("by_scale")
+    ref = "1" if not by or "1" in by else list(by)[-1]
+    names: dict[str, str] = by[ref] if by else {}
+    key = names.get("finetuned - control", "finetuned - control")
     out: dict[str, Any] = {"layers": layers, "seeds": list(per), "per_seed": {}, "direction": recipe["direction"]}
     for s, rel in per.items():
         r = f.get(rel)
+        labels = list(r.get("battery", {})) if not by else \
+            [lab for lab in ("base", *names) if names.get(lab, lab) in r.get("battery", {})]
         out["per_seed"][str(s)] = {
             "paired": [f.num(rel, "stats", key, "projection", i) for i in range(len(layers))],
             "paired_lo": [f.num(rel, "stats", key, "projection_ci", i, 0) for i in range(len(layers))],
             "paired_hi": [f.num(rel, "stats", key, "projection_ci", i, 1) for i in range(len(layers))],
             "z": [f.num(rel, "stats", key, "z", i) for i in range(len(layers))],
-            "battery": {lab: f.num(rel, "battery", lab, "score") for lab in r.get("battery", {})},
+            "battery": {lab: f.num(rel, "battery", names.get(lab, lab), "score") for lab in labels},
         }
     ps = out["per_seed"]
     out["across"] = [_across([ps[str(s)]["paired"][i] for s in per]) for i in range(len(layers))]
@@ -136,8 +143,9 @@ def _shift(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any
     text = {"above 0": "moved unrelated prompts along", "below 0": "moved unrelated prompts against",
             "includes 0": "did not move unrelated prompts distinguishably from 0 along",
             "undetermined": "cannot be judged along"}[v]
+    scaled = "" if ref == "1" else f" (its LoRA difference x{ref}, as the control's)"
     out["verdict"] = (
-        f"The finetune {text} the {recipe['direction']} direction beyond the control at layer {layers[peak]} "
+        f"The finetune{scaled} {text} the {recipe['direction']} direction beyond the control at layer {layers[peak]} "
         f"(the layer with the largest mean shift in magnitude): {_fmt(a['mean']['value'], 1)} "
         f"[{_fmt(lo, 1)}, {_fmt(hi, 1)}] ({how}); the interval is above 0 at {n_pos} and below 0 at {n_neg} "
         f"of {len(layers)} layers."
@@ -160,7 +168,55 @@ def _shift(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any
                "includes 0": ": no difference distinguishable from 0 (a null).",
                "undetermined": "."}[bv]
         )
+    if by and len(by) > 1:
+        out["amplification"] = _amplification(f, per, by, layers, peak)
     return out
+
+
+def _amplification(f: _Files, per: dict[int, str], by: dict[str, dict[str, str]], layers: list[int],
+                   peak: int) -> dict[str, Any]:
+    """A shift step at several factors on the LoRA difference: per factor, the paired shift (finetune - control
+    at that factor) at the headline layer and the battery (each model's, and finetune - control with its paired
+    interval over items), per seed and across seeds."""
+    n = len(per)
+    rows = []
+    for x, names in by.items():
+        key = names.get("finetuned - control")
+        if key is None:
+            continue
+        ps: dict[str, Any] = {}
+        for s, rel in per.items():
+            r = f.get(rel)
+            row: dict[str, Any] = {"paired": f.num(rel, "stats", key, "projection", peak),
+                                   "paired_lo": f.num(rel, "stats", key, "projection_ci", peak, 0),
+                                   "paired_hi": f.num(rel, "stats", key, "projection_ci", peak, 1)}
+            if key in r.get("battery_paired", {}):
+                row["battery"] = {lab: f.num(rel, "battery", names[lab], "score") for lab in ("finetuned", "control")}
+                row["battery_diff"] = f.num(rel, "battery_paired", key, "score")
+                row["battery_diff_lo"] = f.num(rel, "battery_paired", key, "ci", 0)
+                row["battery_diff_hi"] = f.num(rel, "battery_paired", key, "ci", 1)
+            ps[str(s)] = row
+        entry: dict[str, Any] = {"factor": float(x), "per_seed": ps,
+                                 "paired": _across([p["paired"] for p in ps.values()])}
+        if all("battery_diff" in p for p in ps.values()):
+            entry["battery"] = {lab: _across([p["battery"][lab] for p in ps.values()]) for lab in ("finetuned",
+                                                                                                  "control")}
+            entry["battery_diff"] = _across([p["battery_diff"] for p in ps.values()])
+        if n == 1:  # one seed: the intervals over prompts (shift) and items (battery), not across seeds
+            p = next(iter(ps.values()))
+            entry["paired"]["lo"], entry["paired"]["hi"] = p["paired_lo"], p["paired_hi"]
+            if "battery_diff" in entry:
+                entry["battery_diff"]["lo"], entry["battery_diff"]["hi"] = p["battery_diff_lo"], p["battery_diff_hi"]
+        rows.append(entry)
+    how = f"95% t-intervals across {n} seeds" if n >= 2 else \
+        "one seed: bootstrap intervals over prompts (shift) and battery items"
+    parts = [f"x{e['factor']:g}: shift {_fmt(e['paired']['mean']['value'], 1)}"
+             + (f", battery {_fmt(e['battery_diff']['mean']['value'])}" if "battery_diff" in e else "")
+             for e in rows]
+    verdict = (f"Amplified (the finetune's and the control's LoRA difference times each factor), finetune minus "
+               f"control, the shift at layer {layers[peak]} and the battery score: " + "; ".join(parts)
+               + f" ({how} in the table).")
+    return {"layer": layers[peak], "factors": [e["factor"] for e in rows], "rows": rows, "verdict": verdict}
 
 
 def _interval(out: dict[str, Any], i: int, n: int, ps: dict[str, Any], per: dict[int, str]) -> tuple[Any, Any]:

@@ -110,6 +110,76 @@ def test_shift_per_factor(tiny_gemma_dir: Path, files: dict[str, Path], tmp_path
     assert "finetuned@x2 - control@x2" in many["stdout"]
     assert many["manifest"]["results"]["labels"] == ["finetuned@x0", "control@x0", "finetuned", "control",
                                                      "finetuned@x2", "control@x2"]
+    _study_summaries(tmp_path)
+
+
+def _study(root: Path, shift_run: Path, scale: str | None) -> dict[str, Any]:
+    """A study folder holding one seed's shift step (copied from a run), summarized and reported."""
+    import shutil
+
+    from latentlab.io import write_json
+    from latentlab.study import summarize_study
+    from latentlab.study.report import write_report
+
+    shift = {"n_random": 20} | ({"scale": scale} if scale else {})
+    rec = {"name": "amp", "model": "m", "seeds": [0], "direction": "marker", "analyses": {"shift": shift}}
+    root.mkdir()
+    write_json(root / "study.json", {"recipe": rec, "steps": {}})
+    shutil.copytree(shift_run, root / "shift-s0")
+    summary = summarize_study(root)
+    write_json(root / "summary.json", summary)
+    write_report(root, summary)
+    return summary["sections"]["shift"]
+
+
+def _study_summaries(tmp_path: Path) -> None:
+    """[shift] scale = "0,1,2": the headline (factor 1) is what a plain study reports, plus a per-factor table."""
+    from test_study import check_report
+
+    plain = _study(tmp_path / "study-plain", tmp_path / "plain", None)
+    many = _study(tmp_path / "study-many", tmp_path / "many", "0,1,2")
+    assert "amplification" not in plain
+    amp = many.pop("amplification")
+    assert many == plain  # the headline sections are the same numbers from the same paths
+    assert amp["factors"] == [0.0, 1.0, 2.0] and amp["layer"] == plain["layers"][plain["peak_index"]]
+    x0, x1, x2 = amp["rows"]
+    assert x0["paired"]["mean"]["value"] == 0 and x0["battery_diff"]["mean"]["value"] == 0
+    assert x1["paired"]["mean"]["value"] == plain["across"][plain["peak_index"]]["mean"]["value"]
+    assert x2["battery_diff"]["lo"]["src"] == "shift-s0/results.json"  # one seed: the interval over items
+    assert abs(x2["paired"]["mean"]["value"]) > abs(x1["paired"]["mean"]["value"])
+    assert amp["verdict"].startswith("Amplified") and "x2: shift" in amp["verdict"]
+    html = (tmp_path / "study-many" / "report.html").read_text()
+    assert "<h3>Amplification</h3>" in html and "<h3>Amplification</h3>" not in \
+        (tmp_path / "study-plain" / "report.html").read_text()
+    assert check_report(tmp_path / "study-many") > check_report(tmp_path / "study-plain")
+
+
+def test_study_without_factor_one(tmp_path: Path) -> None:
+    """[shift] scale = "0,2": the headline is the largest factor, said so; ablation's 'shift'/'peak' layers are
+    not taken from an amplified finetune (the step is recorded as not run)."""
+    from latentlab.study.recipe import SECTIONS, Section
+    from latentlab.study.runner import NotApplicable, peak_layer, shift_layers
+
+    assert "scale" not in SECTIONS["shift"].wired and "scale" not in SECTIONS["ablation"].wired
+    assert Section("shift", {"scale": "0,0.5,1,2,4"}).stage_values() == {"scale": "0,0.5,1,2,4"}
+    st = {"projection": [1.0, -3.0], "projection_ci": [[0.5, 1.5], [-4, -2]], "z": [2.0, -5.0]}
+    run = tmp_path / "shift-s0"
+    run.mkdir()
+    by = {x: {"finetuned": f"finetuned@x{x}", "control": f"control@x{x}",
+              "finetuned - control": f"finetuned@x{x} - control@x{x}"} for x in ("0", "2")}
+    stats = {f"finetuned@x{x} - control@x{x}": st for x in ("0", "2")}
+    (run / "results.json").write_text(json.dumps({"layers": [3, 4], "stats": stats, "by_scale": by}))
+    for read in (shift_layers, peak_layer):
+        with pytest.raises(NotApplicable, match="no factor 1"):
+            read(run)
+    from latentlab.study import summarize_study
+
+    rec = {"name": "t", "model": "m", "seeds": [0], "direction": "era", "analyses": {"shift": {"scale": "0,2"}}}
+    (tmp_path / "study.json").write_text(json.dumps({"recipe": rec, "steps": {}}))
+    sec = summarize_study(tmp_path)["sections"]["shift"]
+    assert "(its LoRA difference x2, as the control's)" in sec["verdict"] and "at layer 4 " in sec["verdict"]
+    assert sec["per_seed"]["0"]["paired"][1]["path"] == ["stats", "finetuned@x2 - control@x2", "projection", 1]
+    assert [r["factor"] for r in sec["amplification"]["rows"]] == [0.0, 2.0]
 
 
 def test_sample_arms_per_factor(tiny_gemma_dir: Path, gemma_lora_dir: Path, files: dict[str, Path], tmp_path: Path,
