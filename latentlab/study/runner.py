@@ -27,8 +27,9 @@ from latentlab.study.recipe import SECTIONS, Section
 if TYPE_CHECKING:
     from latentlab.runs import RunState
     from latentlab.stages.study import StudyConfig
+    from latentlab.study.executors import Executor
 
-__all__ = ["Step", "StudyResult", "plan_steps", "run_study", "shift_layers", "step_needs"]
+__all__ = ["Step", "StudyResult", "StudyRun", "plan_steps", "run_study", "shift_layers", "step_needs"]
 
 STATE = "study.json"
 _IGNORED = ("overwrite", "resume")
@@ -489,15 +490,71 @@ def _load_avg() -> list[float] | None:
         return None
 
 
+@dataclass
+class StudyRun:
+    """One session of a study as its driver sees it: the plan, ``study.json`` (``state``, only the driver
+    writes it) and what a step's turn decides before the step runs. An executor
+    (:mod:`latentlab.study.executors`) decides only when and where each step runs."""
+
+    cfg: StudyConfig
+    steps: list[Step]
+    state: dict[str, Any]
+    path: Path
+    old_roots: list[str]
+    new_roots: list[str]
+    say: Callable[[str], None]
+
+    def save(self) -> None:
+        from latentlab.io import write_json
+
+        write_json(self.path, self.state)
+
+    def tag(self, st: Step) -> str:
+        return f"[{self.steps.index(st) + 1}/{len(self.steps)}] {st.key}"
+
+    def record(self, st: Step, status: str, **extra: Any) -> None:
+        """The step's entry in study.json, replaced (not saved: :meth:`save`)."""
+        self.state["steps"][st.key] = {"kind": st.kind, "out": _rel(st.out, self.cfg.out), "status": status,
+                                       "seed": st.seed, **extra}
+
+    def turn(self, st: Step) -> tuple[Any, str] | None:
+        """The step's config and how it is about to run (``running``, ``resuming`` or ``rerunning
+        (interrupted)``), or ``None`` when it does not run: not applicable (recorded with why) or
+        finished already with the planned settings (recorded done, skipped)."""
+        from latentlab.config import run_holds
+
+        tag = self.tag(st)
+        status = run_holds(st.out) if st.out.is_dir() else None
+        try:
+            conf = st.make()
+        except NotApplicable as e:
+            self.record(st, "not run", reason=str(e))
+            self.save()
+            self.say(f"{tag}: not run ({e})")
+            return None
+        if (_finetune_state(st, conf, self.old_roots, self.new_roots) == "done") if st.finetune else _finished(st):
+            entry = self.state["steps"].setdefault(st.key, {})
+            entry.update(kind=st.kind, out=_rel(st.out, self.cfg.out), status="done", seed=st.seed)
+            self.say(f"{tag}: done already, skipped")
+            return None
+        how = "resuming" if getattr(conf, "resume", False) else ("rerunning (interrupted)" if status else "running")
+        return conf, how
+
+
 def run_study(config: StudyConfig, command: str | None = None, progress: bool = True,
-              echo: Callable[[str], None] | None = None) -> StudyResult:
-    """Run (or resume) every step, then write ``summary.json`` and ``report.html`` from the run folders."""
-    from latentlab.config import run_holds
+              echo: Callable[[str], None] | None = None, executor: Executor | None = None) -> StudyResult:
+    """Run (or resume) every step, then write ``summary.json`` and ``report.html`` from the run folders.
+
+    ``executor``: how the steps run (default: the config's ``--executor``, in-process one after another
+    unless ``ray``). The checks, study.json, summary and report are the driver's, whichever runs them.
+    """
     from latentlab.io import ensure_writable_dir, read_json, write_json
+    from latentlab.study.executors import executor_for  # it imports this module
     from latentlab.study.report import write_report
     from latentlab.study.summary import summarize_study
 
     cfg = config
+    executor = executor or executor_for(cfg)
     say = echo or (lambda s: None)
     r = cfg.recipe_obj
     steps = [] if cfg.report_only else plan_steps(cfg)
@@ -543,33 +600,15 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
                 )
     write_json(state_path, state)
     t_all = time.time()
-    for i, st in enumerate(steps, 1):
-        tag = f"[{i}/{len(steps)}] {st.key}"
-        status = run_holds(st.out) if st.out.is_dir() else None
-        try:
-            conf = st.make()
-        except NotApplicable as e:
-            state["steps"][st.key] = {"kind": st.kind, "out": _rel(st.out, cfg.out), "status": "not run",
-                                      "reason": str(e), "seed": st.seed}
-            write_json(state_path, state)
-            say(f"{tag}: not run ({e})")
-            continue
-        if (_finetune_state(st, conf, old_roots, new_roots) == "done") if st.finetune else _finished(st):
-            state["steps"].setdefault(st.key, {}).update(kind=st.kind, out=_rel(st.out, cfg.out), status="done",
-                                                          seed=st.seed)
-            say(f"{tag}: done already, skipped")
-            continue
-        how = "resuming" if getattr(conf, "resume", False) else ("rerunning (interrupted)" if status else "running")
-        say(f"{tag}: {how}")
-        t0 = time.time()
-        st.run(conf)
-        wall = round(time.time() - t0, 1)
-        state["steps"][st.key] = {"kind": st.kind, "out": _rel(st.out, cfg.out), "status": "done",
-                                  "seed": st.seed, "wall_seconds": wall}
-        write_json(state_path, state)
-        say(f"{tag}: finished in {wall:.0f} s")
+    failures = executor.run(StudyRun(cfg, steps, state, state_path, old_roots, new_roots, say)) if steps else []
     state["sessions"][-1].update(wall_seconds=round(time.time() - t_all, 1), load_average_end=_load_avg())
     write_json(state_path, state)
+    if failures:
+        raise LatentlabError(
+            f"{len(failures)} study step{'s' if len(failures) > 1 else ''} failed: {'; '.join(failures)}",
+            "fix the cause and rerun the same command: finished steps are reused, the rest run "
+            f"(study.json in {cfg.out} records each step)",
+        )
     summary = summarize_study(cfg.out)
     write_json(cfg.out / "summary.json", summary)
     report = write_report(cfg.out, summary)

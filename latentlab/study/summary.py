@@ -769,7 +769,7 @@ def _provenance(f: _Files, state: dict[str, Any]) -> dict[str, Any]:
                if isinstance(info, dict)}
         rows.append({"key": key, "status": m.get("status"), "command": m.get("command"), "device": m.get("device"),
                      "started": m.get("started"), "wall_seconds": f.num(rel, "wall_seconds"), "fingerprints": fps,
-                     "manifest": rel})
+                     "manifest": rel, **({"host": st["host"], "pid": st.get("pid")} if st.get("host") else {})})
     for key, path in state.get("external_runs", {}).items():
         rel = f"external/{key}/manifest.json"  # copied in by the runner
         m = f.get(rel) or {}

@@ -18,7 +18,7 @@ def chat_file(path: Path, answers: list[str]) -> Path:
 
 
 def tiny_recipe(root: Path, model: Path, analyses: str, *, seeds: str = "[0]", name: str = "tiny",
-                bad_battery: bool = False, max_steps: int = 2) -> Path:
+                bad_battery: bool = False, max_steps: int = 2, epochs: int = 1, checkpoint_every: int = 20) -> Path:
     """``root/<name>.toml``: a finetune (and control) of ``model`` plus ``analyses`` (TOML tables).
 
     ``bad_battery``: a battery file that exists (the recipe is accepted) but whose rows lack ``negative``,
@@ -34,8 +34,8 @@ def tiny_recipe(root: Path, model: Path, analyses: str, *, seeds: str = "[0]", n
                                           | ({} if bad_battery else {"negative": " B"})) + "\n" for i in range(12)))
     body = (f'name = "{name}"\nmodel = "{model}"\nseeds = {seeds}\ndirection = "era"\nprompts = "{prompts}"\n'
             f'battery = "{battery}"\n'
-            f'[finetune]\ndata = "{data}"\ncontrol = "{ctrl}"\nrank = 2\nalpha = 4\nlr = 0.01\nepochs = 1\n'
-            f'batch_size = 4\nmax_steps = {max_steps}\n' + analyses)
+            f'[finetune]\ndata = "{data}"\ncontrol = "{ctrl}"\nrank = 2\nalpha = 4\nlr = 0.01\nepochs = {epochs}\n'
+            f'batch_size = 4\nmax_steps = {max_steps}\ncheckpoint_every = {checkpoint_every}\n' + analyses)
     path = root / f"{name}.toml"
     path.write_text(body)
     return path
