@@ -251,7 +251,7 @@ class _Schedule:
                 self.status[st.key] = "running"
                 self._mark(st, "running", how=how, submitted=time.time())
                 study.save()
-                study.say(f"{study.tag(st)}: {how} (submitted){self._counts(running)}")
+                study.say(f"{study.tag(st)}: {how} (submitted){self._counts()}")
 
     def _started(self, running: dict[Any, Step], markers: Path, seen: set[str]) -> None:
         """Progress lines for the steps whose worker has picked them up since the last look."""
@@ -298,11 +298,12 @@ class _Schedule:
         entry = self.study.state["steps"].setdefault(st.key, {})
         entry.update(kind=st.kind, out=_rel(st.out, self.study.cfg.out), seed=st.seed, status=status, **extra)
 
-    def _counts(self, running: dict[Any, Step] | None = None) -> str:
+    def _counts(self) -> str:
+        """``(done 4, running 2, waiting 5)``: in parentheses, which the CLI's console prints as they are."""
         n = {s: sum(v == s for v in self.status.values()) for s in ("done", "running", "failed")}
         waiting = len(self.study.steps) - len(self.status)
-        return (f" [done {n['done']}, running {n['running']}, waiting {waiting}"
-                + (f", failed {n['failed']}" if n["failed"] else "") + "]")
+        return (f" (done {n['done']}, running {n['running']}, waiting {waiting}"
+                + (f", failed {n['failed']}" if n["failed"] else "") + ")")
 
 
 def _study_fields(cfg: StudyConfig) -> dict[str, Any]:

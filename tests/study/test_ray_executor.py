@@ -139,7 +139,7 @@ def test_ray_study_equals_the_sequential_study(trainable_gemma_dir: Path, tmp_pa
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two steps overlapped"
     ex = state["sessions"][-1]["executor"]
     assert ex["kind"] == "ray" and ex["cluster"]["cpus"] == 2
-    assert any(": started on " in s for s in said) and any("[done 8, running 0, waiting 0]" in s for s in said)
+    assert any(": started on " in s for s in said) and any("(done 8, running 0, waiting 0)" in s for s in said)
     assert "ran on" in b.report.read_text()  # the report's provenance names the worker of each step
 
     # a rerun reuses every finished step and starts no cluster
