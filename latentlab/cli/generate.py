@@ -45,7 +45,8 @@ def command_for(stage: Stage[Any, Any]) -> Any:
     def command(**kwargs: Any) -> None:
         cfg = stage.config(**kwargs)
         try:
-            result = execute(stage, cfg, _command_line(), log=lambda s: console.print(s, highlight=False))
+            result = execute(stage, cfg, _command_line(),
+                             log=lambda s: console.print(s, highlight=False, markup=False))
         except KeyboardInterrupt as e:
             # typer turns a KeyboardInterrupt into a silent exit status, so it is reported here: the
             # stage's own message when it raised one (what it kept, how to continue), else the general line
