@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latentlab.adapters import format_scale
 from latentlab.data import BUILTIN_DATASETS
 from latentlab.errors import LatentlabError
 from latentlab.io import read_json
@@ -88,8 +89,6 @@ def finite_floats(spec: str | Sequence[Any], flag: str, example: str = "-1,-0.5,
 
 def adapter_scales(spec: str | Sequence[Any], flag: str = "--scale") -> list[float]:
     """Factors on a finetune's LoRA difference: finite, >= 0, distinct, at least one (``0,0.5,1,2,4``)."""
-    from latentlab.adapters import format_scale
-
     example = "0,0.5,1,2,4"
     out = finite_floats(str(spec) if isinstance(spec, (int, float)) else spec, flag, example)
     for v in out:

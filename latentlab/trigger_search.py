@@ -55,6 +55,7 @@ from latentlab.data import Chat, load_chats, render_prompt
 from latentlab.direction import Direction
 from latentlab.errors import LatentlabError
 from latentlab.models import LoadedModel
+from latentlab.progress import progress as progress_bar
 from latentlab.scoring import completion_logprobs, completion_sequences
 from latentlab.stats import check_finite
 from latentlab.triggers import (
@@ -691,8 +692,6 @@ def search_triggers(
     warnings_by_value: dict[str, list[list[str]]] = {}
     if candidates.kind != "vocab" and len(values) <= 2000:
         warnings_by_value = check_tokenisation(tok, template, values, prompts[:8], render=render)
-
-    from latentlab.progress import progress as progress_bar
 
     everything = values + extra + null_values
     renderer = _Renderer(tok, template, prompts, render, everything[:3])
