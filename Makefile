@@ -51,6 +51,9 @@ bench: setup
 	$(VENV)/bin/python benchmarks/generate.py
 	$(VENV)/bin/python benchmarks/memory.py
 	$(VENV)/bin/python benchmarks/finetune.py
+	$(VENV)/bin/python benchmarks/sample.py
+	$(VENV)/bin/python benchmarks/serve.py
+	$(VENV)/bin/python benchmarks/study_executor.py
 
 # Rebuild experiments/results/*/summary.{md,json} from the committed run folders (no model runs).
 summaries: setup
