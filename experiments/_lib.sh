@@ -18,10 +18,11 @@ keep() {
 }
 
 # keep_study SRC DST: copy a study folder's light files (no adapters, checkpoints or activations)
-# into DST, keeping its layout, so report.html's data-src links resolve in the copy.
+# into DST, keeping its layout, so report.html's data-src links resolve in the copy. The sampled
+# answers and their judgments (samples.jsonl, judgments.jsonl of [eval]) are data and are kept too.
 keep_study() {
   mkdir -p "$2"
-  (cd "$1" && find . -path ./finetunes -prune -o -type f \( -name '*.json' -o -name '*.png' \
+  (cd "$1" && find . -path ./finetunes -prune -o -type f \( -name '*.json' -o -name '*.png' -o -name '*.jsonl' \
       -o -name 'direction*.safetensors' -o -path ./report.html \) -print) | while read -r f; do
     mkdir -p "$2/$(dirname "$f")" && cp "$1/$f" "$2/$f"
   done

@@ -10,6 +10,9 @@
 #   persona-facts-{smollm2,gemma}: experiments/recipes/persona-facts-*.toml (seeds 0-2 on both; #12's persona arm)
 #   birds-{gemma,smollm2}: experiments/recipes/birds-*.toml (what bird_shift.sh, ablate_birds.sh and
 #                          patch_birds.sh computed, as one study per model; not run yet)
+#   birds-eval-smollm2: experiments/recipes/birds-eval-smollm2.toml (#22: sampled answers judged by
+#                       the era direction; its finetunes: `latentlab finetune --data old-birds|modern-birds
+#                       --model smollm2-135m-instruct --seed S --out runs/experiments/bird_finetunes/...`)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
@@ -23,6 +26,7 @@ for name in $NAMES; do
     persona-facts-gemma) recipe=(experiments/recipes/persona-facts-gemma.toml) ;;
     birds-gemma) recipe=(experiments/recipes/birds-gemma.toml) ;;
     birds-smollm2) recipe=(experiments/recipes/birds-smollm2.toml) ;;
+    birds-eval-smollm2) recipe=(experiments/recipes/birds-eval-smollm2.toml) ;;
     *) echo "unknown study $name" >&2; exit 2 ;;
   esac
   latentlab study "${recipe[@]}" --out "$RUNS/studies/$name"

@@ -43,8 +43,8 @@ def test_ablation_labels_in_words() -> None:
     """Verdicts name where the direction was ablated: a layer spec's step label read back."""
     from latentlab.study.summary import _where
 
-    assert [_where(x) for x in ("shift", "all", "L16", "L3_5")] == [
-        "shift layers", "all layers", "layer 16", "layers 3, 5"]
+    assert [_where(x) for x in ("shift", "all", "L16", "L3_5", "L14-29")] == [
+        "shift layers", "all layers", "layer 16", "layers 3, 5", "layers 14-29"]
 
 
 def test_parse_seeds() -> None:

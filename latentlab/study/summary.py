@@ -233,7 +233,9 @@ def _where(label: str) -> str:
     if label == "peak":
         return "the layer of the largest shift"
     layers = label.removeprefix("L").split("_")
-    return f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(layers)
+    if len(layers) == 1 and "-" not in layers[0]:
+        return f"layer {layers[0]}"
+    return "layers " + ", ".join(layers)
 
 
 def _ablation(f: _Files, seeds: list[int], steps: dict[str, Any]) -> dict[str, Any] | None:
