@@ -68,7 +68,7 @@ summaries: setup
 
 # On a CUDA machine (after `make setup TORCH=torch`): device tests + GPU benchmarks -> benchmarks/results/gpu.md
 gpu-check: setup
-	$(VENV)/bin/python -m pytest -q tests/test_device.py
+	$(VENV)/bin/python -m pytest -q tests/models/test_device.py
 	$(VENV)/bin/python scripts/gpu_check.py
 
 # Optional: PNG export of plots needs a Chromium (HTML plots are always written).

@@ -16,7 +16,7 @@ How each fact is found, most general first:
 - multimodal checkpoints (``Gemma3ForConditionalGeneration``): the language model is taken out as
   the family's ``...ForCausalLM`` sharing the same weights (the vision tower is dropped).
 
-Families tested end to end (tests/test_families.py): Llama, Qwen2, Qwen3, Mistral, Gemma 2,
+Families tested end to end (tests/models/test_families.py): Llama, Qwen2, Qwen3, Mistral, Gemma 2,
 Gemma 3 (text and multimodal), Phi-3, OLMo 2, GPT-2 and GPT-NeoX (Pythia).
 """
 

@@ -14,12 +14,20 @@ minutes-long conversion by accident. Tests of the conversion machinery patch it 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Tests mirror the package (tests/models, tests/stages, tests/study, ...) and a few share helpers by
+# module name (test_ablation's planted LoRA, test_study's report check): every test folder is
+# importable whichever file pytest runs first.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name != "__pycache__"):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 TINY_VOCAB = 128  # > tokenizer size (100): ids the tokenizer never produces are fine
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]

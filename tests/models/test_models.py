@@ -460,7 +460,7 @@ def test_two_processes_convert_a_builtin_once(home: Path, tmp_path: Path) -> Non
     script, count, go = tmp_path / "convert.py", tmp_path / "conversions.txt", tmp_path / "go"
     script.write_text(_CONVERTER)
     env = {**os.environ, "LATENTLAB_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).resolve().parents[1])
     procs = [subprocess.Popen([sys.executable, str(script), str(count), str(go), tests], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     deadline = time.time() + 240
