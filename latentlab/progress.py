@@ -103,9 +103,11 @@ class PlainProgress:
         self._t0 = self._last = time.monotonic()
         self._next = self._mark_after(initial)
         if not disable:
-            of = f" of {_count(total)} {unit}" if total else ""
-            at = f" from {_count(initial)}" if initial else ""
-            self._say(f"{self.desc}: started{at}{of}")
+            if initial:
+                of = f"/{_count(total)}" if total else ""
+                self._say(f"{self.desc}: resumed at {_count(initial)}{of} {unit}")
+            else:
+                self._say(f"{self.desc}: started, {_count(total)} {unit}" if total else f"{self.desc}: started")
 
     # --- tqdm's interface -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ def test_pipe_prints_a_few_plain_lines(capsys: pytest.CaptureFixture[str]) -> No
     bar.close()  # a second close prints nothing
     lines = _lines(capsys.readouterr().err)
     assert 3 <= len(lines) <= 6, lines
-    assert lines[0] == "collect tiny: started of 1000 tok"
+    assert lines[0] == "collect tiny: started, 1000 tok"
     assert any("(50%)" in ln for ln in lines)
     assert lines[-1].startswith("collect tiny: done, 1000 tok in ") and "tok/s" in lines[-1]
     assert "loss=0.001" in lines[-1]
@@ -35,7 +35,7 @@ def test_pipe_prints_a_few_plain_lines(capsys: pytest.CaptureFixture[str]) -> No
 def test_pipe_iterable_context_manager_disable_and_resume(capsys: pytest.CaptureFixture[str]) -> None:
     assert list(progress(range(7), desc="items")) == list(range(7))
     lines = _lines(capsys.readouterr().err)
-    assert lines[0] == "items: started of 7 it" and lines[-1].startswith("items: done, 7 it in ")
+    assert lines[0] == "items: started, 7 it" and lines[-1].startswith("items: done, 7 it in ")
     with progress(total=4, desc="q", disable=True) as bar:
         bar.update(4)
         bar.set_postfix_str("x")
@@ -44,7 +44,7 @@ def test_pipe_iterable_context_manager_disable_and_resume(capsys: pytest.Capture
         bar.update(2)
         raise RuntimeError("interrupted")
     lines = _lines(capsys.readouterr().err)
-    assert lines[0] == "ft: started from 6 of 10 step" and lines[-1].startswith("ft: stopped at 8/10 step in ")
+    assert lines[0] == "ft: resumed at 6/10 step" and lines[-1].startswith("ft: stopped at 8/10 step in ")
 
 
 def test_no_total_prints_every_interval(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,9 @@
 """``latentlab study RECIPE``: a whole experiment from a recipe, resumably, with a report.
 
-The config lives here, as every command's does. The runner (:mod:`latentlab.study.runner`) takes it
-as a parameter and imports this module for type checking only; this module imports the runner only
-when a study runs, so the two never import each other while loading.
+The config lives here, as every command's does. The study package (recipe, plan, executors, driver)
+imports torch through the checks it shares with the other commands, so this module reaches it only
+inside ``__post_init__`` and ``run``, as every stage reaches its algorithm modules: ``latentlab --help``
+stays light.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latentlab.errors import LatentlabError
 from latentlab.stages.base import Context, Stage, StageConfig, config_record, option
-from latentlab.study.recipe import Recipe, load_recipe, parse_seeds
+
+if TYPE_CHECKING:
+    from latentlab.study.recipe import Recipe
 
 __all__ = ["STAGE", "StudyConfig"]
 
@@ -51,6 +54,7 @@ class StudyConfig(StageConfig):
 
     def __post_init__(self) -> None:
         from latentlab.config import check_choice, check_device_dtype, positive_int, run_holds
+        from latentlab.study.recipe import load_recipe, parse_seeds
         from latentlab.study.runner import PROSE, STATE, _grown, _step_settings
 
         super().__post_init__()
@@ -136,7 +140,8 @@ def ray_missing() -> LatentlabError | None:
 
 def run(cfg: StudyConfig, ctx: Context) -> Any:
     """``--list``: the built-in recipes; otherwise the study, run or resumed, and its report."""
-    from latentlab.study import builtin_recipes, load_recipe, run_study
+    from latentlab.study.driver import run_study
+    from latentlab.study.recipe import builtin_recipes, load_recipe
 
     if cfg.list_recipes:
         return [load_recipe(name) for name in builtin_recipes()]

@@ -22,9 +22,9 @@ _EXPORTS = {
     "render_report": "report",
     "write_report": "report",
     "StudyConfig": "latentlab.stages.study",
-    "StudyResult": "runner",
+    "StudyResult": "driver",
     "plan_steps": "runner",
-    "run_study": "runner",
+    "run_study": "driver",
     "shift_layers": "runner",
     "summarize_study": "summary",
 }

@@ -16,7 +16,16 @@ from typing import Any
 
 import tomllib
 
+from latentlab.compliance import check_trigger
+from latentlab.config import DEFAULT_BATTERY, check_choice, check_direction_spec, finite_float, positive_int
+from latentlab.data import BUILTIN_DATASETS
 from latentlab.errors import LatentlabError
+from latentlab.io import read_json
+from latentlab.sampling import load_questions
+from latentlab.stages import stage_named
+from latentlab.stages.base import option_fields
+from latentlab.stages.judge import check_judge
+from latentlab.triggers import check_template, parse_values
 
 __all__ = [
     "ANALYSES",
@@ -51,14 +60,10 @@ class SectionKind:
     def config_class(self) -> type | None:
         if self.stage is None:
             return None
-        from latentlab.stages import stage_named
-
         return stage_named(self.stage).config
 
     def stage_fields(self) -> dict[str, Any]:
         """Recipe-settable stage fields: name -> (default, type)."""
-        from latentlab.stages.base import option_fields
-
         cls = self.config_class()
         if cls is None:
             return {}
@@ -245,8 +250,6 @@ def _build(kind: str, raw: Any) -> Section:
 
 
 def _dataset_exists(name: str, key: str, base_dir: Path | None) -> str:
-    from latentlab.data import BUILTIN_DATASETS
-
     if name in BUILTIN_DATASETS:
         return name
     p = Path(name).expanduser()
@@ -276,8 +279,6 @@ class Recipe:
     source: str = ""
 
     def __post_init__(self) -> None:
-        from latentlab.config import DEFAULT_BATTERY, check_choice, check_direction_spec, positive_int
-
         if not isinstance(self.name, str) or not self.name.strip():
             raise LatentlabError("the recipe has no name", 'add name = "my-study" at the top')
         self.seeds = parse_seeds(self.seeds, "seeds")
@@ -310,8 +311,6 @@ class Recipe:
                 raise LatentlabError("[ablation] layers is empty", 'use e.g. layers = ["shift", "all"]')
             check_choice(ab.mode, ["project", "mean"], "ablation.mode")
         if "compliance" in self.analyses:
-            from latentlab.compliance import check_trigger
-
             c = self.analyses["compliance"]
             check_trigger(c.trigger, c.code_word)
             bs = c.budgets
@@ -322,8 +321,6 @@ class Recipe:
         if "eval" in self.analyses:
             self._check_eval(self.analyses["eval"])
         if "trigger" in self.analyses:
-            from latentlab.triggers import check_template, parse_values
-
             t = self.analyses["trigger"]
             values = parse_values(t.values)
             check_template(t.template)
@@ -347,8 +344,6 @@ class Recipe:
             raise LatentlabError("[eval] arms = [\"ablated\"] names no arm to ablate",
                                  'add the arms to sample with and without the ablation, e.g. ["finetune", "ablated"]')
         ev.arms = arms
-        from latentlab.config import finite_float, positive_int
-
         # the sample step checks these too, but only after the finetunes it samples: a typo must not wait for them
         for k in ("n", "max_new_tokens", "batch_size"):
             positive_int(k, ev[k], f"eval.{k}")
@@ -382,9 +377,6 @@ class Recipe:
         """Datasets exist; a control run folder was trained on this recipe's model."""
         self.prompts = _dataset_exists(self.prompts, "prompts", base_dir)
         if "eval" in self.analyses:
-            from latentlab.sampling import load_questions
-            from latentlab.stages.judge import check_judge
-
             ev = self.analyses["eval"]
             ev.questions = _dataset_exists(str(ev.questions), "eval.questions", base_dir)
             load_questions(ev.questions)
@@ -482,8 +474,6 @@ def check_run_folder(run: Path, model: str, key: str) -> None:
 def check_control_base(control: Path, model: str) -> None:
     """A control given as a run folder must be a finetune of the study's model (its manifest says
     which; the fingerprint is checked again when the adapter is attached)."""
-    from latentlab.io import read_json
-
     m = control / "manifest.json"
     if not m.is_file():
         return

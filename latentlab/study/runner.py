@@ -12,24 +12,24 @@ interrupted finetune resumes from its last checkpoint; an interrupted analysis i
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from latentlab.errors import LatentlabError
+from latentlab.config import run_holds
+from latentlab.data import BUILTIN_DATASETS
+from latentlab.io import read_json, write_json
+from latentlab.runs import RunState, finetune_progress, run_state
 from latentlab.stages import stage_named
 from latentlab.stages.base import config_from_mapping, config_record
-from latentlab.study.recipe import SECTIONS, Section
+from latentlab.study.recipe import SECTIONS, Section, judge_labels
+from latentlab.triggers import parse_values
 
 if TYPE_CHECKING:
-    from latentlab.runs import RunState
     from latentlab.stages.study import StudyConfig
-    from latentlab.study.executors import Executor
 
-__all__ = ["Step", "StudyResult", "StudyRun", "plan_steps", "run_study", "shift_layers", "step_needs"]
+__all__ = ["Step", "StudyRun", "plan_steps", "shift_layers", "step_needs"]
 
 STATE = "study.json"
 _IGNORED = ("overwrite", "resume")
@@ -73,14 +73,6 @@ def _check_needs(steps: list[Step]) -> None:
         if late:
             raise AssertionError(f"study plan: {st.key} needs {late}, not earlier steps")
         seen.add(st.key)
-
-
-@dataclass
-class StudyResult:
-    out: Path
-    summary: dict[str, Any]
-    report: Path
-    steps: list[dict[str, Any]]
 
 
 # Recipe settings that only the summary reads: changing them reuses every finished step.
@@ -205,8 +197,6 @@ def _as_trained(r: dict[str, Any], shift_dir: Path) -> dict[str, Any]:
 
 
 def _arm(name: str) -> str:
-    from latentlab.data import BUILTIN_DATASETS
-
     return name if name in BUILTIN_DATASETS else Path(name).stem
 
 
@@ -247,9 +237,6 @@ def _section_step(cfg: StudyConfig, stage_name: str, key: str, out: Path, step_s
 def plan_steps(cfg: StudyConfig) -> list[Step]:
     """The study's steps in run order (finetunes before the analyses that read them): each a stage
     config from its recipe section plus the wiring for its seed."""
-    from latentlab.runs import finetune_progress
-    from latentlab.triggers import parse_values
-
     r, out = cfg.recipe_obj, cfg.out
     dt = cfg.dtype
     steps: list[Step] = []
@@ -393,8 +380,6 @@ def _eval_steps(cfg: StudyConfig, seed: int, runs: dict[tuple[str, int], Path], 
     control, base, preventative, and each again as ``ARM+ablate(DIRECTION@LAYERS)``), then one judge step
     per judge reading them. The arms are decided when the step's turn comes: the ablation layers and the
     prevention finetune may depend on the shift. ``needs``: the steps the sample step reads."""
-    from latentlab.study.recipe import judge_labels
-
     r, out = cfg.recipe_obj, cfg.out
     ev = r.analyses["eval"]
     arms = ev.arms
@@ -451,8 +436,6 @@ def external_runs(cfg: StudyConfig) -> dict[str, str]:
 
 def _finished(st: Step) -> bool:
     """The step's manifest says complete (a finetune's adapter is :func:`_finetune_state`'s to check)."""
-    from latentlab.config import run_holds
-
     return st.out.is_dir() and run_holds(st.out) == "complete"
 
 
@@ -466,9 +449,6 @@ def _finetune_state(st: Step, conf: Any, old_roots: list[str], new_roots: list[s
     interrupted run is resumed, its checkpoint compared by the trainer (its state records the training
     settings, data and base).
     """
-    from latentlab.io import read_json
-    from latentlab.runs import finetune_progress, run_state
-
     plan = _rooted(_config_dict(conf), new_roots)
     finished = _finished(st)
 
@@ -481,13 +461,6 @@ def _finetune_state(st: Step, conf: Any, old_roots: list[str], new_roots: list[s
 
     return run_state(st.out, plan, overwrite=not finished, record=record,
                      fix="choose a new --out for this recipe, or delete that folder to rerun it")
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
 
 
 @dataclass
@@ -505,8 +478,6 @@ class StudyRun:
     say: Callable[[str], None]
 
     def save(self) -> None:
-        from latentlab.io import write_json
-
         write_json(self.path, self.state)
 
     def tag(self, st: Step) -> str:
@@ -521,8 +492,6 @@ class StudyRun:
         """The step's config and how it is about to run (``running``, ``resuming`` or ``rerunning
         (interrupted)``), or ``None`` when it does not run: not applicable (recorded with why) or
         finished already with the planned settings (recorded done, skipped)."""
-        from latentlab.config import run_holds
-
         tag = self.tag(st)
         status = run_holds(st.out) if st.out.is_dir() else None
         try:
@@ -539,80 +508,6 @@ class StudyRun:
             return None
         how = "resuming" if getattr(conf, "resume", False) else ("rerunning (interrupted)" if status else "running")
         return conf, how
-
-
-def run_study(config: StudyConfig, command: str | None = None, progress: bool = True,
-              echo: Callable[[str], None] | None = None, executor: Executor | None = None) -> StudyResult:
-    """Run (or resume) every step, then write ``summary.json`` and ``report.html`` from the run folders.
-
-    ``executor``: how the steps run (default: the config's ``--executor``, in-process one after another
-    unless ``ray``). The checks, study.json, summary and report are the driver's, whichever runs them.
-    """
-    from latentlab.io import ensure_writable_dir, read_json, write_json
-    from latentlab.study.executors import executor_for  # it imports this module
-    from latentlab.study.report import write_report
-    from latentlab.study.summary import summarize_study
-
-    cfg = config
-    executor = executor or executor_for(cfg)
-    say = echo or (lambda s: None)
-    r = cfg.recipe_obj
-    steps = [] if cfg.report_only else plan_steps(cfg)
-    ensure_writable_dir(cfg.out)
-    state_path = cfg.out / STATE
-    prev = read_json(state_path) if state_path.is_file() else {}
-    old_roots = _roots(prev["config"]["out"]) + _roots(prev.get("root", cfg.out)) if prev else _roots(cfg.out)
-    new_roots = _roots(cfg.out)
-    state: dict[str, Any] = {
-        "root": str(cfg.out.expanduser().resolve()),
-        "recipe": _norm(r.to_dict()),
-        "config": cfg.to_dict(),
-        "command": command or "latentlab.run_study",
-        "started": prev.get("started", time.time()),
-        "sessions": [*prev.get("sessions", []), {"started": time.time(), "load_average_start": _load_avg()}],
-        "steps": prev.get("steps", {}),
-        "external_runs": external_runs(cfg),
-    }
-    # External finetunes' manifests and results are copied in, so the study folder alone (and a
-    # copy of its light files) carries their provenance.
-    for key, path in state["external_runs"].items():
-        for name in ("manifest.json", "results.json"):
-            src = Path(path) / name
-            if src.is_file():
-                ensure_writable_dir(cfg.out / "external" / key)
-                write_json(cfg.out / "external" / key / name, read_json(src))
-    # Every finished step is checked against the plan before anything runs or loads.
-    for st in steps:
-        if _finished(st):
-            try:
-                conf = st.make()
-            except NotApplicable:
-                continue
-            if st.finetune:
-                _finetune_state(st, conf, old_roots, new_roots)  # a finished finetune of other settings is refused
-                continue
-            diff = _differs(read_json(st.out / "manifest.json").get("config", {}), _config_dict(conf), old_roots,
-                            new_roots, _defaults(conf))
-            if diff:
-                raise LatentlabError(
-                    f"{st.out} holds a finished {st.kind} run with other settings (differs in {', '.join(diff)})",
-                    "choose a new --out for this recipe, or delete that folder to rerun it",
-                )
-    write_json(state_path, state)
-    t_all = time.time()
-    failures = executor.run(StudyRun(cfg, steps, state, state_path, old_roots, new_roots, say)) if steps else []
-    state["sessions"][-1].update(wall_seconds=round(time.time() - t_all, 1), load_average_end=_load_avg())
-    write_json(state_path, state)
-    if failures:
-        raise LatentlabError(
-            f"{len(failures)} study step{'s' if len(failures) > 1 else ''} failed: {'; '.join(failures)}",
-            "fix the cause and rerun the same command: finished steps are reused, the rest run "
-            f"(study.json in {cfg.out} records each step)",
-        )
-    summary = summarize_study(cfg.out)
-    write_json(cfg.out / "summary.json", summary)
-    report = write_report(cfg.out, summary)
-    return StudyResult(cfg.out, summary, report, [dict(key=k, **v) for k, v in state["steps"].items()])
 
 
 def _rel(p: Path, root: Path) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.stats import seed_interval
+from latentlab.study.recipe import judge_labels
 
 __all__ = ["Num", "summarize_study", "verdict_interval"]
 
@@ -434,8 +435,6 @@ def _eval(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any]
     the same under ablation, ...) per seed with the judge's bootstrap interval over questions and answers,
     and their means with t-intervals across seeds; a text judge's per-answer correlation with the direction
     judge when both ran."""
-    from latentlab.study.recipe import judge_labels
-
     ev = recipe.get("analyses", {}).get("eval")
     if not ev:
         return None
