@@ -16,14 +16,14 @@ N = 0 is each analysis's one-model floor, the same work with the base in the fin
 base's activations collected twice and projected; ablate / trigger: the loaded base passed as the
 finetune). Reported: peak RSS per N, its ratio to the floor (target <= 1.05 at N = 4) and to N = 1.
 
-Part 2, a random-weight Llama-style model of ~1.1B parameters in bfloat16 built from a config, no hub
+Part 2, a random-weight Llama-style model of ~0.85B parameters in bfloat16 built from a config, no hub
 (``LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
 num_key_value_heads=4, vocab_size=32000)``), saved to a temporary folder with a character-level tokenizer
 (as tests/conftest.py's ``make_char_tokenizer`` / ``save_tiny_model``): the same rows for shift only by
 default (``--big-modes``; ablate and trigger score far more sequences and take tens of minutes there), on
 32 prompts, floor = the base's activations collected twice.
 
-Part 3, time as the work grows, on the ~1.1B model, one process (after a warm-up): ``collect``
+Part 3, time as the work grows, on the ~0.85B model, one process (after a warm-up): ``collect``
 (last-token activations, ``last_token_acts``) at 16, 32, 64 prompts on all layers and at layers 0..3,
 0..7 and all 16 on 64 prompts (the forward stops after the deepest layer asked for); ``analyze_shift``
 with one finetune at 16, 32, 64 prompts (shift always reads every layer, so it has no layer axis). Each
@@ -294,13 +294,13 @@ def main() -> None:
     ap.add_argument("--trigger-values", default="2000:2030:10")
     ap.add_argument("--trigger-prompts", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--no-big", action="store_true", help="skip the ~1.1B model (parts 2 and 3)")
-    ap.add_argument("--big-modes", default="shift", help="analyses on the ~1.1B model (shift,ablate,trigger)")
-    ap.add_argument("--big-prompts", type=int, default=32, help="shift prompts on the ~1.1B model")
+    ap.add_argument("--no-big", action="store_true", help="skip the ~0.85B model (parts 2 and 3)")
+    ap.add_argument("--big-modes", default="shift", help="analyses on the ~0.85B model (shift,ablate,trigger)")
+    ap.add_argument("--big-prompts", type=int, default=32, help="shift prompts on the ~0.85B model")
     ap.add_argument("--scaling-prompts", default="16,32,64")
     ap.add_argument("--scaling-layers", default="4,8,all")
     ap.add_argument("--quick", action="store_true", help="a tiny dry run (1 and 2 finetunes, few prompts, a "
-                    "~4M-parameter stand-in for the ~1.1B model)")
+                    "~4M-parameter stand-in for the ~0.85B model)")
     ap.add_argument("--child", choices=("prepare", "row", "scaling"))
     ap.add_argument("--folder")
     ap.add_argument("--build")
@@ -353,7 +353,7 @@ def main() -> None:
             sc = child("scaling", args, model=big["model"], dtype="bfloat16", adapters=big["adapters"][:1])
             for s in sc["series"].values():
                 s["fit"] = fit([float(v) for v in s["x"]], s["seconds"])
-            result["scaling"] = {"model": "the ~1.1B model above" if not args.quick else "the quick stand-in", **sc}
+            result["scaling"] = {"model": "the ~0.85B model above" if not args.quick else "the quick stand-in", **sc}
             print("scaling:", sc, flush=True)
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)
     result.update(provenance("cpu", load_before))
