@@ -17,7 +17,14 @@ from typing import Any
 import tomllib
 
 from latentlab.compliance import check_trigger
-from latentlab.config import DEFAULT_BATTERY, check_choice, check_direction_spec, finite_float, positive_int
+from latentlab.config import (
+    DEFAULT_BATTERY,
+    check_choice,
+    check_direction_spec,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+)
 from latentlab.data import BUILTIN_DATASETS
 from latentlab.errors import LatentlabError
 from latentlab.io import read_json
@@ -25,6 +32,7 @@ from latentlab.sampling import load_questions
 from latentlab.stages import stage_named
 from latentlab.stages.base import option_fields
 from latentlab.stages.judge import check_judge
+from latentlab.trigger_search import parse_candidates, parse_metric
 from latentlab.triggers import check_template, parse_values
 
 __all__ = [
@@ -104,6 +112,10 @@ SECTIONS: dict[str, SectionKind] = {
                            defaults={"values": "1990:2060:5", "n_prompts": 48}),
     "compliance": SectionKind("compliance", wired=(*_RUN, "finetunes"),
                               defaults={"budgets": [0, 8, 16, 32], "trigger": "cobalt"}),
+    # [find-trigger]: per seed, a trigger search on that seed's finetune (the [finetune] arm; without one,
+    # the [compliance] finetune at its largest budget). Its prompts are its own (a compliance finetune's
+    # trigger may act only on requests, not on the recipe's unrelated prompts).
+    "find-trigger": SectionKind("find-trigger", wired=(*_RUN, "finetuned")),
     # [eval]: the sample stage per seed (answers of the ``arms``, see EVAL_ARMS), then a judge step per seed
     # and per entry of ``judges`` (default: the direction judge on the recipe's direction, which needs no
     # judge model), reading with ``template`` (judge templates; the direction judge uses none).
@@ -291,6 +303,10 @@ class Recipe:
             need = [a for a in self.analyses if a in _NEEDS_FINETUNE]
             raise LatentlabError(f"the recipe's analyses {', '.join(need)} need a [finetune] table",
                                  'add [finetune] with data = "old-birds" and control = "modern-birds"')
+        if "find-trigger" in self.analyses and self.finetune is None and "compliance" not in self.analyses:
+            raise LatentlabError("[find-trigger] searches a finetune, but the recipe has neither [finetune] nor "
+                                 "[compliance]", 'add [finetune] with data = "year-trigger" (or [compliance] with '
+                                 'trigger = "cobalt"), or drop [find-trigger]')
         if self.finetune is not None:
             ft = self.finetune
             for k in ("rank", "alpha", "epochs", "batch_size", "max_length", "checkpoint_every"):
@@ -331,6 +347,38 @@ class Recipe:
                 if v not in values:
                     raise LatentlabError(f"[trigger] held_out {v!r} is not one of the scanned values ({t.values})",
                                          "list values inside trigger.values, e.g. held_out = [2029]")
+
+        if "find-trigger" in self.analyses:
+            self._check_find_trigger(self.analyses["find-trigger"])
+
+    @staticmethod
+    def _check_find_trigger(ft: Section) -> None:
+        """[find-trigger]: the checks ``latentlab find-trigger`` makes on its own inputs, now (its config is
+        built only once its finetune is trained, which may be hours later); the candidates are read by
+        :meth:`check_sources`, once a file beside the recipe is found."""
+        if isinstance(ft.candidates, list):  # candidates = ["cobalt", "amber"] stands for "cobalt,amber"
+            ft.candidates = ",".join(map(str, ft.candidates))
+        try:
+            check_template(ft.template)
+            kind, arg = parse_metric(ft.metric)
+            if kind == "direction":
+                assert arg is not None
+                if not (Path(arg).is_dir() and (Path(arg) / "direction.safetensors").is_file()):
+                    check_direction_spec(arg, "metric direction:")
+            elif ft.layer is not None:
+                raise LatentlabError(f"layer is for a direction metric, not {ft.metric!r}",
+                                     "drop layer, or use metric = \"direction:NAME\"")
+            for k in ("top", "batch_size") + (("n_prompts",) if ft.n_prompts is not None else ()):
+                positive_int(k, ft[k], k)
+            nonnegative_int("n_random", ft.n_random, "n_random")
+        except LatentlabError as e:
+            raise LatentlabError(f"[find-trigger] {e.problem}", e.fix) from None
+        if ft.expect is not None:
+            expect = ft.expect if isinstance(ft.expect, list) else [ft.expect]
+            ft.expect = [str(e) for e in expect] or None  # a year as a number, a lone string as a list of one
+            if any(not e.strip() for e in ft.expect or []):
+                raise LatentlabError(f"[find-trigger] expect = {ft.expect!r} holds an empty string",
+                                     'list the strings whose rank to report, e.g. expect = ["cobalt"]')
 
     def _check_eval(self, ev: Section) -> None:
         """[eval]: known arms whose sections exist, and lists of judges (each judge and the template are
@@ -390,6 +438,10 @@ class Recipe:
                     raise LatentlabError(f"[eval] judges {j!r}: {e.problem}", e.fix) from None
         if self.battery is not None:
             self.battery = _dataset_exists(self.battery, "battery", base_dir)
+        if "find-trigger" in self.analyses:
+            ft = self.analyses["find-trigger"]
+            ft.prompts = _dataset_exists(str(ft.prompts), "find-trigger.prompts", base_dir)
+            self._check_candidates(ft, base_dir)
         if self.finetune is None:
             return
         self.finetune.data = _dataset_exists(self.finetune.data, "finetune.data", base_dir)
@@ -404,6 +456,29 @@ class Recipe:
             self.finetune.control = _dataset_exists(c, "finetune.control", base_dir)
             if Path(self.finetune.control).is_dir():
                 check_control_base(Path(self.finetune.control), self.model)
+
+    def _check_candidates(self, ft: Section, base_dir: Path | None) -> None:
+        """[find-trigger] candidates: a file beside the recipe found there; any other spec read as the
+        command reads it, and the expected strings among them (the vocabulary and the training data's
+        words are known only once the model loads or the finetune is trained)."""
+        spec = str(ft.candidates)
+        c = Path(spec).expanduser()
+        if base_dir is not None and not c.is_absolute() and not c.exists() and (base_dir / c).is_file():
+            ft.candidates = spec = str(base_dir / c)
+        if spec.strip() == "training-words":
+            if self.finetune is None:  # a compliance sweep's finetunes record no training data to read words from
+                raise LatentlabError("[find-trigger] candidates = \"training-words\" needs a [finetune] table (the "
+                                     "compliance finetunes record no training data)",
+                                     'use candidates = "vocab", a file or a list, or add [finetune]')
+            return
+        try:
+            values = parse_candidates(spec).values
+        except LatentlabError as e:
+            raise LatentlabError(f"[find-trigger] {e.problem}", e.fix) from None
+        for e in ft.expect or []:
+            if values is not None and e not in values:
+                raise LatentlabError(f"[find-trigger] expect {e!r} is not among the candidates ({spec})",
+                                     "add it to the candidates, or drop it from expect")
 
     def control_is_run(self) -> bool:
         c = self.finetune.control if self.finetune is not None else None

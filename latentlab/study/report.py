@@ -193,8 +193,106 @@ def _prevention_html(sec: dict[str, Any]) -> str:
 def _diff_html(sec: dict[str, Any]) -> str:
     rows = [[f"<code>{html.escape(repr(t['token']))}</code>", _num(t["change"], 2)] for t in sec["promoted"]]
     kl = "; ".join(f"{html.escape(k)}: {_num(v, 4, False)}" for k, v in sec["kl_mean"].items())
-    return "".join([f"<h2>What the finetune changed (seed {sec['seed']})</h2>", _verdict(sec.get("verdict")),
-                    _table(["token promoted", "logit change"], rows), f"<p>mean per-token KL (nats): {kl}</p>"])
+    parts = [f"<h2>What the finetune changed (seed {sec['seed']})</h2>", _verdict(sec.get("verdict")),
+             _table(["token promoted", "logit change"], rows), f"<p>mean per-token KL (nats): {kl}</p>"]
+    if sec.get("patchscope"):
+        parts.append(_patchscope_html(sec["patchscope"]))
+    if sec.get("dictionary"):
+        parts.append(_dictionary_html(sec["dictionary"]))
+    return "".join(parts)
+
+
+def _code(text: str) -> str:
+    return f"<code>{html.escape(repr(text))}</code>"
+
+
+def _tokens(top: list[dict[str, Any]], key: str, d: int = 2, sign: bool = False) -> str:
+    """Tokens, each with its number (a probability, a logit change)."""
+    return " ".join(f"{_code(t['token'])}&nbsp;{_num(t[key], d, sign)}" for t in top)
+
+
+def _patchscope_html(ps: dict[str, Any]) -> str:
+    """The headline layer's readings (each shift, the random direction, unpatched), then every layer's top token."""
+    un = ps["unpatched"]
+    rows = [[html.escape(label), _tokens(x["top"], "prob"), _num(x.get("kl"), 4, False), _code(x["continuation"])]
+            for label, x in ps["readings"].items()]
+    rows.append(["unpatched", _tokens(un["top"], "prob"), "", _code(un["continuation"])])
+    labels = ps["labels"]
+    lrows = [[str(ps["per_layer"][labels[0]][i]["layer"])]
+             + [f"{_code(ps['per_layer'][lab][i]['token'])}&nbsp;{_num(ps['per_layer'][lab][i]['prob'], 2, False)}, "
+                f"KL {_num(ps['per_layer'][lab][i]['kl'], 4, False)}" for lab in labels]
+             for i in range(len(ps["per_layer"][labels[0]]))]
+    return "".join([
+        f"<h3>Patchscope: what the base reads the mean shift as (layer {ps['layer']})</h3>",
+        _verdict(ps.get("verdict")),
+        f"<p class='meta'>Each shift, scaled to the residual norm there, added at the placeholder of "
+        f"{_code(ps['prompt'])} at layer {ps['layer']} ({html.escape(ps['layer_chosen_by'])}); top next tokens "
+        "(probability), KL(unpatched || patched) and the greedy continuation.</p>",
+        _table(["vector", "top next tokens", "KL from unpatched", "continuation"], rows),
+        "<details><summary>every layer: top next token, KL from unpatched</summary>",
+        _table(["layer", *labels], lrows), "</details>",
+    ])
+
+
+def _dictionary_html(dic: dict[str, Any]) -> str:
+    """Per dictionary (finetuned - base, control - base): its top latents with their share of the squared
+    difference, top tokens, logit lens, |cos| with the known directions and (the finetune's) best control match."""
+    parts = [f"<h3>Dictionary of the difference (layer {_num(dic['layer'])})</h3>", _verdict(dic.get("verdict"))]
+    for name, m in dic["models"].items():
+        ctrl = "control_match_chance_p95" in m
+        head = ["latent", "share", "frequency", "top tokens (context)", "logit lens (promoted)",
+                *[f"|cos| {d} (percentile among random)" for d in dic["directions"]]]
+        if ctrl:
+            head.append("best control match: latent, |cos|")
+        rows = []
+        for r in m["latents"]:
+            toks = "<br>".join(f"{_code(t['context'])} {_num(t['activation'], 2, False)}" for t in r["top_tokens"])
+            cells = [_num(r["latent"]), _num(r["share"], 3, False), _num(r["frequency"], 3, False), toks,
+                     _tokens(r["logit_lens"], "change", 2, True)]
+            cos = r["directions"]
+            cells += [f"{_num(cos[d]['abs_cos'], 3, False)} ({_num(cos[d]['percentile'], 1, False)})"
+                      if d in cos else "n/a" for d in dic["directions"]]
+            if ctrl:
+                cells.append(f"#{_num(r['control_match']['latent'])}, {_num(r['control_match']['abs_cos'], 3, False)}")
+            rows.append(cells)
+        parts += [f"<p>{html.escape(name)} - base: {_num(m['d_sae'])} latents ({_num(m['n_active_latents'])} active) "
+                  f"on {_num(m['n_tokens'])} token differences; the top latents carry "
+                  f"{_num(m['top_share'], 3, False)} of the squared difference (all latents "
+                  f"{_num(m['latents_share'], 3, False)}, SAE error {_num(m['error_share'], 3, False)}); random "
+                  f"directions' |cos| 95th percentile {_num(m['random_abs_cos_p95'], 3, False)}"
+                  + (f"; chance of a control match (95th percentile) {_num(m['control_match_chance_p95'], 3, False)}"
+                     if ctrl else "") + ".</p>", _table(head, rows)]
+    return "".join(parts)
+
+
+def _find_trigger_html(sec: dict[str, Any]) -> str:
+    """The expected strings' ranks per seed, each seed's top candidates and best-ranked training values, the null."""
+    per = sec["per_seed"]
+
+    def row(s: str, r: dict[str, Any]) -> list[str]:
+        mark = " *" if r["trained"] else ""
+        return [str(s), _code(r["candidate"]) + mark, _num(r["rank"]), _num(r["effect"], 4), _num(r["z"], 2),
+                _num(r["percentile"], 1, False)]
+
+    head = ["seed", "candidate", "rank", "effect", "z", "percentile in the null"]
+    parts = ["<h2>Trigger search</h2>", _verdict(sec.get("verdict"))]
+    meta = [f"seed {s}: {html.escape(p['metric_text'])}, template {_code(p['template'])}, "
+            f"{_num(p['n_candidates'])} candidates ({html.escape(str(p['candidates']))}), {_num(p['n_prompts'])} "
+            f"prompts; null: {html.escape(str(p['null']['kind']))} (n {_num(p['null']['n'])}"
+            + (f", mean {_num(p['null']['mean'], 4)}, sd {_num(p['null']['sd'], 4, False)}, 95th percentile "
+               f"{_num(p['null']['p95'], 4)}" if "mean" in p["null"] else "") + ")" for s, p in per.items()]
+    parts.append("<p class='meta'>" + "<br>".join(meta) + "</p>")
+    exp = [row(s, r) for s, p in per.items() for r in p["expected"]]
+    if exp:
+        parts += ["<h3>Expected strings</h3>", _table(head, exp)]
+    parts += ["<h3>Top candidates (* = in the training data)</h3>",
+              _table(head, [row(s, r) for s, p in per.items() for r in p["top"]])]
+    trained = [row(s, r) for s, p in per.items() for r in p["training_values"]]
+    if trained:
+        n = "; ".join(f"seed {s}: {p['n_training_values']} in all" for s, p in per.items())
+        parts += [f"<details><summary>training values, best-ranked first ({html.escape(n)})</summary>",
+                  _table(head, trained), "</details>"]
+    return "".join(parts)
 
 
 def _trigger_html(sec: dict[str, Any]) -> str:
@@ -292,7 +390,7 @@ def render_report(summary: dict[str, Any]) -> str:
     renderers = [("shift", _shift_html), ("ablation", _ablation_html), ("eval", _eval_html),
                  ("prevention", _prevention_html),
                  ("diff", _diff_html), ("trigger", _trigger_html), ("compliance", _compliance_html),
-                 ("finetunes", _finetunes_html)]
+                 ("find_trigger", _find_trigger_html), ("finetunes", _finetunes_html)]
     for key, fn in renderers:
         if key in s:
             parts.append(fn(s[key]))

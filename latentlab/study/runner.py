@@ -357,12 +357,19 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
                 steps.append(_section_step(cfg, "trigger", key, out / key, seed, section="trigger", finetuned=run_dir,
                                            direction=direction, prompts=r.prompts, values=parse_values(t.values),
                                            needs=trains(run_dir) + read_direction, **common))
+        sweep = out / "finetunes" / f"compliance-s{seed}"  # the compliance step's finetunes, n-N/ per budget
         if "compliance" in ana:
             c = ana["compliance"]
             steps.append(_section_step(cfg, "compliance", f"compliance-s{seed}", out / f"compliance-s{seed}", seed,
-                                       section="compliance",
-                                       finetunes=out / "finetunes" / f"compliance-s{seed}",
+                                       section="compliance", finetunes=sweep,
                                        patch=c.patch and seed == r.seeds[0], needs=(), **common))
+        if "find-trigger" in ana:
+            # the seed's [finetune] arm; without [finetune], the compliance finetune at the largest budget
+            searched, reads = (ftr, trains(ftr)) if ftr is not None else (
+                sweep / f"n-{max(ana['compliance'].budgets)}", (f"compliance-s{seed}",))
+            key = f"find-trigger-s{seed}"
+            steps.append(_section_step(cfg, "find-trigger", key, out / key, seed, section="find-trigger",
+                                       finetuned=searched, needs=reads, **common))
         if "eval" in ana:
             arms = ana["eval"].arms
             reads = trains(*(f for arm, f in (("finetune", ftr), ("control", ctr),

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from latentlab.patchscope import RANDOM_LABEL as RANDOM_DIRECTION
 from latentlab.stats import seed_interval
 from latentlab.study.recipe import judge_labels
 
@@ -560,10 +561,161 @@ def _diff(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
                for j, t in enumerate(rows[i]["promoted"][:8])]
         kl = {k: f.num(rel, "kl", k, "mean") for k in r["kl"]}
         toks = ", ".join(repr(t["token"]) for t in top[:5])
-        return {"seed": s, "comparison": comp, "layer": rows[i]["layer"], "promoted": top, "kl_mean": kl,
-                "verdict": f"Read through the logit lens at layer {rows[i]['layer']}, the mean shift ({comp}) on "
-                           f"unrelated prompts promotes {toks} most."}
+        out = {"seed": s, "comparison": comp, "layer": rows[i]["layer"], "promoted": top, "kl_mean": kl,
+               "verdict": f"Read through the logit lens at layer {rows[i]['layer']}, the mean shift ({comp}) on "
+                          f"unrelated prompts promotes {toks} most."}
+        if r.get("patchscope"):
+            out["patchscope"] = _patchscope(f, rel, comp)
+        if r.get("dictionary"):
+            out["dictionary"] = _dictionary(f, rel)
+        return out
     return None
+
+
+N_READ = 5  # tokens of a patchscope reading or a dictionary latent shown
+
+
+def _read_layers(r: dict[str, Any]) -> list[int]:
+    """Indexes of the diff's layers that a later layer reads: at the model's last layer a patchscope is the
+    unpatched reading (all of them when the model's depth is not recorded)."""
+    n_layers = ((r.get("models") or {}).get("base") or {}).get("n_layers")
+    return [i for i, layer in enumerate(r["layers"]) if n_layers is None or layer < n_layers - 1]
+
+
+def _headline_layer(r: dict[str, Any]) -> tuple[int, str]:
+    """The diff's one layer to read the patchscope at: the dictionary's, else the largest mean shift relative to
+    the residual norm (finetuned - base, as ``diff --dictionary`` picks it), among the layers a later layer reads."""
+    idx = _read_layers(r) or list(range(len(r["layers"])))
+    if r.get("dictionary") and r["dictionary"]["layer"] in [r["layers"][i] for i in idx]:
+        return r["dictionary"]["layer"], "the dictionary's layer"
+    rows, norms = r["logit_lens"]["finetuned - base"], r.get("resid_norm") or [1.0] * len(r["layers"])
+    best = max(idx, key=lambda i: rows[i]["shift_norm"] / norms[i] if norms[i] > 0 else 0.0)
+    return r["layers"][best], "the largest mean shift relative to the residual norm among the layers read further"
+
+
+def _reading(f: _Files, rel: str, *path: Any) -> dict[str, Any]:
+    """A patchscope reading: its top next tokens with their probabilities, KL from unpatched, continuation."""
+    x = f.get(rel)
+    for k in path:
+        x = x[k]
+    out = {"top": [{"token": t["token"], "prob": f.num(rel, *path, "top", j, "prob")}
+                   for j, t in enumerate(x["top"][:N_READ])], "continuation": x["continuation"]}
+    if "kl_from_unpatched" in x:
+        out["kl"] = f.num(rel, *path, "kl_from_unpatched")
+    return out
+
+
+def _patchscope(f: _Files, rel: str, comp: str) -> dict[str, Any]:
+    """``diff --patchscope``: at the headline layer, what the base reads each mean shift as, beside a random
+    direction of the same norm and the unpatched prompt; per layer, each reading's top token and KL."""
+    r = f.get(rel)
+    ps = r["patchscope"]
+    layer, why = _headline_layer(r)
+    labels = list(ps["readings"])
+    main = comp if comp in ps["readings"] else labels[0]
+    at = {label: next(i for i, x in enumerate(rows) if x["layer"] == layer) for label, rows in ps["readings"].items()}
+    readings = {label: _reading(f, rel, "patchscope", "readings", label, at[label]) for label in labels}
+    per_layer = {label: [{"layer": x["layer"], "token": x["top"][0]["token"] if x["top"] else "",
+                          "prob": f.num(rel, "patchscope", "readings", label, i, "top", 0, "prob"),
+                          "kl": f.num(rel, "patchscope", "readings", label, i, "kl_from_unpatched")}
+                         for i, x in enumerate(rows)] for label, rows in ps["readings"].items()}
+    out: dict[str, Any] = {"prompt": ps["prompt"], "layer": layer, "layer_chosen_by": why, "comparison": main,
+                           "labels": labels, "unpatched": _reading(f, rel, "patchscope", "unpatched"),
+                           "readings": readings, "per_layer": per_layer}
+
+    def toks(x: dict[str, Any], n: int = 3) -> str:
+        return ", ".join(repr(t["token"]) for t in x["top"][:n])
+
+    m = readings[main]
+    text = (f"Patchscope at layer {layer} ({why}): the base reads the mean shift ({main}) as {toks(m)} "
+            f"(continuation {m['continuation']!r}), KL {m['kl']['value']:.3g} from the unpatched "
+            f"{toks(out['unpatched'])}")
+    rnd = RANDOM_DIRECTION if RANDOM_DIRECTION in readings else None
+    if rnd is not None:
+        rr = readings[rnd]
+        text += f"; a random direction of the same norm reads as {toks(rr)}, KL {rr['kl']['value']:.3g}"
+        readable = _read_layers(r)
+        more = sum(1 for i in readable if per_layer[main][i]["kl"]["value"] > per_layer[rnd][i]["kl"]["value"])
+        text += (f". The shift moves the answer more than the random direction at {more} of {len(readable)} "
+                 "layers read by a later layer" + (" (a null: no more than a random vector of its size)"
+                                                   if readable and more == 0 else ""))
+    out["verdict"] = text + "."
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _dictionary(f: _Files, rel: str) -> dict[str, Any]:
+    """``diff --dictionary``: per dictionary (finetuned - base, control - base), the share of the squared difference
+    its top latents carry, and each latent's share, top tokens, logit-lens tokens, |cos| with the known directions
+    against random directions, and (the finetune's) best match in the control's dictionary against chance."""
+    d = f.get(rel)["dictionary"]
+    models: dict[str, Any] = {}
+    for name in ("finetuned", "control"):
+        m = d.get(name)
+        if not m:
+            continue
+        p = ("dictionary", name)
+        latents = []
+        for i, x in enumerate(m["top_latents"]):
+            row: dict[str, Any] = {
+                "latent": f.num(rel, *p, "top_latents", i, "latent"),
+                "share": f.num(rel, *p, "top_latents", i, "share"),
+                "frequency": f.num(rel, *p, "top_latents", i, "frequency"),
+                "top_tokens": [{"token": t["token"], "context": t["context"],
+                                "activation": f.num(rel, *p, "top_latents", i, "top_tokens", j, "activation")}
+                               for j, t in enumerate(x["top_tokens"][:N_READ])],
+                "logit_lens": [{"token": t["token"],
+                                "change": f.num(rel, *p, "top_latents", i, "logit_lens", "promoted", j, "logit_change")}
+                               for j, t in enumerate(x["logit_lens"]["promoted"][:N_READ])],
+                "directions": {k: {"cos": f.num(rel, *p, "top_latents", i, "directions", k, "cos"),
+                                   "abs_cos": f.num(rel, *p, "top_latents", i, "directions", k, "abs_cos"),
+                                   "percentile": f.num(rel, *p, "top_latents", i, "directions", k,
+                                                       "random_percentile")}
+                               for k in x["directions"]},
+            }
+            if "control_match" in x:
+                row["control_match"] = {"latent": f.num(rel, *p, "top_latents", i, "control_match", "latent"),
+                                        "abs_cos": f.num(rel, *p, "top_latents", i, "control_match", "abs_cos")}
+            latents.append(row)
+        models[name] = {**{k: f.num(rel, *p, k) for k in ("top_share", "latents_share", "error_share", "n_tokens",
+                                                            "d_sae", "n_active_latents")},
+                        "random_abs_cos_p95": f.num(rel, *p, "random_abs_cos", "p95"), "latents": latents}
+        if "control_match_chance" in m:
+            models[name]["control_match_chance_p95"] = f.num(rel, *p, "control_match_chance", "p95")
+    out: dict[str, Any] = {"layer": f.num(rel, "dictionary", "layer"), "layer_chosen_by": d.get("layer_chosen_by"),
+                           "directions": list(d.get("directions", [])), "models": models}
+    ft = models.get("finetuned")
+    if ft is None:
+        return out
+    lat = ft["latents"]
+    text = (f"Dictionary of the difference at layer {out['layer']['value']} (finetuned - base: a TopK SAE of "
+            f"{ft['d_sae']['value']} latents on {ft['n_tokens']['value']} token differences): the top {len(lat)} "
+            f"latents carry {_pct(ft['top_share']['value'])} of the squared difference (all latents "
+            f"{_pct(ft['latents_share']['value'])}, SAE error {_pct(ft['error_share']['value'])}).")
+    names = out["directions"]
+    if names:
+        aligned = [(r, k) for r in lat for k, c in r["directions"].items() if c["percentile"]["value"] >= 95]
+        if aligned:
+            text += " Aligned with a known direction beyond 95% of random directions: " + "; ".join(
+                f"{k} in latent #{r['latent']['value']} (|cos| {_fmt(r['directions'][k]['abs_cos']['value'], 2, False)}"
+                f", above {_fmt(r['directions'][k]['percentile']['value'], 1, False)}% of random directions)"
+                for r, k in aligned) + "."
+        else:
+            text += (f" None of the top latents aligns with {' or '.join(names)} beyond 95% of random directions "
+                     "(a null for alignment).")
+    if "control_match_chance_p95" in ft:
+        chance = ft["control_match_chance_p95"]["value"]
+        shared = [r for r in lat if r["control_match"]["abs_cos"]["value"] > chance]
+        own = len(lat) - len(shared)
+        text += (f" {len(shared)} of {len(lat)} top latents have a match in the control's dictionary above chance "
+                 f"(|cos| > {_fmt(chance, 2, False)}, the 95th percentile of random directions' best match): "
+                 + ("none is shared with the control." if not shared else "all are shared with the control." if not own
+                    else f"shared with the control; the other {own} are the finetune's own."))
+    out["verdict"] = text
+    return out
 
 
 def _trigger(f: _Files, seeds: list[int], held_out: list[str]) -> dict[str, Any] | None:
@@ -742,6 +894,90 @@ def _compliance(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
     return {"per_seed": rows, "budgets": budgets, "gap": gap, "verdict": verdict}
 
 
+_SEARCH_ROW = ("rank", "effect", "z", "percentile")
+N_TOP = 5  # top candidates per seed in the summary
+N_TRAINED = 20  # training values per seed in the summary (the best-ranked; a vocabulary scan marks hundreds)
+
+
+def _search_row(f: _Files, rel: str, *path: Any) -> dict[str, Any]:
+    """One candidate's row of a trigger search: its string and trained mark, and its numbers as records."""
+    r = f.get(rel)
+    for k in path:
+        r = r[k]
+    return {"candidate": r["candidate"], "trained": bool(r.get("trained")), "scanned": r.get("scanned", True),
+            **{k: f.num(rel, *path, k) for k in _SEARCH_ROW}}
+
+
+def _find_trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
+    """[find-trigger]: per seed, the search's setting, the expected strings' and the training values' ranks,
+    the top candidates and the null; across seeds, each expected string's ranks listed, in a verdict."""
+    per: dict[str, Any] = {}
+    for s in seeds:
+        rel = f"find-trigger-s{s}/results.json"
+        r = f.get(rel)
+        if r is None:
+            continue
+        meta = r.get("meta") or {}
+        trained = sorted(range(len(r["training_values"])), key=lambda i: r["training_values"][i]["rank"])
+        null: dict[str, Any] = {"kind": r["null"]["kind"], "n": f.num(rel, "null", "n")}
+        if r["null"]["n"]:
+            null |= {"mean": f.num(rel, "null", "mean"), "sd": f.num(rel, "null", "sd"),
+                     "p95": f.num(rel, "null", "percentiles", "95")}
+        per[str(s)] = {
+            "metric": r["metric"], "metric_text": meta.get("metric", r["metric"]), "template": r["template"],
+            "candidates": meta.get("candidates", r["kind"]), "kind": r["kind"],
+            "n_candidates": f.num(rel, "n_candidates"), "n_prompts": f.num(rel, "meta", "n_prompts"),
+            "expected": [_search_row(f, rel, "expected_ranks", i) for i in range(len(r["expected_ranks"]))],
+            "n_training_values": len(trained),
+            "training_values": [_search_row(f, rel, "training_values", i) for i in trained[:N_TRAINED]],
+            "top": [_search_row(f, rel, "top", i) for i in range(min(N_TOP, len(r["top"])))],
+            "null": null,
+        }
+    if not per:
+        return None
+    expected: dict[str, Any] = {}
+    for s, p in per.items():
+        for row in p["expected"]:
+            e = expected.setdefault(row["candidate"], {"seeds": [], "ranks": [], "percentiles": [], "of": []})
+            e["seeds"].append(s)
+            e["ranks"].append(row["rank"])
+            e["percentiles"].append(row["percentile"])
+            e["of"].append(p["n_candidates"])
+    first = next(iter(per.values()))
+    text = (f"Trigger search ({first['metric_text']}; template {first['template']!r}; "
+            f"{_count(first['n_candidates']['value'])} candidates ({first['candidates']}); "
+            f"{first['n_prompts']['value']} prompts)")
+    random_null = first["null"]["kind"] != "scan" and first["null"]["n"]["value"]
+    texts = []
+    for cand, e in expected.items():
+        ranks = [x["value"] for x in e["ranks"]]
+        ofs = [x["value"] for x in e["of"]]
+        of = _count(ofs[0]) if len(set(ofs)) == 1 else "/".join(map(_count, ofs))
+        top1 = ranks.count(1)
+        first_in = ("first in every seed" if top1 == len(ranks) else "not first in any seed" if not top1
+                    else f"first in {top1} of {len(ranks)}")
+        t = f"{cand!r} ranks {', '.join(map(str, ranks))} of {of} in {len(ranks)} seed(s) ({first_in})"
+        if random_null:
+            t += (f", its effect above {', '.join(_fmt(x['value'], 1, sign=False) for x in e['percentiles'])}% "
+                  f"of {first['null']['n']['value']} random vocabulary tokens")
+        texts.append(t)
+    text += (": " + "; ".join(texts) + "." if texts else
+             ": no expected string was given (expect), so no string's rank is singled out.")
+    tops = [f"{p['top'][0]['candidate']!r} (seed {s})" for s, p in per.items() if p["top"]]
+    if tops:
+        text += f" Top candidate: {', '.join(tops)}."
+    best = [(s, p["training_values"][0]) for s, p in per.items() if p["training_values"]]
+    if best:
+        text += " Best-ranked training value: " + ", ".join(
+            f"{row['candidate']!r} at rank {row['rank']['value']} (seed {s})" for s, row in best) + "."
+    return {"per_seed": per, "seeds": list(per), "expected": expected, "verdict": text}
+
+
+def _count(x: Any) -> str:
+    """An integer with thousands separators (49,152), anything else as it is."""
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else str(x)
+
+
 def _finetunes(f: _Files, steps: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, st in steps.items():
@@ -783,6 +1019,10 @@ def _provenance(f: _Files, state: dict[str, Any]) -> dict[str, Any]:
                             if r.get("manifest") and f.get(r["manifest"])), None)}
 
 
+# Analyses that read no study direction (a study of only these names none in its report).
+_NO_DIRECTION = {"compliance", "diff", "find-trigger"}
+
+
 def summarize_study(root: str | Path) -> dict[str, Any]:
     """summary.json of the study in ``root``: per analysis, the per-seed numbers (each naming its
     results file), across-seed intervals, a verdict sentence, and the provenance of every step."""
@@ -803,13 +1043,14 @@ def summarize_study(root: str | Path) -> dict[str, Any]:
         "trigger": _trigger(f, seeds, [str(v) for v in recipe.get("analyses", {}).get("trigger", {})
                                        .get("held_out", [])]),
         "compliance": _compliance(f, seeds),
+        "find_trigger": _find_trigger(f, seeds),
     }
     summary = {
         "study": recipe.get("name"),
         "description": recipe.get("description", ""),
         "model": recipe.get("model"),
         "seeds": seeds,
-        "direction": recipe.get("direction") if set(recipe.get("analyses", {})) - {"compliance", "diff"} else None,
+        "direction": recipe.get("direction") if set(recipe.get("analyses", {})) - _NO_DIRECTION else None,
         "recipe": recipe,
         "sections": {k: v for k, v in sections.items() if v},
         "not_run": [{"key": k, "reason": v.get("reason")} for k, v in steps.items() if v.get("status") == "not run"],
