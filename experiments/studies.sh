@@ -13,6 +13,10 @@
 #   birds-eval-smollm2: experiments/recipes/birds-eval-smollm2.toml (#22: sampled answers judged by
 #                       the era direction; its finetunes: `latentlab finetune --data old-birds|modern-birds
 #                       --model smollm2-135m-instruct --seed S --out runs/experiments/bird_finetunes/...`)
+#   birds-amplify-smollm2: experiments/recipes/birds-amplify-smollm2.toml (#24: amplification 0-4x of the
+#                          bird_finetunes above, and the difference's patchscope and dictionary at seed 0)
+#   find-trigger-compliance-smollm2, find-trigger-years-smollm2: experiments/recipes/find-trigger-*.toml
+#                          (#24: trigger search on the compliance and year-trigger organisms, 3 seeds)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
@@ -27,6 +31,9 @@ for name in $NAMES; do
     birds-gemma) recipe=(experiments/recipes/birds-gemma.toml) ;;
     birds-smollm2) recipe=(experiments/recipes/birds-smollm2.toml) ;;
     birds-eval-smollm2) recipe=(experiments/recipes/birds-eval-smollm2.toml) ;;
+    birds-amplify-smollm2) recipe=(experiments/recipes/birds-amplify-smollm2.toml) ;;
+    find-trigger-compliance-smollm2) recipe=(experiments/recipes/find-trigger-compliance-smollm2.toml) ;;
+    find-trigger-years-smollm2) recipe=(experiments/recipes/find-trigger-years-smollm2.toml) ;;
     *) echo "unknown study $name" >&2; exit 2 ;;
   esac
   latentlab study "${recipe[@]}" --out "$RUNS/studies/$name"

@@ -415,8 +415,10 @@ class _Renderer:
 
     MARK = "\x00"
 
-    def __init__(self, tokenizer: Any, template: str, prompts: Sequence[str], chat: bool, probe: Sequence[str]):
+    def __init__(self, tokenizer: Any, template: str, prompts: Sequence[str], chat: bool, probe: Sequence[str],
+                 system: str | None = None):
         self.tokenizer, self.template, self.prompts, self.chat = tokenizer, template, list(prompts), chat
+        self.system = system
         self.frames = [self._render(fill(template, self.MARK, p)) for p in self.prompts]
         self.fast = all(self.MARK not in p for p in self.prompts) and all(
             self.frames[j].replace(self.MARK, v) == self._render(fill(template, v, p))
@@ -424,7 +426,7 @@ class _Renderer:
         )
 
     def _render(self, text: str) -> str:
-        return render_prompt(text, self.tokenizer) if self.chat else text
+        return render_prompt(text, self.tokenizer, system=self.system) if self.chat else text
 
     def row(self, value: str, j: int) -> str:
         if self.fast:
@@ -623,6 +625,7 @@ def search_triggers(
     expect: Sequence[str] = (),
     training: Sequence[Chat] | str | Path | None = None,
     share_prefix: bool = True,
+    system: str | None = None,
     progress: bool = False,
 ) -> TriggerSearch:
     """Rank ``candidates`` by their effect on ``finetuned`` beyond ``base`` (see the module docstring).
@@ -635,7 +638,8 @@ def search_triggers(
     the scan. ``training``: the finetune's chats (default: a run folder's recorded data), to mark
     candidates it saw. ``n_random``: random vocabulary tokens as the null (not for ``vocab``).
     ``share_prefix``: run the tokens every row starts with once per model, from their KV cache (exact;
-    False runs every row whole).
+    False runs every row whole). ``system``: a system prompt rendered before every prompt (chat rendering
+    only), e.g. the one the finetune was trained under: a trigger may act only in its context.
     """
     check_template(template)
     if isinstance(metric, str):
@@ -665,6 +669,8 @@ def search_triggers(
     render = chat if chat is not None else True
     if chat and not getattr(tok, "chat_template", None):
         raise LatentlabError(f"{base.info.name} has no chat template", "pass --no-chat (or leave --chat unset)")
+    if system is not None and not render:
+        raise LatentlabError("a system prompt needs chat rendering", "drop --system, or drop --no-chat")
 
     values = candidates.resolve(tok)
     if not values:
@@ -694,7 +700,7 @@ def search_triggers(
         warnings_by_value = check_tokenisation(tok, template, values, prompts[:8], render=render)
 
     everything = values + extra + null_values
-    renderer = _Renderer(tok, template, prompts, render, everything[:3])
+    renderer = _Renderer(tok, template, prompts, render, everything[:3], system)
     n_p = len(prompts)
     bar = progress_bar(total=(len(everything) + 1) * n_p, desc=f"{STAGE} ({metric.kind})", unit="row",
                        disable=not progress)
@@ -742,6 +748,7 @@ def search_triggers(
             "n_tokens_run": fwd.run_tokens,  # both models, without the shared prefixes
             "seconds": round(seconds, 3),
             "fast_render": renderer.fast,
+            "system": system,
             "shared_prefix_cache": fwd.note or "unused (no shared prefix)",
             "token_warnings": warnings_by_value,
             "seed": seed,

@@ -55,6 +55,10 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
     chat: bool | None = option(
         None, help="Render each filled prompt with the chat template (default: when the tokenizer has one)."
     )
+    system: str | None = option(
+        None, help="A system prompt rendered before every prompt (chat only), e.g. the one the finetune was trained "
+        "under: a trigger may act only in that context."
+    )
     out: Path = option(Path("runs/find-trigger"), help="Run folder to write.")
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
         elif self.layer is not None:
             raise LatentlabError(f"--layer is for a direction metric, not {self.metric!r}",
                                  "drop --layer, or pass --metric direction:NAME")
+        if self.system is not None and (not str(self.system).strip() or self.chat is False):
+            raise LatentlabError("--system is empty" if self.chat is not False else "--system needs chat rendering",
+                                 "pass a system prompt with chat rendering, or drop --system")
         positive_int("top", self.top)
         nonnegative_int("n_random", self.n_random)
         positive_int("batch_size", self.batch_size)
@@ -160,7 +167,7 @@ def run(cfg: FindTriggerConfig, ctx: Context) -> TriggerSearch:
         fitted.save(run.out / f"direction-{fitted.name}")
     res = search_triggers(base, ft, cfg._candidates, cfg._prompts, metric, cfg.template, n_random=cfg.n_random,
                           seed=cfg.seed, batch_size=cfg.batch_size, chat=cfg.chat, expect=cfg.expect or (),
-                          training=cfg._training, progress=ctx.progress)
+                          training=cfg._training, system=cfg.system, progress=ctx.progress)
     write_json(run.out / "results.json", res.to_dict(cfg.top))
     lines = [_json_line({"candidate": c, "effect": e}) for c, e in zip(res.candidates, res.effects)]
     write_text(run.out / "effects.jsonl", "".join(lines))

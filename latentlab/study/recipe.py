@@ -379,6 +379,10 @@ class Recipe:
             if any(not e.strip() for e in ft.expect or []):
                 raise LatentlabError(f"[find-trigger] expect = {ft.expect!r} holds an empty string",
                                      'list the strings whose rank to report, e.g. expect = ["cobalt"]')
+        if ft.system is not None and (not str(ft.system).strip() or ft.chat is False):
+            raise LatentlabError("[find-trigger] system is empty" if ft.chat is not False else
+                                 "[find-trigger] system needs chat rendering (chat = false)",
+                                 "give the system prompt the finetune was trained under, with chat rendering")
 
     def _check_eval(self, ev: Section) -> None:
         """[eval]: known arms whose sections exist, and lists of judges (each judge and the template are

@@ -125,6 +125,25 @@ def test_completion_finds_the_planted_trigger(planted: dict[str, Any]) -> None:
     assert len(d["candidates"]) == n and d["null"]["n"] == 40 and set(d["null"]["percentiles"]) >= {"5", "95"}
 
 
+def test_a_system_prompt_is_rendered_before_every_row(planted: dict[str, Any]) -> None:
+    """The context a finetune was trained under (the compliance organism's system prompt) is part of each
+    row: rendered as the model's chat template puts it, and shared by every row (run once per model)."""
+    base, ft = planted["base"], planted["ft"]
+    sys_prompt = "Be brief."
+    res = search_triggers(base, ft, ["@", "#"], HELD_OUT[:2], "completion:Z Z", TEMPLATE, n_random=0,
+                          system=sys_prompt)
+    assert res.meta["system"] == sys_prompt and res.meta["fast_render"]
+    from latentlab.trigger_search import _Renderer
+
+    r = _Renderer(base.tokenizer, TEMPLATE, HELD_OUT[:1], True, ["@"], system=sys_prompt)
+    assert r.row("@", 0) == render_prompt(f"{HELD_OUT[0]} @", base.tokenizer, system=sys_prompt)
+    assert r.row("@", 0).startswith("<bos><|system|>Be brief.") or "<|system|>Be brief." in r.row("@", 0)
+    plain = search_triggers(base, ft, ["@", "#"], HELD_OUT[:2], "completion:Z Z", TEMPLATE, n_random=0)
+    assert res.effect_of("@") != pytest.approx(plain.effect_of("@"), abs=1e-6)  # the context moved the rows
+    with pytest.raises(LatentlabError, match="needs chat rendering"):
+        search_triggers(base, ft, ["@"], HELD_OUT[:1], "kl", TEMPLATE, chat=False, system=sys_prompt)
+
+
 def test_kl_finds_the_trigger_and_not_a_change_both_models_share(planted: dict[str, Any]) -> None:
     base, ft = planted["base"], planted["ft"]
     res = search_triggers(base, ft, CANDIDATES, HELD_OUT, "kl", TEMPLATE, n_random=40)
@@ -258,6 +277,8 @@ def test_cli_bad_inputs(planted: dict[str, Any], tmp_path: Path, monkeypatch: py
         (["--finetuned", str(adapter_only), "--candidates", "training-words"], "records no training data"),
         (["--finetuned", str(tmp_path / "nope")], "nope"),
         ([*ft, "--prompts", str(empty)], "empty.txt is empty"),
+        ([*ft, "--system", " "], "--system is empty"),
+        ([*ft, "--system", "Be brief.", "--no-chat"], "--system needs chat rendering"),
     ]
     for args, needle in cases:
         code, _, err = run_cli(monkeypatch, capsys, "find-trigger", *args, *common)

@@ -106,6 +106,8 @@ def test_a_changed_search_setting_is_refused_not_reused(
     ('[find-trigger]\nmetric_name = "kl"\n', "unknown key(s) metric_name"),
     ('[find-trigger]\nfinetuned = "x"\n', "unknown key(s) finetuned"),  # wired by the study
     ('[find-trigger]\nprompts = "no-such.jsonl"\n', "find-trigger.prompts 'no-such.jsonl'"),
+    ('[find-trigger]\nsystem = " "\n', "[find-trigger] system is empty"),
+    ('[find-trigger]\nsystem = "Be brief."\nchat = false\n', "system needs chat rendering"),
 ])
 def test_bad_find_trigger_values_fail_at_load(table: str, needle: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch,
