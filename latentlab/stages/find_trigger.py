@@ -1,12 +1,14 @@
 """``latentlab find-trigger``: which strings, put into the prompt, change a finetune beyond its base?
 
 Every input is read and checked here before the base loads (the template, the metric and its
-direction, the candidates, the prompts, the strings expected to rank high); the search itself is
+direction, the candidates, the prompts, the strings expected to rank high), by
+:func:`check_search_inputs`, which a study's recipe calls too; the search itself is
 :func:`latentlab.trigger_search.search_triggers`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +17,8 @@ from latentlab.errors import LatentlabError
 from latentlab.stages.base import Context, FinetuneBaseOptions, OutOptions, Stage, option
 
 if TYPE_CHECKING:
-    from latentlab.trigger_search import TriggerSearch
+    from latentlab.directions import DirectionSpec
+    from latentlab.trigger_search import CandidateSet, MetricKind, TriggerSearch
 
 DEFAULT_TEMPLATE = "{value}. {prompt}"  # latentlab.triggers.DEFAULT_TEMPLATE (not imported: it pulls in torch)
 DEFAULT_PROMPTS = 8
@@ -62,53 +65,14 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
     out: Path = option(Path("runs/find-trigger"), help="Run folder to write.")
 
     def __post_init__(self) -> None:
-        from latentlab.config import nonnegative_int, positive_int
-        from latentlab.data import load_chats, load_prompts
+        from latentlab.data import load_chats
         from latentlab.models import resolve_adapter
-        from latentlab.trigger_search import parse_candidates, parse_metric
-        from latentlab.triggers import check_template, training_data_of
+        from latentlab.triggers import training_data_of
 
-        check_template(self.template)
-        self._metric_kind, arg = parse_metric(self.metric)
-        self._direction = None
-        if self._metric_kind == "direction":
-            from latentlab.directions import DirectionSpec
-
-            assert arg is not None
-            self._direction = DirectionSpec.parse(arg, "--metric direction:")
-            if self.layer is None and self._direction.saved is not None and saved_best_layer(arg) is None:
-                raise LatentlabError(
-                    f"the saved direction {arg} has no probes beside it to choose its layer",
-                    "pass --layer N",
-                )
-            if self.layer is not None and self._direction.saved is not None:
-                if self.layer not in self._direction.saved.layers:
-                    raise LatentlabError(f"--layer {self.layer} is not a layer of the saved direction {arg}",
-                                         f"pick one of {self._direction.saved.layers}")
-        elif self.layer is not None:
-            raise LatentlabError(f"--layer is for a direction metric, not {self.metric!r}",
-                                 "drop --layer, or pass --metric direction:NAME")
-        if self.system is not None and (not str(self.system).strip() or self.chat is False):
-            raise LatentlabError("--system is empty" if self.chat is not False else "--system needs chat rendering",
-                                 "pass a system prompt with chat rendering, or drop --system")
-        positive_int("top", self.top)
-        nonnegative_int("n_random", self.n_random)
-        positive_int("batch_size", self.batch_size)
-        if self.n_prompts is not None:
-            positive_int("n_prompts", self.n_prompts)
         resolve_adapter(self.finetuned)
-        self._candidates = parse_candidates(self.candidates, self.finetuned)
-        n = self.n_prompts or (VOCAB_PROMPTS if self._candidates.kind == "vocab" else DEFAULT_PROMPTS)
-        self._prompts = load_prompts(self.prompts)[:n]
-        if not self._prompts:
-            raise LatentlabError(f"{self.prompts} holds no prompts", "pass --prompts with at least one prompt")
-        self.expect = [str(e) for e in self.expect or []] or None
-        for e in self.expect or []:
-            if not e.strip():
-                raise LatentlabError("an --expect string is empty", "pass the trigger you expect, e.g. --expect zephyr")
-            if self._candidates.values is not None and e not in self._candidates.values:
-                raise LatentlabError(f"--expect {e!r} is not among the candidates ({self.candidates})",
-                                     "add it to the candidates, or drop --expect")
+        inputs = check_search_inputs(self, self.finetuned)
+        self._metric_kind, self._direction = inputs.metric_kind, inputs.direction
+        self._candidates, self._prompts, self.expect = inputs.candidates, inputs.prompts, inputs.expect
         self._training = training_data_of(self.finetuned)
         if self._training is not None:
             try:
@@ -116,6 +80,76 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
             except (LatentlabError, OSError):
                 self._training = None  # the data moved: the marks of trained values are a nicety
         super().__post_init__()
+
+
+def cli_flag(key: str) -> str:
+    """How the command names a setting in its errors (a recipe names the TOML key itself)."""
+    return "--" + key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    """The settings :func:`check_search_inputs` read. ``candidates`` is None for ``training-words`` when
+    no finetune was given (its words are its recorded training data's)."""
+
+    metric_kind: MetricKind
+    direction: DirectionSpec | None
+    candidates: CandidateSet | None
+    prompts: list[str]
+    expect: list[str] | None
+
+
+def check_search_inputs(s: Any, finetuned: Path | None = None, flag: Callable[[str], str] = cli_flag) -> SearchInputs:
+    """Every check of a search's settings ``s`` (a :class:`FindTriggerConfig`, or a study recipe's
+    ``[find-trigger]`` table, duck-typed) that the finetune is not needed for, read as the command reads
+    them: the template, the metric and its direction, the layer, the counts, the system prompt, the
+    candidates, the prompts and the expected strings. Stated once because a study checks its recipe when it
+    loads, while the finetune the config needs may be trained hours later; ``training-words`` is read only
+    with ``finetuned``. ``flag`` names a setting in the errors (``--top``, or the recipe's ``top``)."""
+    from latentlab.config import nonnegative_int, positive_int
+    from latentlab.data import load_prompts
+    from latentlab.directions import DirectionSpec
+    from latentlab.trigger_search import parse_candidates, parse_metric
+    from latentlab.triggers import check_template
+
+    check_template(s.template)
+    kind, arg = parse_metric(s.metric)
+    direction = None
+    if kind == "direction":
+        assert arg is not None
+        direction = DirectionSpec.parse(arg, f"{flag('metric')} direction:")
+        if direction.saved is not None and s.layer is None and saved_best_layer(arg) is None:
+            raise LatentlabError(f"the saved direction {arg} has no probes beside it to choose its layer",
+                                 f"pass {flag('layer')} N")
+        if direction.saved is not None and s.layer is not None and s.layer not in direction.saved.layers:
+            raise LatentlabError(f"{flag('layer')} {s.layer} is not a layer of the saved direction {arg}",
+                                 f"pick one of {direction.saved.layers}")
+    elif s.layer is not None:
+        raise LatentlabError(f"{flag('layer')} is for a direction metric, not {s.metric!r}",
+                             f"drop {flag('layer')}, or use {flag('metric')} direction:NAME")
+    if s.system is not None and (not str(s.system).strip() or s.chat is False):
+        raise LatentlabError(f"{flag('system')} is empty" if s.chat is not False else
+                             f"{flag('system')} needs chat rendering",
+                             "give the system prompt the finetune was trained under, with chat rendering, or drop "
+                             f"{flag('system')}")
+    for k in ("top", "batch_size") + (("n_prompts",) if s.n_prompts is not None else ()):
+        positive_int(k, getattr(s, k), flag(k))
+    nonnegative_int("n_random", s.n_random, flag("n_random"))
+    spec = str(s.candidates)
+    candidates = None if spec.strip() == "training-words" and finetuned is None else parse_candidates(spec, finetuned)
+    n = s.n_prompts or (VOCAB_PROMPTS if candidates is not None and candidates.kind == "vocab" else DEFAULT_PROMPTS)
+    prompts = load_prompts(s.prompts)[:n]
+    if not prompts:
+        raise LatentlabError(f"{s.prompts} holds no prompts", f"pass {flag('prompts')} with at least one prompt")
+    expect = [str(e) for e in s.expect or []] or None
+    for e in expect or []:
+        if not e.strip():
+            raise LatentlabError(f"an {flag('expect')} string is empty",
+                                 "give the strings whose rank to report, e.g. the trigger you expect")
+        if candidates is not None and candidates.values is not None and e not in candidates.values:
+            raise LatentlabError(f"{flag('expect')} {e!r} is not among the candidates ({spec})",
+                                 f"add it to the candidates, or drop it from {flag('expect')}")
+    return SearchInputs(kind, direction, candidates, prompts, expect)
 
 
 def saved_best_layer(spec: str | Path) -> int | None:

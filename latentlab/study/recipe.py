@@ -22,7 +22,6 @@ from latentlab.config import (
     check_choice,
     check_direction_spec,
     finite_float,
-    nonnegative_int,
     positive_int,
 )
 from latentlab.data import BUILTIN_DATASETS
@@ -31,8 +30,8 @@ from latentlab.io import read_json
 from latentlab.sampling import load_questions
 from latentlab.stages import stage_named
 from latentlab.stages.base import option_fields
+from latentlab.stages.find_trigger import check_search_inputs
 from latentlab.stages.judge import check_judge
-from latentlab.trigger_search import parse_candidates, parse_metric
 from latentlab.triggers import check_template, parse_values
 
 __all__ = [
@@ -349,40 +348,21 @@ class Recipe:
                                          "list values inside trigger.values, e.g. held_out = [2029]")
 
         if "find-trigger" in self.analyses:
-            self._check_find_trigger(self.analyses["find-trigger"])
+            self._read_find_trigger(self.analyses["find-trigger"])
 
-    @staticmethod
-    def _check_find_trigger(ft: Section) -> None:
-        """[find-trigger]: the checks ``latentlab find-trigger`` makes on its own inputs, now (its config is
-        built only once its finetune is trained, which may be hours later); the candidates are read by
+    def _read_find_trigger(self, ft: Section) -> None:
+        """[find-trigger], as the recipe writes what the command reads: a list of candidates is the a,b,c
+        spec, a lone expected string (or year) a list of one. The settings are checked by
         :meth:`check_sources`, once a file beside the recipe is found."""
         if isinstance(ft.candidates, list):  # candidates = ["cobalt", "amber"] stands for "cobalt,amber"
             ft.candidates = ",".join(map(str, ft.candidates))
-        try:
-            check_template(ft.template)
-            kind, arg = parse_metric(ft.metric)
-            if kind == "direction":
-                assert arg is not None
-                if not (Path(arg).is_dir() and (Path(arg) / "direction.safetensors").is_file()):
-                    check_direction_spec(arg, "metric direction:")
-            elif ft.layer is not None:
-                raise LatentlabError(f"layer is for a direction metric, not {ft.metric!r}",
-                                     "drop layer, or use metric = \"direction:NAME\"")
-            for k in ("top", "batch_size") + (("n_prompts",) if ft.n_prompts is not None else ()):
-                positive_int(k, ft[k], k)
-            nonnegative_int("n_random", ft.n_random, "n_random")
-        except LatentlabError as e:
-            raise LatentlabError(f"[find-trigger] {e.problem}", e.fix) from None
-        if ft.expect is not None:
-            expect = ft.expect if isinstance(ft.expect, list) else [ft.expect]
-            ft.expect = [str(e) for e in expect] or None  # a year as a number, a lone string as a list of one
-            if any(not e.strip() for e in ft.expect or []):
-                raise LatentlabError(f"[find-trigger] expect = {ft.expect!r} holds an empty string",
-                                     'list the strings whose rank to report, e.g. expect = ["cobalt"]')
-        if ft.system is not None and (not str(ft.system).strip() or ft.chat is False):
-            raise LatentlabError("[find-trigger] system is empty" if ft.chat is not False else
-                                 "[find-trigger] system needs chat rendering (chat = false)",
-                                 "give the system prompt the finetune was trained under, with chat rendering")
+        if ft.expect is not None and not isinstance(ft.expect, list):
+            ft.expect = [ft.expect]
+        if str(ft.candidates).strip() == "training-words" and self.finetune is None:
+            # a compliance sweep's finetunes record no training data to read words from
+            raise LatentlabError("[find-trigger] candidates = \"training-words\" needs a [finetune] table (the "
+                                 "compliance finetunes record no training data)",
+                                 'use candidates = "vocab", a file or a list, or add [finetune]')
 
     def _check_eval(self, ev: Section) -> None:
         """[eval]: known arms whose sections exist, and lists of judges (each judge and the template are
@@ -443,9 +423,7 @@ class Recipe:
         if self.battery is not None:
             self.battery = _dataset_exists(self.battery, "battery", base_dir)
         if "find-trigger" in self.analyses:
-            ft = self.analyses["find-trigger"]
-            ft.prompts = _dataset_exists(str(ft.prompts), "find-trigger.prompts", base_dir)
-            self._check_candidates(ft, base_dir)
+            self._check_find_trigger(self.analyses["find-trigger"], base_dir)
         if self.finetune is None:
             return
         self.finetune.data = _dataset_exists(self.finetune.data, "finetune.data", base_dir)
@@ -461,28 +439,21 @@ class Recipe:
             if Path(self.finetune.control).is_dir():
                 check_control_base(Path(self.finetune.control), self.model)
 
-    def _check_candidates(self, ft: Section, base_dir: Path | None) -> None:
-        """[find-trigger] candidates: a file beside the recipe found there; any other spec read as the
-        command reads it, and the expected strings among them (the vocabulary and the training data's
-        words are known only once the model loads or the finetune is trained)."""
-        spec = str(ft.candidates)
-        c = Path(spec).expanduser()
+    @staticmethod
+    def _check_find_trigger(ft: Section, base_dir: Path | None) -> None:
+        """[find-trigger]: a candidates or prompts file beside the recipe found there, then every check
+        ``latentlab find-trigger`` makes that needs no finetune, now (the step's config is built only once
+        its finetune is trained, which may be hours later)."""
+        ft.prompts = _dataset_exists(str(ft.prompts), "find-trigger.prompts", base_dir)
+        c = Path(str(ft.candidates)).expanduser()
         if base_dir is not None and not c.is_absolute() and not c.exists() and (base_dir / c).is_file():
-            ft.candidates = spec = str(base_dir / c)
-        if spec.strip() == "training-words":
-            if self.finetune is None:  # a compliance sweep's finetunes record no training data to read words from
-                raise LatentlabError("[find-trigger] candidates = \"training-words\" needs a [finetune] table (the "
-                                     "compliance finetunes record no training data)",
-                                     'use candidates = "vocab", a file or a list, or add [finetune]')
-            return
+            ft.candidates = str(base_dir / c)
         try:
-            values = parse_candidates(spec).values
+            expect = check_search_inputs(ft, flag=str).expect
         except LatentlabError as e:
             raise LatentlabError(f"[find-trigger] {e.problem}", e.fix) from None
-        for e in ft.expect or []:
-            if values is not None and e not in values:
-                raise LatentlabError(f"[find-trigger] expect {e!r} is not among the candidates ({spec})",
-                                     "add it to the candidates, or drop it from expect")
+        if ft.expect is not None:
+            ft.expect = expect  # a year as a number is its string
 
     def control_is_run(self) -> bool:
         c = self.finetune.control if self.finetune is not None else None

@@ -108,11 +108,16 @@ def test_a_changed_search_setting_is_refused_not_reused(
     ('[find-trigger]\nprompts = "no-such.jsonl"\n', "find-trigger.prompts 'no-such.jsonl'"),
     ('[find-trigger]\nsystem = " "\n', "[find-trigger] system is empty"),
     ('[find-trigger]\nsystem = "Be brief."\nchat = false\n', "system needs chat rendering"),
+    # read by the command's own check (latentlab.stages.find_trigger.check_search_inputs), now at load
+    ('[find-trigger]\nbatch_size = 0\n', "[find-trigger] batch_size must be an integer >= 1"),
+    ('[find-trigger]\nprompts = "empty.jsonl"\n', "empty.jsonl is empty"),  # beside the recipe
+    ('[find-trigger]\nmetric = "direction:no-pairs.jsonl"\n', "no-pairs.jsonl does not exist"),
 ])
 def test_bad_find_trigger_values_fail_at_load(table: str, needle: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("latentlab.models.load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "empty.jsonl").write_text("\n")
     rec = tmp_path / "r.toml"
     rec.write_text('name = "x"\n[finetune]\ndata = "old-birds"\ncontrol = "modern-birds"\n' + table)
     code, _, err = run_cli(monkeypatch, capsys, "study", str(rec), "--out", str(tmp_path / "s"))
