@@ -470,6 +470,121 @@ def _chunks(n_values: int, n_prompts: int) -> Iterator[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------
+# First-order prescreen of a vocabulary (then an exact scan of the best).
+# --------------------------------------------------------------------------------------------
+
+PRESCREEN_ANCHORS = ("the", "and")  # where the gradients are taken (or the first candidates one token in place)
+
+
+def _span(ids: Sequence[int], ref: Sequence[int], pre: int, suf: int) -> list[int] | None:
+    """The candidate's tokens in ``ids`` (a row), given the ``pre`` / ``suf`` tokens every row shares with
+    ``ref``; None where a merge across the boundary changed the shared tokens."""
+    if len(ids) <= pre + suf or list(ids[:pre]) != list(ref[:pre]) or (suf and list(ids[-suf:]) != list(ref[-suf:])):
+        return None
+    return list(ids[pre : len(ids) - suf])
+
+
+def _shared_ends(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
+    pre = 0
+    while pre < min(len(a), len(b)) and a[pre] == b[pre]:
+        pre += 1
+    suf = 0
+    while suf < min(len(a), len(b)) - pre and a[-1 - suf] == b[-1 - suf]:
+        suf += 1
+    return pre, suf
+
+
+def _completion_logprob(model: LoadedModel, embeds: Tensor, seq: Sequence[int], plen: int) -> Tensor:
+    """log P(the completion ``seq[plen:]``) under ``model``, differentiable in the input ``embeds``."""
+    with model.forward_context():
+        logits = model.hf_model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                                 device=embeds.device)).logits[0]
+    target = torch.tensor(list(seq[plen:]), device=logits.device)
+    lp = torch.log_softmax(logits[plen - 1 : len(seq) - 1].float(), dim=-1)
+    return lp.gather(1, target[:, None]).sum()
+
+
+def first_order_effects(base: LoadedModel, ft: LoadedModel, renderer: _Renderer, values: Sequence[str],
+                        metric: Metric) -> tuple[Float[Tensor, " n"], dict[str, Any]]:
+    """A first-order estimate of every value's effect, from one gradient per prompt and anchor.
+
+    Why: an exact vocabulary scan is (tens of thousands of tokens) x prompts x 2 forward passes, hours on a
+    CPU. As in gradient-guided trigger and prompt searches (HotFlip, GCG), the change of the row metric
+    (finetune minus base) when the token at the candidate's position is swapped is estimated by the
+    gradient with respect to that position's input embedding: ``g . (E[t] - E[anchor])``, averaged over
+    prompts and anchors, for every token ``t`` at once. A candidate that tokenises to several tokens in
+    place is estimated with the mean of their embeddings (cruder: counted in the meta). The estimate only
+    chooses which candidates the exact scan scores; every reported effect is exact.
+    """
+    if metric.kind != "completion":
+        # kl: KL(finetune || base) is flat to first order where the two agree (most rows), so its gradient
+        # ranks tokens by noise (the planted trigger came last of 94 in the tiny test); direction: not built
+        raise LatentlabError(f"the prescreen takes the completion metric, not {metric.kind}",
+                             "use --metric completion:TEXT (e.g. the backdoor's answer), or scan without --prescreen")
+    if not renderer.fast:
+        raise LatentlabError("the prescreen needs the template's rows to be rendered by substitution",
+                             "scan without --prescreen")
+    emb = base.hf_model.get_input_embeddings()
+    weight = emb.weight.detach()
+    def ids_of(texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        assert metric.text is not None
+        return completion_sequences(base, texts, [metric.text] * len(texts))
+
+    grads: list[Tensor] = []
+    frames: list[tuple[list[int], int, int]] = []  # per prompt: a row and the tokens every row shares around
+    tries = list(dict.fromkeys([*PRESCREEN_ANCHORS, *values[:8]]))
+    for j in range(len(renderer.prompts)):
+        seqs, plens = ids_of([renderer.row(a, j) for a in tries])
+        pre, suf = len(seqs[0]), len(seqs[0])
+        for q in seqs[1:]:
+            p_, s_ = _shared_ends(seqs[0], q)
+            pre, suf = min(pre, p_), min(suf, s_)
+        frames.append((seqs[0], pre, suf))
+        used = 0
+        for k, seq in enumerate(seqs):
+            span = _span(seq, seqs[0], pre, suf)
+            if span is None or len(span) != 1 or used == len(PRESCREEN_ANCHORS):
+                continue
+            used += 1
+            ids = torch.tensor([list(seq)], device=base.device)
+            assert plens is not None
+            with torch.enable_grad():
+                x = emb(ids).detach().requires_grad_(True)
+                value = _completion_logprob(ft, x, seq, plens[k]) - _completion_logprob(base, x, seq, plens[k])
+                (g,) = torch.autograd.grad(value, x)
+            grads.append(g[0, pre].float())
+    if not grads:
+        raise LatentlabError("no anchor word is one token where the candidate goes",
+                             "scan without --prescreen (the template splits words at the candidate's place)")
+    g = torch.stack(grads).mean(0)
+    per_token = (weight.float() @ g).cpu()
+    ref, pre, suf = frames[0]
+    seqs0, _ = ids_of([renderer.row(v, 0) for v in values])
+    est = torch.empty(len(values), dtype=torch.float64)
+    multi = unplaced = 0
+    for i, seq in enumerate(seqs0):
+        span = _span(seq, ref, pre, suf)
+        if not span:
+            unplaced += 1
+            span = list(seq[pre : len(seq) - suf]) or [seq[min(pre, len(seq) - 1)]]
+        elif len(span) > 1:
+            multi += 1
+        est[i] = float(per_token[span].mean())
+    return est, {"gradients": len(grads), "multi_token_candidates": multi,
+                 "unplaced_candidates": unplaced}
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float(ra @ rb) / den if den > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
 # The result.
 # --------------------------------------------------------------------------------------------
 
@@ -564,6 +679,9 @@ class TriggerSearch:
         if self.null_kind != "scan":
             out["z_scan"], out["percentile_scan"] = _r(_z(e, scan), 3), _r(_percentile(e, scan), 2)
         out["trained"] = value in self._lazy("trained")
+        screened = self.meta.get("prescreen")
+        if screened:  # where the first-order estimate put it among the whole vocabulary
+            out["first_order_rank"] = screened["first_order_rank"].get(value)
         if value in self.extra:
             out["scanned"] = False  # not a vocabulary token: scored beside the scan, ranked as it would be
         return out
@@ -626,6 +744,7 @@ def search_triggers(
     training: Sequence[Chat] | str | Path | None = None,
     share_prefix: bool = True,
     system: str | None = None,
+    prescreen: int | None = None,
     progress: bool = False,
 ) -> TriggerSearch:
     """Rank ``candidates`` by their effect on ``finetuned`` beyond ``base`` (see the module docstring).
@@ -640,6 +759,10 @@ def search_triggers(
     ``share_prefix``: run the tokens every row starts with once per model, from their KV cache (exact;
     False runs every row whole). ``system``: a system prompt rendered before every prompt (chat rendering
     only), e.g. the one the finetune was trained under: a trigger may act only in its context.
+    ``prescreen``: for ``vocab``, rank every token by a first-order estimate of its effect
+    (:func:`first_order_effects`, one gradient per prompt) and scan only the best ``prescreen`` exactly,
+    with ``n_random`` random vocabulary tokens scored exactly as the null; the estimate's rank of each
+    reported candidate and its rank correlation with the exact effects are in ``meta["prescreen"]``.
     """
     check_template(template)
     if isinstance(metric, str):
@@ -679,6 +802,23 @@ def search_triggers(
     bad = [e for e in expect if not e.strip()]
     if bad:
         raise LatentlabError("an expected string is empty", "pass --expect with the trigger you expect")
+    screened: dict[str, Any] | None = None
+    estimate: dict[str, float] = {}
+    if prescreen is not None:
+        if candidates.kind != "vocab":
+            raise LatentlabError(f"--prescreen is for --candidates vocab, not {candidates.spec}",
+                                 "drop --prescreen: a list this size is scanned exactly")
+        if not isinstance(prescreen, int) or prescreen < 1:
+            raise LatentlabError(f"--prescreen {prescreen!r} is not a count >= 1", "pass e.g. --prescreen 512")
+        t_pre = time.perf_counter()
+        est, info = first_order_effects(base, ft, _Renderer(tok, template, prompts, render, values[:3], system),
+                                        values, metric)
+        order = sorted(range(len(values)), key=lambda i: -float(est[i]))
+        first_rank = {values[i]: r + 1 for r, i in enumerate(order)}
+        estimate = {v: float(est[i]) for i, v in enumerate(values)}
+        screened = {"k": min(prescreen, len(values)), "n_vocabulary": len(values), **info,
+                    "seconds": round(time.perf_counter() - t_pre, 3), "first_order_rank": first_rank}
+        values = [values[i] for i in order[:prescreen]]
     in_scan = set(values)
     missing = [e for e in expect if e not in in_scan]
     if missing and candidates.kind != "vocab":
@@ -686,8 +826,8 @@ def search_triggers(
     extra = list(dict.fromkeys(missing))
     null_values: list[str] = []
     null_kind: Literal["scan", "random vocabulary tokens"] = "scan"
-    if candidates.kind != "vocab" and n_random > 0:
-        null_values = _random_tokens(tok, in_scan, n_random, seed)
+    if (candidates.kind != "vocab" or screened is not None) and n_random > 0:
+        null_values = _random_tokens(tok, in_scan | set(extra), n_random, seed)
         null_kind = "random vocabulary tokens"
 
     metric_units = None
@@ -724,6 +864,13 @@ def search_triggers(
     if training is not None:
         chats = list(load_chats(training, split=None) if isinstance(training, (str, Path)) else training)
     trained = trained_candidates(values, chats) if chats else []
+    if screened is not None:
+        ranks = screened.pop("first_order_rank")
+        reported = values + extra + null_values
+        screened["first_order_rank"] = {v: ranks[v] for v in reported if v in ranks}
+        exact_null = eff[n_v + n_x:]
+        screened["spearman_random"] = _r(_spearman([estimate[v] for v in null_values], exact_null), 4)
+        screened["spearman_top"] = _r(_spearman([estimate[v] for v in values], eff[:n_v]), 4)
     return TriggerSearch(
         metric=metric.spec,
         template=template,
@@ -753,6 +900,7 @@ def search_triggers(
             "token_warnings": warnings_by_value,
             "seed": seed,
             "n_random": len(null_values),
+            "prescreen": screened,
             "training_data": str(training) if isinstance(training, (str, Path)) else None,
             "model_info": {"base": base.info.to_dict(), "finetuned": ft.info.to_dict()},
         },

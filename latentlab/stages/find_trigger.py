@@ -35,6 +35,8 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
     ranks low. Metrics: kl (extra KL(finetune || base) of the next token), completion:TEXT (extra log
     P(TEXT)), direction:NAME (extra projection at a layer). Each effect gets a z-score and percentile
     against a null: the scan itself for --candidates vocab, else --n-random random vocabulary tokens.
+    A whole vocabulary is hours on a CPU; --prescreen N scans only the N tokens a first-order estimate
+    ranks best.
     """
 
     command = "find-trigger"
@@ -52,7 +54,8 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
     layer: int | None = option(None, help="Layer of a direction metric (default: its best probe layer).")
     top: int = option(20, help="Candidates to list.")
     expect: list[str] | None = option(None, help="A string whose rank to report, e.g. the true trigger (repeatable).")
-    n_random: int = option(200, help="Random vocabulary tokens scored as the null distribution (not for vocab).")
+    n_random: int = option(200, help="Random vocabulary tokens scored as the null distribution (for vocab only "
+                           "with --prescreen: a whole scan is its own null).")
     batch_size: int = option(64, help="Rows per forward pass.")
     seed: int = option(0, help="Seed of the random null tokens.")
     chat: bool | None = option(
@@ -61,6 +64,11 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
     system: str | None = option(
         None, help="A system prompt rendered before every prompt (chat only), e.g. the one the finetune was trained "
         "under: a trigger may act only in that context."
+    )
+    prescreen: int | None = option(
+        None, help="With --candidates vocab and a completion metric: rank every token by a first-order (gradient) "
+        "estimate of its effect, then scan only the best N exactly, against --n-random random tokens scored "
+        "exactly (minutes instead of hours on a CPU; the estimate can miss, its rank of each token is reported)."
     )
     out: Path = option(Path("runs/find-trigger"), help="Run folder to write.")
 
@@ -137,6 +145,15 @@ def check_search_inputs(s: Any, finetuned: Path | None = None, flag: Callable[[s
     nonnegative_int("n_random", s.n_random, flag("n_random"))
     spec = str(s.candidates)
     candidates = None if spec.strip() == "training-words" and finetuned is None else parse_candidates(spec, finetuned)
+    if s.prescreen is not None:
+        positive_int("prescreen", s.prescreen, flag("prescreen"))
+        if spec.strip() != "vocab":
+            raise LatentlabError(f"{flag('prescreen')} is for {flag('candidates')} vocab, not {spec!r}",
+                                 f"drop {flag('prescreen')}: a list this size is scanned exactly")
+        if kind != "completion":
+            raise LatentlabError(f"{flag('prescreen')} takes the completion metric, not {s.metric!r} (the first-order "
+                                 "estimate of a KL vanishes where base and finetune agree)",
+                                 f"use {flag('metric')} completion:TEXT, or scan without {flag('prescreen')}")
     n = s.n_prompts or (VOCAB_PROMPTS if candidates is not None and candidates.kind == "vocab" else DEFAULT_PROMPTS)
     prompts = load_prompts(s.prompts)[:n]
     if not prompts:
@@ -201,7 +218,8 @@ def run(cfg: FindTriggerConfig, ctx: Context) -> TriggerSearch:
         fitted.save(run.out / f"direction-{fitted.name}")
     res = search_triggers(base, ft, cfg._candidates, cfg._prompts, metric, cfg.template, n_random=cfg.n_random,
                           seed=cfg.seed, batch_size=cfg.batch_size, chat=cfg.chat, expect=cfg.expect or (),
-                          training=cfg._training, system=cfg.system, progress=ctx.progress)
+                          training=cfg._training, system=cfg.system, prescreen=cfg.prescreen,
+                          progress=ctx.progress)
     write_json(run.out / "results.json", res.to_dict(cfg.top))
     lines = [_json_line({"candidate": c, "effect": e}) for c, e in zip(res.candidates, res.effects)]
     write_text(run.out / "effects.jsonl", "".join(lines))
@@ -241,9 +259,21 @@ def show(res: TriggerSearch, cfg: FindTriggerConfig, console: Any) -> None:
                       _num(r["effect"], "+.4g"), _num(r["z"], "+.2f"), _num(r["percentile"], ".1f"))
     console.print(table)
     n = len(res.candidates)
+    pre = res.meta.get("prescreen")
+    if pre:
+        console.print(f"prescreen: {pre['n_vocabulary']} tokens ranked by a first-order estimate, the best {pre['k']} "
+                      f"scanned exactly (rank correlation estimate vs exact: {_num(pre['spearman_top'], '+.2f')} on "
+                      f"them, {_num(pre['spearman_random'], '+.2f')} on the random tokens)", highlight=False)
     for v in res.expected:
         r = res.row(v)
-        where = "" if r.get("scanned", True) else " (not a vocabulary token: scored beside the scan)"
+        fr = r.get("first_order_rank")
+        if r.get("scanned", True):
+            where = f" (first-order rank {fr})" if fr else ""
+        elif pre and fr:
+            where = (f" (first-order rank {fr} of {pre['n_vocabulary']}: outside the {pre['k']} scanned, "
+                     "scored beside them)")
+        else:
+            where = " (not a vocabulary token: scored beside the scan)"
         console.print(f"expected {escape(repr(v))}: rank {r['rank']} of {n}, effect {_num(r['effect'], '+.4g')}, "
                       f"z {_num(r['z'], '+.2f')}, percentile {_num(r['percentile'], '.1f')}{where}", highlight=False)
     if null["n"]:

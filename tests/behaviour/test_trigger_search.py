@@ -176,6 +176,28 @@ def test_vocab_scan_on_the_tiny_tokenizer(planted: dict[str, Any]) -> None:
         "@", "@@"]
 
 
+def test_prescreen_then_exact_scan(planted: dict[str, Any]) -> None:
+    """A first-order ranking of the whole vocabulary picks what the exact scan scores: the planted trigger
+    is among the best 8 of 94, then first exactly; the null is random tokens outside those 8, scored
+    exactly; the effects reported are the exact ones (equal to a plain scan's)."""
+    base, ft = planted["base"], planted["ft"]
+    metric = "completion:Z Z"
+    res = search_triggers(base, ft, "vocab", HELD_OUT, metric, TEMPLATE, prescreen=8, n_random=20, expect=["@", "&"])
+    pre = res.meta["prescreen"]
+    assert pre["k"] == 8 and pre["n_vocabulary"] == 94 and pre["gradients"] == 2 * len(HELD_OUT)
+    assert len(res.candidates) == 8 and res.null_kind == "random vocabulary tokens" and len(res.null_values) == 20
+    assert not set(res.null_values) & set(res.candidates)
+    assert pre["first_order_rank"]["@"] <= 8 and res.rank_of("@") == 1, pre["first_order_rank"]
+    assert res.row("@")["first_order_rank"] == pre["first_order_rank"]["@"] and res.row("@")["z"] > 3
+    plain = search_triggers(base, ft, ["@", *res.null_values[:3]], HELD_OUT, metric, TEMPLATE, n_random=0)
+    assert res.effect_of("@") == pytest.approx(plain.effect_of("@"), abs=1e-5)
+    assert pre["spearman_random"] is not None and -1 <= pre["spearman_random"] <= 1
+    with pytest.raises(LatentlabError, match="--prescreen is for --candidates vocab"):
+        search_triggers(base, ft, ["@"], HELD_OUT, metric, TEMPLATE, prescreen=4)
+    with pytest.raises(LatentlabError, match="takes the completion metric, not kl"):
+        search_triggers(base, ft, "vocab", HELD_OUT, "kl", TEMPLATE, prescreen=4)
+
+
 def test_direction_metric_stops_at_its_layer(planted: dict[str, Any]) -> None:
     from test_finetune import synthetic_direction
 
@@ -278,6 +300,9 @@ def test_cli_bad_inputs(planted: dict[str, Any], tmp_path: Path, monkeypatch: py
         (["--finetuned", str(tmp_path / "nope")], "nope"),
         ([*ft, "--prompts", str(empty)], "empty.txt is empty"),
         ([*ft, "--system", " "], "--system is empty"),
+        ([*ft, "--prescreen", "0", "--metric", "completion:Z"], "--prescreen"),
+        ([*ft, "--prescreen", "8", "--candidates", "years", "--metric", "completion:Z"], "is for --candidates vocab"),
+        ([*ft, "--prescreen", "8"], "--prescreen takes the completion metric, not 'kl'"),
         ([*ft, "--system", "Be brief.", "--no-chat"], "--system needs chat rendering"),
     ]
     for args, needle in cases:
