@@ -54,6 +54,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/sample.py
 	$(VENV)/bin/python benchmarks/serve.py
 	$(VENV)/bin/python benchmarks/study_executor.py
+	$(VENV)/bin/python benchmarks/memory_finetunes.py
 
 # Rebuild experiments/results/*/summary.{md,json} from the committed run folders (no model runs).
 summaries: setup

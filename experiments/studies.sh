@@ -16,7 +16,8 @@
 #   birds-amplify-smollm2: experiments/recipes/birds-amplify-smollm2.toml (#24: amplification 0-4x of the
 #                          bird_finetunes above, and the difference's patchscope and dictionary at seed 0)
 #   find-trigger-compliance-smollm2, find-trigger-years-smollm2: experiments/recipes/find-trigger-*.toml
-#                          (#24: trigger search on the compliance and year-trigger organisms, 3 seeds)
+#                          (#24: trigger search on the compliance and year-trigger organisms, 3 seeds);
+#   find-trigger-compliance-exact-smollm2: the compliance search at seed 0 without the prescreen (exact)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
@@ -33,6 +34,7 @@ for name in $NAMES; do
     birds-eval-smollm2) recipe=(experiments/recipes/birds-eval-smollm2.toml) ;;
     birds-amplify-smollm2) recipe=(experiments/recipes/birds-amplify-smollm2.toml) ;;
     find-trigger-compliance-smollm2) recipe=(experiments/recipes/find-trigger-compliance-smollm2.toml) ;;
+    find-trigger-compliance-exact-smollm2) recipe=(experiments/recipes/find-trigger-compliance-exact-smollm2.toml) ;;
     find-trigger-years-smollm2) recipe=(experiments/recipes/find-trigger-years-smollm2.toml) ;;
     *) echo "unknown study $name" >&2; exit 2 ;;
   esac
