@@ -269,12 +269,17 @@ def _find_trigger_html(sec: dict[str, Any]) -> str:
     """The expected strings' ranks per seed, each seed's top candidates and best-ranked training values, the null."""
     per = sec["per_seed"]
 
+    screened = any("prescreen" in p for p in per.values())
+
     def row(s: str, r: dict[str, Any]) -> list[str]:
         mark = " *" if r["trained"] else ""
-        return [str(s), _code(r["candidate"]) + mark, _num(r["rank"]), _num(r["effect"], 4), _num(r["z"], 2),
-                _num(r["percentile"], 1, False)]
+        rank = _num(r["rank"]) + ("" if r.get("scanned", True) else " (not scanned)")
+        cells = [str(s), _code(r["candidate"]) + mark, rank, _num(r["effect"], 4), _num(r["z"], 2),
+                 _num(r["percentile"], 1, False)]
+        return cells + ([_num(r["first_order_rank"]) if "first_order_rank" in r else "-"] if screened else [])
 
-    head = ["seed", "candidate", "rank", "effect", "z", "percentile in the null"]
+    head = ["seed", "candidate", "rank", "effect", "z", "percentile in the null"] + (
+        ["first-order rank (of the vocabulary)"] if screened else [])
     parts = ["<h2>Trigger search</h2>", _verdict(sec.get("verdict"))]
     meta = [f"seed {s}: {html.escape(p['metric_text'])}, template {_code(p['template'])}, "
             f"{_num(p['n_candidates'])} candidates ({html.escape(str(p['candidates']))}), {_num(p['n_prompts'])} "

@@ -904,8 +904,11 @@ def _search_row(f: _Files, rel: str, *path: Any) -> dict[str, Any]:
     r = f.get(rel)
     for k in path:
         r = r[k]
-    return {"candidate": r["candidate"], "trained": bool(r.get("trained")), "scanned": r.get("scanned", True),
-            **{k: f.num(rel, *path, k) for k in _SEARCH_ROW}}
+    out = {"candidate": r["candidate"], "trained": bool(r.get("trained")), "scanned": r.get("scanned", True),
+           **{k: f.num(rel, *path, k) for k in _SEARCH_ROW}}
+    if r.get("first_order_rank") is not None:  # a prescreened scan: where the estimate put it
+        out["first_order_rank"] = f.num(rel, *path, "first_order_rank")
+    return out
 
 
 def _find_trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
@@ -933,19 +936,27 @@ def _find_trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
             "top": [_search_row(f, rel, "top", i) for i in range(min(N_TOP, len(r["top"])))],
             "null": null,
         }
+        if meta.get("prescreen"):
+            per[str(s)]["prescreen"] = {k: f.num(rel, "meta", "prescreen", k)
+                                        for k in ("k", "n_vocabulary", "spearman_random", "spearman_top")}
     if not per:
         return None
     expected: dict[str, Any] = {}
     for s, p in per.items():
         for row in p["expected"]:
-            e = expected.setdefault(row["candidate"], {"seeds": [], "ranks": [], "percentiles": [], "of": []})
+            e = expected.setdefault(row["candidate"], {"seeds": [], "ranks": [], "percentiles": [], "of": [],
+                                                       "scanned": [], "first_order": []})
             e["seeds"].append(s)
             e["ranks"].append(row["rank"])
             e["percentiles"].append(row["percentile"])
             e["of"].append(p["n_candidates"])
+            e["scanned"].append(row["scanned"])
+            e["first_order"].append(row.get("first_order_rank"))
     first = next(iter(per.values()))
-    text = (f"Trigger search ({first['metric_text']}; template {first['template']!r}; "
-            f"{_count(first['n_candidates']['value'])} candidates ({first['candidates']}); "
+    scanned = (f"{_count(first['n_candidates']['value'])} of {_count(first['prescreen']['n_vocabulary']['value'])} "
+               "vocabulary tokens scanned exactly, chosen by a first-order prescreen" if "prescreen" in first else
+               f"{_count(first['n_candidates']['value'])} candidates ({first['candidates']})")
+    text = (f"Trigger search ({first['metric_text']}; template {first['template']!r}; {scanned}; "
             f"{first['n_prompts']['value']} prompts)")
     random_null = first["null"]["kind"] != "scan" and first["null"]["n"]["value"]
     texts = []
@@ -953,10 +964,21 @@ def _find_trigger(f: _Files, seeds: list[int]) -> dict[str, Any] | None:
         ranks = [x["value"] for x in e["ranks"]]
         ofs = [x["value"] for x in e["of"]]
         of = _count(ofs[0]) if len(set(ofs)) == 1 else "/".join(map(_count, ofs))
-        top1 = ranks.count(1)
+        top1 = sum(1 for r, sc in zip(ranks, e["scanned"]) if r == 1 and sc)
         first_in = ("first in every seed" if top1 == len(ranks) else "not first in any seed" if not top1
                     else f"first in {top1} of {len(ranks)}")
-        t = f"{cand!r} ranks {', '.join(map(str, ranks))} of {of} in {len(ranks)} seed(s) ({first_in})"
+        missed = [(s, fo) for s, sc, fo in zip(e["seeds"], e["scanned"], e["first_order"]) if not sc and fo]
+        if missed:  # a prescreen left it out: its rank is where its exact effect would stand among those scanned
+            pre = per[missed[0][0]]["prescreen"]
+            t = (f"the first-order prescreen left {cand!r} out of the {_count(pre['k']['value'])} tokens it scanned "
+                 f"in {len(missed)} of {len(ranks)} seed(s) (its first-order rank "
+                 f"{', '.join(_count(fo['value']) for _, fo in missed)} of {_count(pre['n_vocabulary']['value'])}; "
+                 "rank correlation of the estimate with the exact effects on random tokens "
+                 f"{', '.join(_fmt(per[s]['prescreen']['spearman_random']['value'], 2) for s, _ in missed)}), so "
+                 f"the search found it first in {top1} of {len(ranks)}; scored exactly beside the scanned tokens, "
+                 f"it would rank {', '.join(map(str, ranks))} of {of}")
+        else:
+            t = f"{cand!r} ranks {', '.join(map(str, ranks))} of {of} in {len(ranks)} seed(s) ({first_in})"
         if random_null:
             t += (f", its effect above {', '.join(_fmt(x['value'], 1, sign=False) for x in e['percentiles'])}% "
                   f"of {first['null']['n']['value']} random vocabulary tokens")

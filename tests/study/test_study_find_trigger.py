@@ -219,3 +219,23 @@ def test_find_trigger_summary_lists_each_expected_strings_ranks(tmp_path: Path) 
         (tmp_path / f"find-trigger-s{seed}" / "results.json").write_text(json.dumps(_search_results(40)))
     v = summarize_study(tmp_path)["sections"]["find_trigger"]["verdict"]
     assert "ranks 40, 812, 40 of 49,152 in 3 seed(s) (not first in any seed)" in v, v
+
+
+def test_a_prescreen_that_left_the_trigger_out_is_said_so(tmp_path: Path) -> None:
+    """With --prescreen the expected string may not have been scanned: the verdict says the search did not
+    find it, gives its first-order rank and the estimate's quality, and ranks its exact effect only as where
+    it would stand among the scanned tokens."""
+    rec = {"name": "t", "model": "m", "seeds": [0], "direction": "era", "analyses": {"find-trigger": {}}}
+    (tmp_path / "study.json").write_text(json.dumps({"recipe": rec, "steps": {}}))
+    r = _search_results(1, n=512)
+    r["expected_ranks"][0] |= {"scanned": False, "first_order_rank": 27455}
+    r["null"] = {"kind": "random vocabulary tokens", "n": 200, "mean": 0.4, "sd": 0.3, "percentiles": {"95": 0.9}}
+    r["meta"]["prescreen"] = {"k": 512, "n_vocabulary": 40350, "spearman_random": 0.03, "spearman_top": -0.01}
+    (tmp_path / "find-trigger-s0").mkdir()
+    (tmp_path / "find-trigger-s0" / "results.json").write_text(json.dumps(r))
+    sec = summarize_study(tmp_path)["sections"]["find_trigger"]
+    v = sec["verdict"]
+    assert "512 of 40,350 vocabulary tokens scanned exactly, chosen by a first-order prescreen" in v, v
+    assert "left 'cobalt' out of the 512 tokens it scanned in 1 of 1 seed(s) (its first-order rank 27,455" in v
+    assert "the search found it first in 0 of 1" in v and "it would rank 1 of 512" in v
+    assert sec["per_seed"]["0"]["expected"][0]["first_order_rank"]["path"] == ["expected_ranks", 0, "first_order_rank"]
