@@ -699,10 +699,17 @@ def _dictionary(f: _Files, rel: str) -> dict[str, Any]:
     if names:
         aligned = [(r, k) for r in lat for k, c in r["directions"].items() if c["percentile"]["value"] >= 95]
         if aligned:
-            text += " Aligned with a known direction beyond 95% of random directions: " + "; ".join(
-                f"{k} in latent #{r['latent']['value']} (|cos| {_fmt(r['directions'][k]['abs_cos']['value'], 2, False)}"
-                f", above {_fmt(r['directions'][k]['percentile']['value'], 1, False)}% of random directions)"
-                for r, k in aligned) + "."
+            parts = []
+            for k in names:  # per direction: how many top latents align, and the best
+                rows = [r for r, kk in aligned if kk == k]
+                if not rows:
+                    continue
+                best = max(rows, key=lambda r, k=k: r["directions"][k]["abs_cos"]["value"])
+                c = best["directions"][k]
+                parts.append(f"{k} in {len(rows)} of the top {len(lat)} (best latent #{best['latent']['value']}, "
+                             f"|cos| {_fmt(c['abs_cos']['value'], 2, False)}, above "
+                             f"{_fmt(c['percentile']['value'], 1, False)}% of random directions)")
+            text += " Aligned beyond 95% of random directions: " + "; ".join(parts) + "."
         else:
             text += (f" None of the top latents aligns with {' or '.join(names)} beyond 95% of random directions "
                      "(a null for alignment).")
