@@ -14,7 +14,8 @@
 #                       the era direction; its finetunes: `latentlab finetune --data old-birds|modern-birds
 #                       --model smollm2-135m-instruct --seed S --out runs/experiments/bird_finetunes/...`)
 #   birds-amplify-smollm2: experiments/recipes/birds-amplify-smollm2.toml (#24: amplification 0-4x of the
-#                          bird_finetunes above, and the difference's patchscope and dictionary at seed 0)
+#                          bird_finetunes above, and the difference's patchscope and dictionary at seed 0);
+#   birds-amplify-gemma: the same amplification on gemma-3-270m, seed 0 (it trains its own finetunes)
 #   find-trigger-compliance-smollm2, find-trigger-years-smollm2: experiments/recipes/find-trigger-*.toml
 #                          (#24: trigger search on the compliance and year-trigger organisms, 3 seeds);
 #   find-trigger-compliance-exact-smollm2: the compliance search at seed 0 without the prescreen (exact)
@@ -33,6 +34,7 @@ for name in $NAMES; do
     birds-smollm2) recipe=(experiments/recipes/birds-smollm2.toml) ;;
     birds-eval-smollm2) recipe=(experiments/recipes/birds-eval-smollm2.toml) ;;
     birds-amplify-smollm2) recipe=(experiments/recipes/birds-amplify-smollm2.toml) ;;
+    birds-amplify-gemma) recipe=(experiments/recipes/birds-amplify-gemma.toml) ;;
     find-trigger-compliance-smollm2) recipe=(experiments/recipes/find-trigger-compliance-smollm2.toml) ;;
     find-trigger-compliance-exact-smollm2) recipe=(experiments/recipes/find-trigger-compliance-exact-smollm2.toml) ;;
     find-trigger-years-smollm2) recipe=(experiments/recipes/find-trigger-years-smollm2.toml) ;;
