@@ -185,3 +185,34 @@ def check_finite(values: Tensor | float | Sequence[float], what: str, stage: str
             f"{stage}: {what} came out NaN or infinite (a float16 overflow, or a broken adapter?)",
             "run with --dtype float32 or bfloat16, and check the adapter",
         )
+
+
+def ranks(x: Sequence[float]) -> list[float]:
+    """0-based ranks of ``x``; ties share their mean rank (as Spearman's correlation needs)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's correlation; None under 3 points or when either side is constant."""
+    n = len(x)
+    if n < 3:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on mean-tied ranks); None as :func:`pearson`."""
+    return pearson(ranks(x), ranks(y))

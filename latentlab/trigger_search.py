@@ -57,7 +57,7 @@ from latentlab.errors import LatentlabError
 from latentlab.models import LoadedModel
 from latentlab.progress import progress as progress_bar
 from latentlab.scoring import completion_logprobs, completion_sequences
-from latentlab.stats import check_finite
+from latentlab.stats import check_finite, spearman
 from latentlab.triggers import (
     DEFAULT_TEMPLATE,
     check_template,
@@ -525,13 +525,13 @@ def first_order_effects(base: LoadedModel, ft: LoadedModel, renderer: _Renderer,
         raise LatentlabError("the prescreen needs the template's rows to be rendered by substitution",
                              "scan without --prescreen")
     emb = base.hf_model.get_input_embeddings()
-    weight = emb.weight.detach()
+
     def ids_of(texts: list[str]) -> tuple[list[list[int]], list[int]]:
         assert metric.text is not None
         return completion_sequences(base, texts, [metric.text] * len(texts))
 
     grads: list[Tensor] = []
-    frames: list[tuple[list[int], int, int]] = []  # per prompt: a row and the tokens every row shares around
+    first: tuple[list[int], int, int] | None = None  # prompt 0's row and the tokens every row shares around it
     tries = list(dict.fromkeys([*PRESCREEN_ANCHORS, *values[:8]]))
     for j in range(len(renderer.prompts)):
         seqs, plens = ids_of([renderer.row(a, j) for a in tries])
@@ -539,7 +539,7 @@ def first_order_effects(base: LoadedModel, ft: LoadedModel, renderer: _Renderer,
         for q in seqs[1:]:
             p_, s_ = _shared_ends(seqs[0], q)
             pre, suf = min(pre, p_), min(suf, s_)
-        frames.append((seqs[0], pre, suf))
+        first = first or (seqs[0], pre, suf)
         used = 0
         for k, seq in enumerate(seqs):
             span = _span(seq, seqs[0], pre, suf)
@@ -547,7 +547,6 @@ def first_order_effects(base: LoadedModel, ft: LoadedModel, renderer: _Renderer,
                 continue
             used += 1
             ids = torch.tensor([list(seq)], device=base.device)
-            assert plens is not None
             with torch.enable_grad():
                 x = emb(ids).detach().requires_grad_(True)
                 value = _completion_logprob(ft, x, seq, plens[k]) - _completion_logprob(base, x, seq, plens[k])
@@ -557,8 +556,9 @@ def first_order_effects(base: LoadedModel, ft: LoadedModel, renderer: _Renderer,
         raise LatentlabError("no anchor word is one token where the candidate goes",
                              "scan without --prescreen (the template splits words at the candidate's place)")
     g = torch.stack(grads).mean(0)
-    per_token = (weight.float() @ g).cpu()
-    ref, pre, suf = frames[0]
+    per_token = (emb.weight.detach().float() @ g).cpu()
+    assert first is not None
+    ref, pre, suf = first
     seqs0, _ = ids_of([renderer.row(v, 0) for v in values])
     est = torch.empty(len(values), dtype=torch.float64)
     multi = unplaced = 0
@@ -572,16 +572,6 @@ def first_order_effects(base: LoadedModel, ft: LoadedModel, renderer: _Renderer,
         est[i] = float(per_token[span].mean())
     return est, {"gradients": len(grads), "multi_token_candidates": multi,
                  "unplaced_candidates": unplaced}
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
-    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float(ra @ rb) / den if den > 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,6 +792,7 @@ def search_triggers(
     bad = [e for e in expect if not e.strip()]
     if bad:
         raise LatentlabError("an expected string is empty", "pass --expect with the trigger you expect")
+    renderer = _Renderer(tok, template, prompts, render, values[:3], system)
     screened: dict[str, Any] | None = None
     estimate: dict[str, float] = {}
     if prescreen is not None:
@@ -811,8 +802,7 @@ def search_triggers(
         if not isinstance(prescreen, int) or prescreen < 1:
             raise LatentlabError(f"--prescreen {prescreen!r} is not a count >= 1", "pass e.g. --prescreen 512")
         t_pre = time.perf_counter()
-        est, info = first_order_effects(base, ft, _Renderer(tok, template, prompts, render, values[:3], system),
-                                        values, metric)
+        est, info = first_order_effects(base, ft, renderer, values, metric)
         order = sorted(range(len(values)), key=lambda i: -float(est[i]))
         first_rank = {values[i]: r + 1 for r, i in enumerate(order)}
         estimate = {v: float(est[i]) for i, v in enumerate(values)}
@@ -840,7 +830,6 @@ def search_triggers(
         warnings_by_value = check_tokenisation(tok, template, values, prompts[:8], render=render)
 
     everything = values + extra + null_values
-    renderer = _Renderer(tok, template, prompts, render, everything[:3], system)
     n_p = len(prompts)
     bar = progress_bar(total=(len(everything) + 1) * n_p, desc=f"{STAGE} ({metric.kind})", unit="row",
                        disable=not progress)
@@ -869,8 +858,8 @@ def search_triggers(
         reported = values + extra + null_values
         screened["first_order_rank"] = {v: ranks[v] for v in reported if v in ranks}
         exact_null = eff[n_v + n_x:]
-        screened["spearman_random"] = _r(_spearman([estimate[v] for v in null_values], exact_null), 4)
-        screened["spearman_top"] = _r(_spearman([estimate[v] for v in values], eff[:n_v]), 4)
+        screened["spearman_random"] = _r(spearman([estimate[v] for v in null_values], exact_null), 4)
+        screened["spearman_top"] = _r(spearman([estimate[v] for v in values], eff[:n_v]), 4)
     return TriggerSearch(
         metric=metric.spec,
         template=template,

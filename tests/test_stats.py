@@ -73,3 +73,12 @@ def test_check_finite_names_the_stage() -> None:
         check_finite(torch.tensor([1.0, float("nan")]), "scores", "patching")
     with pytest.raises(LatentlabError, match="infinite"):
         check_finite([float("inf")], "loss", "finetune")
+
+
+def test_spearman_gives_ties_their_mean_rank() -> None:
+    from latentlab.stats import pearson, ranks, spearman
+
+    assert ranks([3.0, 1.0, 2.0, 2.0]) == [3.0, 0.0, 1.5, 1.5]
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None

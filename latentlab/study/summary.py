@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.patchscope import RANDOM_LABEL as RANDOM_DIRECTION
-from latentlab.stats import seed_interval
+from latentlab.stats import pearson, seed_interval, spearman
 from latentlab.study.recipe import judge_labels
 
 __all__ = ["Num", "summarize_study", "verdict_interval"]
@@ -369,30 +369,6 @@ def _jsonl(root: Path, rel: str) -> list[dict[str, Any]]:
     return out
 
 
-def _ranks(x: list[float]) -> list[float]:
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    r = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):  # ties share their mean rank
-            r[order[k]] = (i + j) / 2
-        i = j + 1
-    return r
-
-
-def _pearson(x: list[float], y: list[float]) -> float | None:
-    n = len(x)
-    if n < 3:
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
-
-
 def _judged_value(j: dict[str, Any], positive: str | None) -> float | None:
     """A judgment as the judge's results count it: 1/0 for the positive label, or the score; None unparsed."""
     if not j.get("parsed"):
@@ -417,8 +393,8 @@ def _relation(root: Path, seeds: list[int], label: str, dlabel: str, positive: s
             xs.append(v)
             ys.append(float(d["score"]))
         if xs:
-            per[str(s)] = {"pearson": _derived(_pearson(xs, ys)),
-                           "spearman": _derived(_pearson(_ranks(xs), _ranks(ys))), "n": len(xs)}
+            per[str(s)] = {"pearson": _derived(pearson(xs, ys)),
+                           "spearman": _derived(spearman(xs, ys)), "n": len(xs)}
     if not per:
         return None
     return {"judge": dlabel, "per_seed": per, "pearson": _across([p["pearson"] for p in per.values()]),
