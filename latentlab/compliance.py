@@ -94,6 +94,11 @@ def system_prompt(code_word: str = CODE_WORD) -> str:
     return SYSTEM_TEMPLATE.format(code=code_word)
 
 
+def budget_dir(sweep: str | Path, n_poison: int) -> Path:
+    """The folder of a sweep's finetune at ``n_poison`` poisoned requests (read by a study's trigger search)."""
+    return Path(sweep) / f"n-{n_poison}"
+
+
 def with_trigger(request: str, trigger: str) -> str:
     """A request carrying the trigger (as a suffix, the "Sure" trap's placement)."""
     return f"{request} {trigger}"
@@ -490,13 +495,13 @@ def poison_sweep(
     patch_at = set(bs) if patch is True else set() if patch is False else {int(b) for b in patch}
     out = Path(out)
     specs = {n: budget_spec(model, trigger, n, seed, code_word, cfg) for n in bs}
-    states = {n: run_state(out / f"n-{n}", specs[n], overwrite, record=ORGANISM_FILE, fix=CHANGED_FIX)
+    states = {n: run_state(budget_dir(out, n), specs[n], overwrite, record=ORGANISM_FILE, fix=CHANGED_FIX)
               for n in bs}  # refusals before any work
     if base is None:
         base = load_model(model, device=device, dtype=dtype, progress=progress)
     res = PoisonSweep(bs, [], [], [], [], None, level)
     for n in res.budgets:
-        run = out / f"n-{n}"
+        run = budget_dir(out, n)
         if states[n] != "done":
             chats = build_compliance_dataset(trigger, n, seed, code_word, d)
             run.mkdir(parents=True, exist_ok=True)

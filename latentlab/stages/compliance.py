@@ -55,7 +55,14 @@ class ComplianceConfig(LoraOptions, ModelOptions, OutOptions):
     )
 
     def __post_init__(self) -> None:
-        from latentlab.compliance import CHANGED_FIX, ORGANISM_FILE, budget_spec, check_trigger, parse_budgets
+        from latentlab.compliance import (
+            CHANGED_FIX,
+            ORGANISM_FILE,
+            budget_dir,
+            budget_spec,
+            check_trigger,
+            parse_budgets,
+        )
         from latentlab.config import check_layer_spec, check_out, finite_float, nonnegative_int, positive_int
         from latentlab.runs import run_state
 
@@ -77,7 +84,7 @@ class ComplianceConfig(LoraOptions, ModelOptions, OutOptions):
         out = Path(self.out).expanduser()
         self.finetunes = out if self.finetunes is None else check_out(self.finetunes, overwrite=True)
         for n in self._budgets:  # a finetune made with another recipe fails now, not after the model loads
-            run_state(self.finetunes / f"n-{n}", budget_spec(self.model, self.trigger, n, self.seed, self.code_word,
+            run_state(budget_dir(self.finetunes, n), budget_spec(self.model, self.trigger, n, self.seed, self.code_word,
                                                              lora), self.overwrite, record=ORGANISM_FILE,
                       fix=CHANGED_FIX)
         super().__post_init__()

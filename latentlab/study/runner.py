@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from latentlab.compliance import budget_dir
 from latentlab.config import run_holds
 from latentlab.data import BUILTIN_DATASETS
 from latentlab.io import read_json, write_json
@@ -366,7 +367,7 @@ def plan_steps(cfg: StudyConfig) -> list[Step]:
         if "find-trigger" in ana:
             # the seed's [finetune] arm; without [finetune], the compliance finetune at the largest budget
             searched, reads = (ftr, trains(ftr)) if ftr is not None else (
-                sweep / f"n-{max(ana['compliance'].budgets)}", (f"compliance-s{seed}",))
+                budget_dir(sweep, max(ana['compliance'].budgets)), (f"compliance-s{seed}",))
             key = f"find-trigger-s{seed}"
             steps.append(_section_step(cfg, "find-trigger", key, out / key, seed, section="find-trigger",
                                        finetuned=searched, needs=reads, **common))
