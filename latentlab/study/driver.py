@@ -106,7 +106,7 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
             if diff:
                 raise LatentlabError(
                     f"{st.out} holds a finished {st.kind} run with other settings (differs in {', '.join(diff)})",
-                    "choose a new --out for this recipe, or delete that folder to rerun it",
+                    _rerun_fix(diff, read_json(st.out / "manifest.json").get("config", {})),
                 )
     write_json(state_path, state)
     t_all = time.time()
@@ -123,3 +123,17 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
     write_json(cfg.out / "summary.json", summary)
     report = write_report(cfg.out, summary)
     return StudyResult(cfg.out, summary, report, [dict(key=k, **v) for k, v in state["steps"].items()])
+
+
+_PLACEMENT = ("device", "dtype", "device_map")  # where a step ran, not what it computed
+
+
+def _rerun_fix(diff: list[str], recorded: dict[str, Any]) -> str:
+    """The fix for a finished step of other settings: where only the placement differs (a study
+    started with ``--device cpu`` and resumed without it), the flags that resume it as it was."""
+    if set(diff) <= set(_PLACEMENT):
+        flags = " ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in diff if recorded.get(k) is not None)
+        if flags:
+            return f"resume with {flags}, as the study was started"
+    return "choose a new --out for this recipe, or delete that folder to rerun it"
+

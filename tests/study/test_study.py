@@ -245,6 +245,12 @@ def test_study_refuses_stale_or_other_recipe(tiny_study: dict[str, Any], monkeyp
     (copy / "shift-s0" / "manifest.json").write_text(json.dumps(m))
     code, _, err = run_cli(monkeypatch, capsys, "study", str(s["recipe"]), "--out", str(copy), "--device", "cpu")
     assert_one_line_error(code, err, "differs in n_random")
+    # A study started with --device cpu and resumed without it: the fix names the flag to pass.
+    m["config"].update(n_random=json.loads((s["out"] / "shift-s0" / "manifest.json").read_text())["config"]["n_random"])
+    (copy / "shift-s0" / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(monkeypatch, capsys, "study", str(s["recipe"]), "--out", str(copy))
+    assert_one_line_error(code, err, "differs in device")
+    assert "resume with --device cpu" in err
 
 
 def test_interrupted_finetune_resumes(tiny_study: dict[str, Any], tmp_path: Path) -> None:
