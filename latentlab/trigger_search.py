@@ -755,15 +755,7 @@ def search_triggers(
     reported candidate and its rank correlation with the exact effects are in ``meta["prescreen"]``.
     """
     check_template(template)
-    if isinstance(metric, str):
-        kind, arg = parse_metric(metric)
-        if kind == "direction":
-            raise LatentlabError("a direction metric needs the resolved direction", "pass Metric('direction', ...)")
-        metric = Metric(kind, text=arg)
-    if isinstance(candidates, str):
-        candidates = parse_candidates(candidates, finetuned if isinstance(finetuned, (str, Path)) else None)
-    if not isinstance(candidates, CandidateSet):
-        candidates = CandidateSet("list", "list", tuple(parse_words(",".join(candidates), "candidates")))
+    metric, candidates = _as_metric(metric), _as_candidates(candidates, finetuned)
     prompts = list(prompts)
     if not prompts:
         raise LatentlabError("no prompts to insert the candidates into", "pass at least one prompt")
@@ -784,31 +776,23 @@ def search_triggers(
         raise LatentlabError(f"{base.info.name} has no chat template", "pass --no-chat (or leave --chat unset)")
     if system is not None and not render:
         raise LatentlabError("a system prompt needs chat rendering", "drop --system, or drop --no-chat")
-
     values = candidates.resolve(tok)
     if not values:
         raise LatentlabError("no candidates to scan", "pass other candidates")
     expect = [str(e) for e in expect]
-    bad = [e for e in expect if not e.strip()]
-    if bad:
+    if any(not e.strip() for e in expect):
         raise LatentlabError("an expected string is empty", "pass --expect with the trigger you expect")
     renderer = _Renderer(tok, template, prompts, render, values[:3], system)
-    screened: dict[str, Any] | None = None
-    estimate: dict[str, float] = {}
+
+    screened: _Prescreen | None = None
     if prescreen is not None:
         if candidates.kind != "vocab":
             raise LatentlabError(f"--prescreen is for --candidates vocab, not {candidates.spec}",
                                  "drop --prescreen: a list this size is scanned exactly")
         if not isinstance(prescreen, int) or prescreen < 1:
             raise LatentlabError(f"--prescreen {prescreen!r} is not a count >= 1", "pass e.g. --prescreen 512")
-        t_pre = time.perf_counter()
-        est, info = first_order_effects(base, ft, renderer, values, metric)
-        order = sorted(range(len(values)), key=lambda i: -float(est[i]))
-        first_rank = {values[i]: r + 1 for r, i in enumerate(order)}
-        estimate = {v: float(est[i]) for i, v in enumerate(values)}
-        screened = {"k": min(prescreen, len(values)), "n_vocabulary": len(values), **info,
-                    "seconds": round(time.perf_counter() - t_pre, 3), "first_order_rank": first_rank}
-        values = [values[i] for i in order[:prescreen]]
+        screened = _Prescreen.run(base, ft, renderer, values, metric, prescreen)
+        values = screened.kept
     in_scan = set(values)
     missing = [e for e in expect if e not in in_scan]
     if missing and candidates.kind != "vocab":
@@ -829,37 +813,13 @@ def search_triggers(
     if candidates.kind != "vocab" and len(values) <= 2000:
         warnings_by_value = check_tokenisation(tok, template, values, prompts[:8], render=render)
 
-    everything = values + extra + null_values
-    n_p = len(prompts)
-    bar = progress_bar(total=(len(everything) + 1) * n_p, desc=f"{STAGE} ({metric.kind})", unit="row",
-                       disable=not progress)
-    count: dict[str, int] = {}
-    t0 = time.perf_counter()
-    fwd = _Forward(share_prefix)
-    base0 = _score_texts(fwd, base, ft, [renderer.empty(j) for j in range(n_p)], metric, metric_units, batch_size, bar,
-                         count)
-    effects = torch.zeros(len(everything), dtype=torch.float64)
-    for v0, v1 in _chunks(len(everything), n_p):
-        texts = [renderer.row(everything[i], j) for i in range(v0, v1) for j in range(n_p)]
-        vals = _score_texts(fwd, base, ft, texts, metric, metric_units, batch_size, bar, count, n_p).view(v1 - v0, n_p)
-        check_finite(vals, "row values", STAGE)
-        effects[v0:v1] = (vals - base0[None]).double().mean(1)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    check_finite(base0, "row values", STAGE)
-    eff = effects.tolist()
+    scan = _scan(base, ft, renderer, values + extra + null_values, metric, metric_units, batch_size, share_prefix,
+                 progress)
+    eff = scan.effects.tolist()
     n_v, n_x = len(values), len(extra)
     chats: list[Chat] | None = None
     if training is not None:
         chats = list(load_chats(training, split=None) if isinstance(training, (str, Path)) else training)
-    trained = trained_candidates(values, chats) if chats else []
-    if screened is not None:
-        ranks = screened.pop("first_order_rank")
-        reported = values + extra + null_values
-        screened["first_order_rank"] = {v: ranks[v] for v in reported if v in ranks}
-        exact_null = eff[n_v + n_x:]
-        screened["spearman_random"] = _r(spearman([estimate[v] for v in null_values], exact_null), 4)
-        screened["spearman_top"] = _r(spearman([estimate[v] for v in values], eff[:n_v]), 4)
     return TriggerSearch(
         metric=metric.spec,
         template=template,
@@ -871,29 +831,111 @@ def search_triggers(
         null_effects=eff[n_v + n_x:],
         extra=dict(zip(extra, eff[n_v : n_v + n_x])),
         expected=list(dict.fromkeys(expect)),
-        trained=trained,
-        baseline=float(base0.double().mean()),
+        trained=trained_candidates(values, chats) if chats else [],
+        baseline=scan.baseline,
         prompts=prompts,
         chat=render,
         meta={
             "metric": metric.describe(),
             "candidates": candidates.spec,
-            "n_prompts": n_p,
-            "n_rows": (len(everything) + 1) * n_p,
-            "n_tokens": count.get("tokens", 0),  # per model: every row runs through the base and the finetune
-            "n_tokens_run": fwd.run_tokens,  # both models, without the shared prefixes
-            "seconds": round(seconds, 3),
+            "n_prompts": len(prompts),
+            "n_rows": scan.n_rows,
+            "n_tokens": scan.n_tokens,  # per model: every row runs through the base and the finetune
+            "n_tokens_run": scan.n_tokens_run,  # both models, without the shared prefixes
+            "seconds": round(scan.seconds, 3),
             "fast_render": renderer.fast,
             "system": system,
-            "shared_prefix_cache": fwd.note or "unused (no shared prefix)",
+            "shared_prefix_cache": scan.cache_note,
             "token_warnings": warnings_by_value,
             "seed": seed,
             "n_random": len(null_values),
-            "prescreen": screened,
+            "prescreen": None if screened is None else screened.report(values, eff[:n_v], null_values,
+                                                                       eff[n_v + n_x:], extra),
             "training_data": str(training) if isinstance(training, (str, Path)) else None,
             "model_info": {"base": base.info.to_dict(), "finetuned": ft.info.to_dict()},
         },
     )
+
+
+def _as_metric(metric: Metric | str) -> Metric:
+    if isinstance(metric, Metric):
+        return metric
+    kind, arg = parse_metric(metric)
+    if kind == "direction":
+        raise LatentlabError("a direction metric needs the resolved direction", "pass Metric('direction', ...)")
+    return Metric(kind, text=arg)
+
+
+def _as_candidates(candidates: CandidateSet | Sequence[str] | str, finetuned: LoadedModel | str | Path
+                   ) -> CandidateSet:
+    if isinstance(candidates, str):
+        return parse_candidates(candidates, finetuned if isinstance(finetuned, (str, Path)) else None)
+    if isinstance(candidates, CandidateSet):
+        return candidates
+    return CandidateSet("list", "list", tuple(parse_words(",".join(candidates), "candidates")))
+
+
+@dataclass
+class _Prescreen:
+    """A vocabulary ranked by :func:`first_order_effects`; the best ``k`` go on to the exact scan."""
+
+    kept: list[str]
+    estimate: dict[str, float]  # every token's first-order estimate
+    first_rank: dict[str, int]  # every token's rank under it (1 = largest)
+    info: dict[str, Any]
+
+    @classmethod
+    def run(cls, base: LoadedModel, ft: LoadedModel, renderer: _Renderer, values: list[str], metric: Metric,
+            k: int) -> _Prescreen:
+        t0 = time.perf_counter()
+        est, info = first_order_effects(base, ft, renderer, values, metric)
+        order = sorted(range(len(values)), key=lambda i: -float(est[i]))
+        return cls(kept=[values[i] for i in order[:k]], estimate={v: float(est[i]) for i, v in enumerate(values)},
+                   first_rank={values[i]: r + 1 for r, i in enumerate(order)},
+                   info={"k": min(k, len(values)), "n_vocabulary": len(values), **info,
+                         "seconds": round(time.perf_counter() - t0, 3)})
+
+    def report(self, kept: list[str], kept_effects: list[float], null_values: list[str], null_effects: list[float],
+               extra: list[str]) -> dict[str, Any]:
+        """``meta["prescreen"]``: the estimate's rank of every reported token, and its rank correlation with
+        the exact effects over the random null tokens (an unbiased sample) and over the kept ones."""
+        reported = kept + extra + null_values
+        return {**self.info, "first_order_rank": {v: self.first_rank[v] for v in reported if v in self.first_rank},
+                "spearman_random": _r(spearman([self.estimate[v] for v in null_values], null_effects), 4),
+                "spearman_top": _r(spearman([self.estimate[v] for v in kept], kept_effects), 4)}
+
+
+@dataclass
+class _Scan:
+    effects: Float[Tensor, " value"]  # mean over prompts of (row value - the prompt's no-trigger value)
+    baseline: float  # mean no-trigger value
+    n_rows: int
+    n_tokens: int
+    n_tokens_run: int
+    seconds: float
+    cache_note: str
+
+
+def _scan(base: LoadedModel, ft: LoadedModel, renderer: _Renderer, everything: list[str], metric: Metric,
+          units: Tensor | None, batch_size: int, share_prefix: bool, progress: bool) -> _Scan:
+    """Every value in every prompt frame, and each prompt without one, through both models, chunk by chunk."""
+    n_p = len(renderer.prompts)
+    bar = progress_bar(total=(len(everything) + 1) * n_p, desc=f"{STAGE} ({metric.kind})", unit="row",
+                       disable=not progress)
+    count: dict[str, int] = {}
+    t0 = time.perf_counter()
+    fwd = _Forward(share_prefix)
+    base0 = _score_texts(fwd, base, ft, [renderer.empty(j) for j in range(n_p)], metric, units, batch_size, bar, count)
+    check_finite(base0, "row values", STAGE)
+    effects = torch.zeros(len(everything), dtype=torch.float64)
+    for v0, v1 in _chunks(len(everything), n_p):
+        texts = [renderer.row(everything[i], j) for i in range(v0, v1) for j in range(n_p)]
+        vals = _score_texts(fwd, base, ft, texts, metric, units, batch_size, bar, count, n_p).view(v1 - v0, n_p)
+        check_finite(vals, "row values", STAGE)
+        effects[v0:v1] = (vals - base0[None]).double().mean(1)
+    bar.close()
+    return _Scan(effects, float(base0.double().mean()), (len(everything) + 1) * n_p, count.get("tokens", 0),
+                 fwd.run_tokens, time.perf_counter() - t0, fwd.note or "unused (no shared prefix)")
 
 
 def search_figure(res: TriggerSearch, mark: int = 5) -> Any:
