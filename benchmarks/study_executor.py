@@ -67,14 +67,6 @@ def run_study_cli(rec: Path, out: Path, extra: list[str], log: Path) -> float:
     return s
 
 
-def without_walls(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: without_walls(v) for k, v in x.items() if k != "wall_seconds"}
-    if isinstance(x, list):
-        return [without_walls(v) for v in x]
-    return x
-
-
 def differences(a: Any, b: Any, where: str = "sections") -> list[str]:
     """Paths where two JSON values differ (the first few are reported)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -121,9 +113,11 @@ def main() -> None:
         walls["ray"] = run_study_cli(rec, root / "ray", ["--executor", "ray", "--workers", "2",
                                                          "--threads-per-worker", "1"], root / "ray.log")
         print(f"ray: {walls['ray']:.1f} s", flush=True)
+        from latentlab.study import without_timings
+
         summaries = {k: json.loads((root / k / "summary.json").read_text()) for k in walls}
-        diff = differences(without_walls(summaries["sequential"]["sections"]),
-                           without_walls(summaries["ray"]["sections"]))
+        diff = differences(without_timings(summaries["sequential"]["sections"]),
+                           without_timings(summaries["ray"]["sections"]))
         steps = {k: steps_of(root / k) for k in walls}
         ray_log = [ln for ln in (root / "ray.log").read_text().splitlines() if ln.startswith("ray:")][:10]
     result = {

@@ -1063,3 +1063,14 @@ def summarize_study(root: str | Path) -> dict[str, Any]:
     }
     _finish_paths(summary, [])
     return summary
+
+
+def without_timings(x: Any) -> Any:
+    """A summary (or any JSON value) with every ``wall_seconds`` dropped: what two runs of one study
+    (another executor, another machine) must agree on, since their timings never do."""
+    if isinstance(x, dict):
+        return {k: without_timings(v) for k, v in x.items() if k != "wall_seconds"}
+    if isinstance(x, list):
+        return [without_timings(v) for v in x]
+    return x
+

@@ -24,7 +24,7 @@ from cli_helpers import assert_one_line_error, run_cli
 from study_recipes import tiny_recipe
 
 from latentlab.errors import LatentlabError
-from latentlab.study import StudyConfig, run_study
+from latentlab.study import StudyConfig, run_study, without_timings
 from latentlab.study.executors import RayExecutor, Sequential, executor_for
 
 # A small object store, no dashboard, worker output kept out of the test's: a bounded cluster.
@@ -60,14 +60,6 @@ def configs(root: Path) -> dict[str, Any]:
             text = text.replace(r, "<study>")
         out[str(m.parent.relative_to(root))] = json.loads(text)
     return out
-
-
-def without_walls(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: without_walls(v) for k, v in x.items() if k != "wall_seconds"}
-    if isinstance(x, list):
-        return [without_walls(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +118,7 @@ def test_ray_study_equals_the_sequential_study(trainable_gemma_dir: Path, tmp_pa
 
     # the same run folders, manifests' configs and summary numbers
     assert configs(seq) == configs(par) and len(configs(par)) == 8
-    assert without_walls(a.summary["sections"]) == without_walls(b.summary["sections"])
+    assert without_timings(a.summary["sections"]) == without_timings(b.summary["sections"])
     assert json.loads((par / "summary.json").read_text())["sections"] == b.summary["sections"]
     assert not (par / ".running").exists()
 
