@@ -36,12 +36,12 @@ from torch import Tensor
 
 from latentlab.activations import Example, collect, encode, pad_batch, pad_id_of, run_resid
 from latentlab.arch import final_logits
-from latentlab.data import Chat, Pair, render_chat, render_prompt
+from latentlab.data import Chat, Pair, dataset_hash, render_chat, render_prompt
 from latentlab.direction import Direction
 from latentlab.directions import DirectionSpec, resolve_pairs
 from latentlab.errors import LatentlabError, first_line
-from latentlab.io import sha256_text
-from latentlab.models import LoadedModel
+from latentlab.io import read_json, sha256_text, write_json
+from latentlab.models import LoadedModel, latentlab_home
 from latentlab.scoring import completion_sequences, sequence_logprobs
 from latentlab.stats import check_finite, cluster_mean, nan_percentile_ci, two_level_bootstrap
 
@@ -560,6 +560,47 @@ def calibrate(train_proj: np.ndarray, train_y: np.ndarray, test_proj: np.ndarray
     )
 
 
+CALIBRATION_VERSION = 1
+
+
+def _calibrations(base: LoadedModel, d: Direction, source: str | Path, train: Sequence[Pair], test: Sequence[Pair],
+                  layers: Sequence[int], batch_size: int, progress: bool) -> tuple[list[Calibration], bool]:
+    """One :class:`Calibration` per layer (train pairs fitted, test pairs scored), and whether they came from
+    ``$LATENTLAB_HOME/judge-calibrations``.
+
+    Why a cache: the calibration pools every pair's answer under the base at each layer (minutes on a
+    270M model on CPU) and is a pure function of the weights, the direction, the pairs and the layers,
+    while a study judges every seed with the same one. An entry is one JSON file written atomically; a
+    damaged one is recomputed and replaced.
+    """
+    key = sha256_text(json.dumps({
+        "v": CALIBRATION_VERSION, "base": base.info.base_fingerprint, "adapter": base.info.adapter_fingerprint,
+        "adapter_scale": getattr(base, "adapter_scale", 1.0), "dtype": base.info.dtype, "pairs": dataset_hash(source),
+        "units": sha256_text("".join(d.unit(L).float().numpy().tobytes().hex() for L in layers)),
+        "layers": list(layers), "batch_size": batch_size, "pooling": "response_mean",
+    }, sort_keys=True))[:20]
+    path = latentlab_home() / "judge-calibrations" / f"{key}.json"
+    if path.is_file():
+        try:
+            return [Calibration(**c) for c in read_json(path)["calibrations"]], True
+        except Exception:  # noqa: BLE001 - any damage (truncated or old JSON): recompute and replace
+            pass
+    tr_pos, tr_neg = _pair_examples(train, base.tokenizer)
+    te_pos, te_neg = _pair_examples(test, base.tokenizer)
+    acts = _pooled(base, tr_pos + tr_neg + te_pos + te_neg, layers, batch_size, progress)
+    n_tr, n_te = len(tr_pos), len(te_pos)
+    y_tr = np.r_[np.ones(n_tr), np.zeros(n_tr)]
+    y_te = np.r_[np.ones(n_te), np.zeros(n_te)]
+    cals = []
+    for j, L in enumerate(layers):
+        proj = (acts[:, j] @ d.unit(L).float()).double().numpy()
+        cals.append(calibrate(proj[: 2 * n_tr], y_tr, proj[2 * n_tr :], y_te, L))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"model": base.info.name, "direction": d.name, "pairs": str(source),
+                      "calibrations": [asdict(c) for c in cals]})
+    return cals, False
+
+
 class DirectionJudge(_Base):
     """No judge model: the answer's activation under ``base`` projected on the direction, as P(positive pole).
 
@@ -586,16 +627,10 @@ class DirectionJudge(_Base):
             layers = [report.best_layer]
         else:
             layers = list(d.layers)
-        tr_pos, tr_neg = _pair_examples(train, base.tokenizer)
-        te_pos, te_neg = _pair_examples(test or [], base.tokenizer)
-        acts = _pooled(base, tr_pos + tr_neg + te_pos + te_neg, layers, self.batch_size, progress)
-        n_tr, n_te = len(tr_pos), len(te_pos)
-        y_tr = np.r_[np.ones(n_tr), np.zeros(n_tr)]
-        y_te = np.r_[np.ones(n_te), np.zeros(n_te)]
-        cals = []
-        for j, L in enumerate(layers):
-            proj = (acts[:, j] @ d.unit(L).float()).double().numpy()
-            cals.append(calibrate(proj[: 2 * n_tr], y_tr, proj[2 * n_tr :], y_te, L))
+        cals, self.calibration_reused = _calibrations(base, d, self.source, train, test or [], layers,
+                                                      self.batch_size, progress)
+        if log is not None and self.calibration_reused:
+            log(f"reusing the cached calibration of the {d.name} judge on {base.info.name}")
         best = max(range(len(cals)), key=lambda j: (cals[j].test_accuracy if cals[j].test_accuracy is not None
                                                     else cals[j].train_accuracy, -j))
         self.calibration = cals[best]

@@ -271,6 +271,25 @@ def test_direction_judge_separates_two_kinds_of_answers(tiny_gemma: Any, marker_
     assert other.layer == 1 and other.id != judge.id
 
 
+def test_direction_judge_calibration_is_cached(tiny_gemma: Any, marker_pairs: Path) -> None:
+    """The second judge of the same direction, pairs and layer reuses the first one's calibration
+    (a study judges every seed with it); a damaged entry is recomputed, never trusted."""
+    from latentlab.models import latentlab_home
+
+    first = DirectionJudge(tiny_gemma, str(marker_pairs), layer=2, log=lambda s: None)
+    said: list[str] = []
+    again = DirectionJudge(tiny_gemma, str(marker_pairs), layer=2, log=said.append)
+    assert not first.calibration_reused and again.calibration_reused
+    assert again.calibration == first.calibration and again.id == first.id
+    assert any("reusing the cached calibration" in line for line in said)
+    entries = list((latentlab_home() / "judge-calibrations").glob("*.json"))
+    assert entries
+    for e in entries:
+        e.write_text("{not json")
+    fresh = DirectionJudge(tiny_gemma, str(marker_pairs), layer=2, log=lambda s: None)
+    assert not fresh.calibration_reused and fresh.calibration == first.calibration
+
+
 def test_saved_direction_judge_uses_the_pairs_it_records(tiny_gemma: Any, marker_pairs: Path,
                                                          tmp_path: Path) -> None:
     from latentlab.directions import DirectionSpec
