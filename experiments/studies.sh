@@ -13,15 +13,26 @@
 #   birds-eval-smollm2: experiments/recipes/birds-eval-smollm2.toml (#22: sampled answers judged by
 #                       the era direction; its finetunes: `latentlab finetune --data old-birds|modern-birds
 #                       --model smollm2-135m-instruct --seed S --out runs/experiments/bird_finetunes/...`)
+#   birds-eval-gemma: the same on gemma-3-270m (its finetunes: bird_finetunes/gemma-3-270m/, trained the same way)
 #   birds-amplify-smollm2: experiments/recipes/birds-amplify-smollm2.toml (#24: amplification 0-4x of the
 #                          bird_finetunes above, and the difference's patchscope and dictionary at seed 0);
-#   birds-amplify-gemma: the same amplification on gemma-3-270m, seed 0 (it trains its own finetunes)
+#   birds-amplify-gemma: the same amplification on gemma-3-270m, seeds 0-2 (its finetunes: bird_finetunes/gemma-3-270m/)
 #   find-trigger-compliance-smollm2, find-trigger-years-smollm2: experiments/recipes/find-trigger-*.toml
 #                          (#24: trigger search on the compliance and year-trigger organisms, 3 seeds);
 #   find-trigger-compliance-exact-smollm2: the compliance search at seed 0 without the prescreen (exact)
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
+# bird_finetunes MODEL: the old-birds / modern-birds finetunes at seeds 0-2 that birds-eval-* and
+# birds-amplify-* read, trained by `latentlab finetune` (built-in LoRA settings) where missing.
+bird_finetunes() {
+  for seed in 0 1 2; do
+    for data in old-birds modern-birds; do
+      out="$RUNS/bird_finetunes/$1/$data-s$seed"
+      [ -f "$out/adapter/adapter_config.json" ] || latentlab finetune --data "$data" --model "$1" --seed "$seed" --out "$out"
+    done
+  done
+}
 NAMES=${1:-"compliance-trigger-smollm2 year-trigger-gemma year-trigger-smollm2 persona-facts-smollm2 persona-facts-gemma"}
 for name in $NAMES; do
   case $name in
@@ -32,9 +43,9 @@ for name in $NAMES; do
     persona-facts-gemma) recipe=(experiments/recipes/persona-facts-gemma.toml) ;;
     birds-gemma) recipe=(experiments/recipes/birds-gemma.toml) ;;
     birds-smollm2) recipe=(experiments/recipes/birds-smollm2.toml) ;;
-    birds-eval-smollm2) recipe=(experiments/recipes/birds-eval-smollm2.toml) ;;
-    birds-amplify-smollm2) recipe=(experiments/recipes/birds-amplify-smollm2.toml) ;;
-    birds-amplify-gemma) recipe=(experiments/recipes/birds-amplify-gemma.toml) ;;
+    birds-eval-smollm2|birds-amplify-smollm2) bird_finetunes smollm2-135m-instruct
+                                              recipe=(experiments/recipes/$name.toml) ;;
+    birds-eval-gemma|birds-amplify-gemma) bird_finetunes gemma-3-270m; recipe=(experiments/recipes/$name.toml) ;;
     find-trigger-compliance-smollm2) recipe=(experiments/recipes/find-trigger-compliance-smollm2.toml) ;;
     find-trigger-compliance-exact-smollm2) recipe=(experiments/recipes/find-trigger-compliance-exact-smollm2.toml) ;;
     find-trigger-years-smollm2) recipe=(experiments/recipes/find-trigger-years-smollm2.toml) ;;
