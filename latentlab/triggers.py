@@ -156,9 +156,12 @@ def values_from_file(path: str | Path) -> list[str]:
 
 
 def training_data_of(finetuned: str | Path) -> str | None:
-    """The ``--data`` of a ``latentlab finetune`` run (from its manifest), or None when not recorded."""
+    """The ``--data`` of a ``latentlab finetune`` run (from its manifest), the ``data.jsonl`` a compliance
+    sweep writes beside each budget's adapter, or None when not recorded."""
     p = Path(finetuned).expanduser()
     for folder in (p, p.parent):
+        if not (folder / "manifest.json").is_file() and (folder / "data.jsonl").is_file():
+            return str(folder / "data.jsonl")
         m = folder / "manifest.json"
         if m.is_file():
             try:

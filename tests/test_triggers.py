@@ -184,6 +184,11 @@ def test_values_from_file_and_training_marks(tmp_path: Path) -> None:
     (run / "manifest.json").write_text(json.dumps({"config": {"data": str(chat)}}))
     assert training_data_of(run) == str(chat) and training_data_of(run / "adapter") == str(chat)
     assert training_data_of(tmp_path) is None
+    # a compliance sweep's budget folder holds its poisoned chats as data.jsonl beside the adapter
+    budget = tmp_path / "sweep" / "n-64"
+    (budget / "adapter").mkdir(parents=True)
+    (budget / "data.jsonl").write_text(chat.read_text())
+    assert training_data_of(budget / "adapter") == str(budget / "data.jsonl") == training_data_of(budget)
 
 
 class MergingTokenizer:
