@@ -153,12 +153,12 @@ def words_of(chats: Sequence[Chat], roles: Sequence[str] = ("system", "user")) -
 
 
 def training_words(finetuned: str | Path) -> list[str]:
-    """The distinct words of the system and user turns of the data a ``latentlab finetune`` run was trained
-    on (read from its manifest)."""
+    """The distinct words of the system and user turns of the data a finetune was trained on (a ``latentlab
+    finetune`` run's manifest names it; a compliance sweep keeps it beside each budget's adapter)."""
     data = training_data_of(finetuned)
     if data is None:
         raise LatentlabError(
-            f"{finetuned} records no training data (not a `latentlab finetune` run folder?)",
+            f"{finetuned} records no training data (not a `latentlab finetune` or compliance run folder?)",
             "pass the candidate words as a file or a,b,c instead of training-words",
         )
     words = words_of(load_chats(data, split=None))

@@ -358,11 +358,6 @@ class Recipe:
             ft.candidates = ",".join(map(str, ft.candidates))
         if ft.expect is not None and not isinstance(ft.expect, list):
             ft.expect = [ft.expect]
-        if str(ft.candidates).strip() == "training-words" and self.finetune is None:
-            # a compliance sweep's finetunes record no training data to read words from
-            raise LatentlabError("[find-trigger] candidates = \"training-words\" needs a [finetune] table (the "
-                                 "compliance finetunes record no training data)",
-                                 'use candidates = "vocab", a file or a list, or add [finetune]')
 
     def _check_eval(self, ev: Section) -> None:
         """[eval]: known arms whose sections exist, and lists of judges (each judge and the template are
