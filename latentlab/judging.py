@@ -42,6 +42,7 @@ from latentlab.directions import DirectionSpec, resolve_pairs
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import read_json, sha256_text, write_json
 from latentlab.models import LoadedModel, latentlab_home
+from latentlab.sampling import repetitive
 from latentlab.scoring import completion_sequences, sequence_logprobs
 from latentlab.stats import check_finite, cluster_mean, nan_percentile_ci, two_level_bootstrap
 
@@ -741,7 +742,8 @@ def summarize(
     ``positive=None``, the mean score), with a 95% bootstrap interval that resamples questions, then
     answers within each question (:func:`latentlab.stats.two_level_bootstrap`; questions weigh equally);
     each arm minus its control and each intervened arm minus its plain arm (:func:`comparisons`), from
-    the same paired draws; unparsed counts. ``arms``: ``Arm.record()`` dicts (order, roles); default:
+    the same paired draws; unparsed counts, and how many answers are loops
+    (:func:`~latentlab.sampling.repetitive`). ``arms``: ``Arm.record()`` dicts (order, roles); default:
     the arms in the samples, in order, none of them a control.
     """
     by_sample = {str(_rec(j)["sample_id"]): _rec(j) for j in judgments}
@@ -753,12 +755,14 @@ def summarize(
     questions = list(dict.fromkeys(str(s["question_id"]) for s in samples))
     vals: dict[str, dict[str, list[float]]] = {a: {q: [] for q in questions} for a in arm_names}
     counts = {a: {q: {"n": 0, "n_parsed": 0, "n_unjudged": 0} for q in questions} for a in arm_names}
+    loops = dict.fromkeys(arm_names, 0)
     for s in samples:
         a, q = str(s["arm"]), str(s["question_id"])
         if a not in vals:
             continue
         c = counts[a][q]
         c["n"] += 1
+        loops[a] += repetitive(str(s.get("answer", "")))
         j = by_sample.get(str(s["id"]))
         if j is None:
             c["n_unjudged"] += 1
@@ -778,7 +782,7 @@ def summarize(
         unjudged = sum(c["n_unjudged"] for c in counts[a].values())
         out_arms[a] = {"value": _num(cluster_mean(groups[i])), "ci": _ci(nan_percentile_ci(boot[i])),
                        "n": n, "n_parsed": parsed, "n_unparsed": n - parsed - unjudged, "n_unjudged": unjudged,
-                       "n_questions": sum(1 for v in groups[i] if len(v))}
+                       "n_repetitive": loops[a], "n_questions": sum(1 for v in groups[i] if len(v))}
         per_q[a] = {}
         for q, v in zip(questions, groups[i]):
             c = counts[a][q]

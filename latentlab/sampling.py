@@ -159,6 +159,24 @@ def derive_seed(seed: int, question_ids: Sequence[str], k0: int) -> int:
     return int.from_bytes(h[:8], "big") % (1 << 31)
 
 
+LOOP_SHARE = 0.25  # an arm with at least this share of its answers loops is called broken (judge, study verdict)
+
+
+def repetitive(answer: str, n: int = 4, threshold: float = 0.5, min_chars: int = 24) -> bool:
+    """Whether an answer is a loop (``"VideVideVide..."``, ``"the the the"``): fewer than ``threshold`` of
+    its character ``n``-grams are distinct. Answers shorter than ``min_chars`` never count.
+
+    Why: an intervention that breaks generation (an ablation across many layers) makes every answer such
+    a loop, and any judge then scores the loop, not the arm's behaviour; a count of them beside the judged
+    rate says when a difference between arms is a difference between broken texts.
+    """
+    t = " ".join(answer.split())
+    if len(t) < min_chars:
+        return False
+    grams = [t[i : i + n] for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) < threshold
+
+
 # --------------------------------------------------------------------------------------------
 # Settings: what a run's samples are a function of.
 # --------------------------------------------------------------------------------------------

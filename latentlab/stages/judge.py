@@ -277,6 +277,8 @@ def show(res: JudgeResult, cfg: JudgeConfig, console: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from latentlab.sampling import LOOP_SHARE
+
     r = res.results
     pct = r["metric"] == "rate"
     what = f"% {r['positive']}" if pct else ("P(positive pole)" if cfg._kind == "direction" else "mean score")
@@ -286,11 +288,17 @@ def show(res: JudgeResult, cfg: JudgeConfig, console: Any) -> None:
     table.add_column(what, justify="right")
     table.add_column("minus reference", justify="right")
     table.add_column("unparsed", justify="right")
+    table.add_column("loops", justify="right")
     for arm, a in r["arms"].items():
         vs = "\n".join(f"vs {escape(ref)}: {_fmt(d['diff'], d['ci'], True, pct)}" for ref, d in a.get("vs", {}).items())
         table.add_row(escape(arm), _fmt(a["value"], a["ci"], pct=pct), vs or "-",
-                      f"{a['n_unparsed']} / {a['n']}" + (f" ({a['n_unjudged']} unjudged)" if a["n_unjudged"] else ""))
+                      f"{a['n_unparsed']} / {a['n']}" + (f" ({a['n_unjudged']} unjudged)" if a["n_unjudged"] else ""),
+                      f"{a['n_repetitive']}")
     console.print(table)
+    looping = [arm for arm, a in r["arms"].items() if a["n"] and a["n_repetitive"] / a["n"] >= LOOP_SHARE]
+    if looping:
+        console.print(f"[yellow]answers that are loops (generation broken) in {escape(', '.join(looping))}: a judged "
+                      "value there scores the loops, not behaviour[/yellow]")
     if "direction" in r:
         d = r["direction"]
         acc = "n/a" if d["test_accuracy"] is None else f"{d['test_accuracy']:.2f}"

@@ -140,14 +140,16 @@ def _eval_html(secs: dict[str, Any]) -> str:
         parts += [f"<h3>{html.escape(sec['judge'])} ({html.escape(str(sec.get('scale') or sec['metric']))})</h3>",
                   _verdict(sec.get("verdict"))]
         head = ["arm", "mean over seeds [95% t-CI]", *[f"seed {s} [95% CI over questions, answers]" for s in seeds],
-                "unparsed / answers"]
+                "unparsed / loops / answers"]
         rows = []
         for a in sec["arms"]:
             x = sec["across"][a]
             cells = [html.escape(a), _ci(x["mean"], x["lo"], x["hi"], sign=False)]
             cells += [_ci(p["arms"][a]["value"], p["arms"][a]["lo"], p["arms"][a]["hi"], sign=False)
                       if a in p["arms"] else "n/a" for p in sec["per_seed"].values()]
-            cells.append(", ".join(f"{_num(p['arms'][a]['n_unparsed'], 0, False)} / {_num(p['arms'][a]['n'], 0, False)}"
+            cells.append(", ".join(f"{_num(p['arms'][a]['n_unparsed'], 0, False)} / "
+                                   f"{_num(p['arms'][a].get('n_repetitive'), 0, False)} / "
+                                   f"{_num(p['arms'][a]['n'], 0, False)}"
                                    for p in sec["per_seed"].values() if a in p["arms"]))
             rows.append(cells)
         parts.append(_table(head, rows))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.patchscope import RANDOM_LABEL as RANDOM_DIRECTION
+from latentlab.sampling import LOOP_SHARE, repetitive
 from latentlab.stats import pearson, seed_interval, spearman
 from latentlab.study.recipe import judge_labels
 
@@ -430,13 +431,16 @@ def _eval(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any]
         for s, rel in per.items():
             r = f.get(rel)
             row: dict[str, Any] = {"arms": {}, "comparisons": {}}
+            loops = _loops(f.root, s, r)
             for arm in r["arms"]:
                 name = _ablated_label(arm, direction)
                 arms += [name] if name not in arms else []
                 row["arms"][name] = {"value": f.num(rel, "arms", arm, "value"),
                                      "lo": f.num(rel, "arms", arm, "ci", 0), "hi": f.num(rel, "arms", arm, "ci", 1),
                                      "n": f.num(rel, "arms", arm, "n"),
-                                     "n_unparsed": f.num(rel, "arms", arm, "n_unparsed")}
+                                     "n_unparsed": f.num(rel, "arms", arm, "n_unparsed"),
+                                     "n_repetitive": f.num(rel, "arms", arm, "n_repetitive")
+                                     if "n_repetitive" in r["arms"][arm] else _derived(loops.get(arm))}
             for i, c in enumerate(r["comparisons"]):
                 key = f"{_ablated_label(c['arm'], direction)} - {_ablated_label(c['reference'], direction)}"
                 comps += [key] if key not in comps else []
@@ -463,6 +467,17 @@ def _eval(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any]
             if rel is not None:
                 sec["vs_direction"] = rel
         sec["verdict"] = _eval_verdict(sec, out.get(dlabel or "", {}).get("judge"))
+    return out
+
+
+def _loops(root: Path, seed: int, judged: dict[str, Any]) -> dict[str, int]:
+    """Per arm, the answers of the seed's samples that are loops (:func:`latentlab.sampling.repetitive`):
+    read from the samples themselves for judge results written before the judge counted them."""
+    if all("n_repetitive" in a for a in judged["arms"].values()):
+        return {}
+    out: dict[str, int] = {}
+    for row in _jsonl(root, f"sample-s{seed}/samples.jsonl"):
+        out[str(row["arm"])] = out.get(str(row["arm"]), 0) + repetitive(str(row.get("answer", "")))
     return out
 
 
@@ -507,6 +522,16 @@ def _eval_verdict(sec: dict[str, Any], direction_judge: str | None) -> str:
     total = sum(a["n"]["value"] for p in ps.values() for a in p["arms"].values())
     if unparsed:
         text += f" {unparsed} of {total} answers could not be read and are left out."
+    broken = []
+    for a in sec["arms"]:
+        got = [p["arms"][a] for p in ps.values()
+               if a in p["arms"] and p["arms"][a]["n_repetitive"]["value"] is not None]
+        k, n_a = sum(g["n_repetitive"]["value"] for g in got), sum(g["n"]["value"] for g in got)
+        if n_a and k / n_a >= LOOP_SHARE:
+            broken.append(f"{a} {int(k)} of {int(n_a)}")
+    if broken:
+        text += (f" Answers that are loops (repeated characters, generation broken): {'; '.join(broken)}; a judged "
+                 "value of those arms scores the loops, not behaviour.")
     rel = sec.get("vs_direction")
     if rel is not None:
         pr = rel["pearson"]

@@ -162,7 +162,7 @@ def test_summarize_rates_controls_interventions_and_unparsed() -> None:
     for arm, rate in rates.items():
         for q in range(10):
             for k in range(10):
-                r = sample_row(arm, f"q{q}", k, "x")
+                r = sample_row(arm, f"q{q}", k, "Vide" * 12 if arm == "old+steer(era:1@2)" and q < 3 else "x")
                 rows.append(r)
                 if k == 9 and arm == "modern":
                     judgments.append({"sample_id": r["id"], "parsed": False, "label": None, "score": None})
@@ -176,6 +176,7 @@ def test_summarize_rates_controls_interventions_and_unparsed() -> None:
     assert res["metric"] == "rate"
     assert res["arms"]["old"]["value"] == pytest.approx(0.8)
     assert res["arms"]["modern"]["n_unparsed"] == 10 and res["arms"]["modern"]["n_parsed"] == 90
+    assert res["arms"]["old+steer(era:1@2)"]["n_repetitive"] == 30 and res["arms"]["old"]["n_repetitive"] == 0
     lo, hi = res["arms"]["old"]["ci"]
     assert lo <= 0.8 <= hi
     comps = {(c["arm"], c["reference"]): c for c in res["comparisons"]}

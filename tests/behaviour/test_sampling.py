@@ -325,6 +325,15 @@ def test_adapter_of_another_base_is_refused_before_out_is_touched(tiny_gemma_dir
     assert not out.exists()
 
 
+def test_repetitive_flags_loops_not_text() -> None:
+    from latentlab.sampling import repetitive
+
+    assert repetitive("Vide" * 12) and repetitive("the " * 10) and repetitive("VideVideVideaineVideVideVideVideVide")
+    assert not repetitive("The telegraph and the steam engine were the great inventions of recent years.")
+    assert not repetitive("1. The car 2. The phone 3. The computer 4. The internet")
+    assert not repetitive("ha ha ha ha")  # too short to call
+
+
 def test_page_escapes_everything() -> None:
     rows = [{"id": "<arm>/q&1/0", "arm": "<arm>", "question_id": "q&1", "question": "<b>bold?</b>", "k": 0,
              "answer": "<script>alert('x')</script>"}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,37 @@ def test_eval_section_samples_judges_summarises_and_skips_on_rerun(
     for key in ("sample-s0", "judge-direction-era-s0", f"judge-{local}-s0"):
         assert f"{key}: done already, skipped" in err
     assert json.loads((out / "summary.json").read_text())["sections"]["eval"] == ev
+
+
+def test_looping_answers_are_counted_and_named_in_the_verdict(eval_study: dict[str, Any], tmp_path: Path) -> None:
+    """An arm whose answers are loops (an ablation that broke generation) is named in the verdict: its
+    judged value scores the loops. Judge results written before the judge counted loops are read through
+    the samples themselves."""
+    from latentlab.sampling import repetitive
+
+    if not (eval_study["out"] / "summary.json").exists():
+        pytest.skip("needs the end-to-end eval study")
+    out = tmp_path / "copy"
+    shutil.copytree(eval_study["out"], out)
+    rows = _jsonl(out / "sample-s0" / "samples.jsonl")
+    d = summarize_study(out)["sections"]["eval"]["direction-era"]
+    for arm in ("finetune", "control"):
+        want = sum(repetitive(r["answer"]) for r in rows if r["arm"] == arm)
+        assert d["per_seed"]["0"]["arms"][arm]["n_repetitive"]["value"] == want
+    for r in rows:
+        if "+ablate(" in r["arm"]:
+            r["answer"] = "Vide" * 12
+        elif repetitive(r["answer"]):
+            r["answer"] = "An ordinary answer about the railway and the telegraph."
+    (out / "sample-s0" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res_path = out / "judge-direction-era-s0" / "results.json"
+    res = json.loads(res_path.read_text())
+    for a in res["arms"].values():
+        a.pop("n_repetitive")  # as the judge wrote them before it counted loops
+    res_path.write_text(json.dumps(res))
+    verdict = summarize_study(out)["sections"]["eval"]["direction-era"]["verdict"]
+    assert "finetune+ablate(era@all) 6 of 6; control+ablate(era@all) 6 of 6" in verdict
+    assert "scores the loops" in verdict and "finetune 0 of" not in verdict
 
 
 def test_a_judge_added_to_a_finished_study_runs_alone(eval_study: dict[str, Any], tmp_path: Path) -> None:
