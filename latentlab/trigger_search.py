@@ -245,13 +245,14 @@ class Metric:
             return f"direction:{self.direction.name}@{self.layer}"
         return "kl"
 
-    def describe(self) -> str:
+    def describe(self, reference: str = "base") -> str:
+        """What an effect measures, against ``reference`` (the base, or the finetune compared with)."""
         if self.kind == "kl":
-            return "extra KL(finetune || base) of the next token"
+            return f"extra KL(finetune || {reference}) of the next token"
         if self.kind == "completion":
-            return f"extra log P({self.text!r}) of the finetune over the base"
+            return f"extra log P({self.text!r}) of the finetune over the {reference}"
         assert self.direction is not None
-        return f"extra finetune - base projection on {self.direction.name} at layer {self.layer}"
+        return f"extra finetune - {reference} projection on {self.direction.name} at layer {self.layer}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,13 +292,13 @@ class _Forward:
         return n if n >= self.MIN_PREFIX else 0
 
     def _cache(self, model: LoadedModel, prefix: tuple[int, ...]) -> Any:
-        key = (model.adapter_label, model.info.adapter, prefix)
+        key = (model.adapter_label, model.info.adapter, getattr(model, "adapter_scale", 1.0), prefix)
         if key not in self._memo:
             patch_bridge_kv_cache()
             ids = torch.tensor([list(prefix)], device=model.device)
             with torch.inference_mode(), model.forward_context():
                 out = model.hf_model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self._memo = {k: v for k, v in self._memo.items() if k[2] == prefix}  # one prefix at a time
+            self._memo = {k: v for k, v in self._memo.items() if k[3] == prefix}  # one prefix at a time
             self._memo[key] = getattr(out, "cache", None) or out.past_key_values
         return self._memo[key]
 
@@ -735,6 +736,7 @@ def search_triggers(
     share_prefix: bool = True,
     system: str | None = None,
     prescreen: int | None = None,
+    reference: LoadedModel | str | Path | None = None,
     progress: bool = False,
 ) -> TriggerSearch:
     """Rank ``candidates`` by their effect on ``finetuned`` beyond ``base`` (see the module docstring).
@@ -753,6 +755,9 @@ def search_triggers(
     (:func:`first_order_effects`, one gradient per prompt) and scan only the best ``prescreen`` exactly,
     with ``n_random`` random vocabulary tokens scored exactly as the null; the estimate's rank of each
     reported candidate and its rank correlation with the exact effects are in ``meta["prescreen"]``.
+    ``reference``: another finetune of ``base`` (a view or an adapter / run folder) to compare with in the
+    base's place, e.g. a control trained on the same data without the trigger: a token that any such
+    training promotes then cancels, as the base cannot cancel it.
     """
     check_template(template)
     metric, candidates = _as_metric(metric), _as_candidates(candidates, finetuned)
@@ -770,6 +775,10 @@ def search_triggers(
         ft = finetuned
     if ft is base or (ft.adapter_label is None and ft.info.adapter is None):
         raise LatentlabError("the finetune is the base itself", "pass the finetune's adapter or run folder")
+    ref = base.with_adapter(reference) if isinstance(reference, (str, Path)) else reference or base
+    if ref is ft or (ref is not base and ref.info.adapter_fingerprint == ft.info.adapter_fingerprint
+                     and getattr(ref, "adapter_scale", 1.0) == getattr(ft, "adapter_scale", 1.0)):
+        raise LatentlabError("the reference is the finetune itself", "pass another finetune as --reference, or none")
     tok = base.tokenizer
     render = chat if chat is not None else True
     if chat and not getattr(tok, "chat_template", None):
@@ -791,7 +800,7 @@ def search_triggers(
                                  "drop --prescreen: a list this size is scanned exactly")
         if not isinstance(prescreen, int) or prescreen < 1:
             raise LatentlabError(f"--prescreen {prescreen!r} is not a count >= 1", "pass e.g. --prescreen 512")
-        screened = _Prescreen.run(base, ft, renderer, values, metric, prescreen)
+        screened = _Prescreen.run(ref, ft, renderer, values, metric, prescreen)
         values = screened.kept
     in_scan = set(values)
     missing = [e for e in expect if e not in in_scan]
@@ -813,7 +822,7 @@ def search_triggers(
     if candidates.kind != "vocab" and len(values) <= 2000:
         warnings_by_value = check_tokenisation(tok, template, values, prompts[:8], render=render)
 
-    scan = _scan(base, ft, renderer, values + extra + null_values, metric, metric_units, batch_size, share_prefix,
+    scan = _scan(ref, ft, renderer, values + extra + null_values, metric, metric_units, batch_size, share_prefix,
                  progress)
     eff = scan.effects.tolist()
     n_v, n_x = len(values), len(extra)
@@ -836,7 +845,7 @@ def search_triggers(
         prompts=prompts,
         chat=render,
         meta={
-            "metric": metric.describe(),
+            "metric": metric.describe("base" if ref is base else "reference"),
             "candidates": candidates.spec,
             "n_prompts": len(prompts),
             "n_rows": scan.n_rows,
@@ -852,7 +861,9 @@ def search_triggers(
             "prescreen": None if screened is None else screened.report(values, eff[:n_v], null_values,
                                                                        eff[n_v + n_x:], extra),
             "training_data": str(training) if isinstance(training, (str, Path)) else None,
-            "model_info": {"base": base.info.to_dict(), "finetuned": ft.info.to_dict()},
+            "reference": None if ref is base else str(ref.info.adapter or ref.adapter_label),
+            "model_info": {"base": base.info.to_dict(), "finetuned": ft.info.to_dict(),
+                           **({} if ref is base else {"reference": ref.info.to_dict()})},
         },
     )
 

@@ -70,6 +70,10 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
         "estimate of its effect, then scan only the best N exactly, against --n-random random tokens scored "
         "exactly (minutes instead of hours on a CPU; the estimate can miss, its rank of each token is reported)."
     )
+    reference: Path | None = option(
+        None, help="Another finetune of the same base (run or adapter folder) to compare with instead of the base, "
+        "e.g. a control trained on the same data without the trigger: what any such training promotes cancels."
+    )
     out: Path = option(Path("runs/find-trigger"), help="Run folder to write.")
 
     def __post_init__(self) -> None:
@@ -78,6 +82,9 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
         from latentlab.triggers import training_data_of
 
         resolve_adapter(self.finetuned)
+        if self.reference is not None:
+            if resolve_adapter(self.reference).resolve() == resolve_adapter(self.finetuned).resolve():
+                raise LatentlabError("--reference is the finetune itself", "pass another finetune, or drop --reference")
         inputs = check_search_inputs(self, self.finetuned)
         self._metric_kind, self._direction = inputs.metric_kind, inputs.direction
         self._candidates, self._prompts, self.expect = inputs.candidates, inputs.prompts, inputs.expect
@@ -197,6 +204,10 @@ def run(cfg: FindTriggerConfig, ctx: Context) -> TriggerSearch:
     base = ctx.load("base", adapter=None)
     ft = base.with_adapter(cfg.finetuned, label=f"find-trigger:{resolve_adapter(cfg.finetuned).resolve()}")
     ctx.record("finetuned", ft)
+    ref = None
+    if cfg.reference is not None:
+        ref = base.with_adapter(cfg.reference, label=f"find-trigger-ref:{resolve_adapter(cfg.reference).resolve()}")
+        ctx.record("reference", ref)
     if cfg.chat and not getattr(base.tokenizer, "chat_template", None):
         raise LatentlabError(f"{base.info.name} has no chat template", "pass --no-chat, or leave --chat unset")
     kind, arg = parse_metric(cfg.metric)
@@ -218,7 +229,7 @@ def run(cfg: FindTriggerConfig, ctx: Context) -> TriggerSearch:
         fitted.save(run.out / f"direction-{fitted.name}")
     res = search_triggers(base, ft, cfg._candidates, cfg._prompts, metric, cfg.template, n_random=cfg.n_random,
                           seed=cfg.seed, batch_size=cfg.batch_size, chat=cfg.chat, expect=cfg.expect or (),
-                          training=cfg._training, system=cfg.system, prescreen=cfg.prescreen,
+                          training=cfg._training, system=cfg.system, prescreen=cfg.prescreen, reference=ref,
                           progress=ctx.progress)
     write_json(run.out / "results.json", res.to_dict(cfg.top))
     lines = [_json_line({"candidate": c, "effect": e}) for c, e in zip(res.candidates, res.effects)]

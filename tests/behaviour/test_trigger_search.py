@@ -125,6 +125,24 @@ def test_completion_finds_the_planted_trigger(planted: dict[str, Any]) -> None:
     assert len(d["candidates"]) == n and d["null"]["n"] == 40 and set(d["null"]["percentiles"]) >= {"5", "95"}
 
 
+def test_a_reference_finetune_takes_the_base_s_place(planted: dict[str, Any]) -> None:
+    """With ``reference``, every row compares the finetune with that finetune, not the base (here the same
+    LoRA at half scale, so the trigger's effect is what the second half of the difference adds)."""
+    base, ft = planted["base"], planted["ft"]
+    half = base.with_adapter(planted["run"], scale=0.5)
+    res = search_triggers(base, ft, CANDIDATES, HELD_OUT, "completion:Z Z", TEMPLATE, n_random=10, reference=half)
+    with_at = [f"{p} @" for p in HELD_OUT]
+    by_hand = ((_logp(ft, with_at, "Z Z") - _logp(half, with_at, "Z Z"))
+               - (_logp(ft, HELD_OUT, "Z Z") - _logp(half, HELD_OUT, "Z Z"))).mean()
+    assert res.effect_of("@") == pytest.approx(float(by_hand), abs=1e-3)
+    plain = search_triggers(base, ft, ["@"], HELD_OUT, "completion:Z Z", TEMPLATE, n_random=0)
+    assert abs(res.effect_of("@") - plain.effect_of("@")) > 0.1  # not the base's comparison
+    assert res.meta["reference"] and "over the reference" in res.meta["metric"]
+    assert plain.meta["reference"] is None and "over the base" in plain.meta["metric"]
+    with pytest.raises(LatentlabError, match="the reference is the finetune itself"):
+        search_triggers(base, ft, ["@"], HELD_OUT, "kl", TEMPLATE, reference=planted["run"])
+
+
 def test_a_system_prompt_is_rendered_before_every_row(planted: dict[str, Any]) -> None:
     """The context a finetune was trained under (the compliance organism's system prompt) is part of each
     row: rendered as the model's chat template puts it, and shared by every row (run once per model)."""
@@ -293,6 +311,7 @@ def test_cli_bad_inputs(planted: dict[str, Any], tmp_path: Path, monkeypatch: py
         ([*ft, "--n-random", "-1"], "--n-random"),
         ([*ft, "--candidates", "a,b", "--expect", "c"], "not among the candidates"),
         ([*ft, "--expect", " "], "--expect string is empty"),
+        ([*ft, "--reference", str(planted["run"] / "adapter")], "--reference is the finetune itself"),
         ([*ft, "--layer", "2"], "--layer is for a direction metric"),
         ([*ft, "--metric", f"direction:{saved}"], "no probes beside it"),
         ([*ft, "--metric", f"direction:{saved}", "--layer", "9"], "not a layer"),
