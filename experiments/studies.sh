@@ -19,7 +19,9 @@
 #   birds-amplify-gemma: the same amplification on gemma-3-270m, seeds 0-2 (its finetunes: bird_finetunes/gemma-3-270m/)
 #   find-trigger-compliance-smollm2, find-trigger-years-smollm2: experiments/recipes/find-trigger-*.toml
 #                          (#24: trigger search on the compliance and year-trigger organisms, 3 seeds);
-#   find-trigger-compliance-exact-smollm2: the compliance search at seed 0 without the prescreen (exact)
+#   find-trigger-compliance-exact-smollm2: the compliance search at seeds 0-2 without the prescreen (exact);
+#                          experiments/find_trigger_reference.sh then compares its seed-0 finetune with a
+#                          budget-0 reference finetune on the scans' top tokens
 # Usage: experiments/studies.sh [NAMES]
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
