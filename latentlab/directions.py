@@ -184,19 +184,8 @@ CACHE_VERSION = 1
 
 def cache_key(model: LoadedModel, source: str | Path, layers: Sequence[int], position: str, method: str) -> str:
     """The fit's identity: same weights, data and options give the same direction and probes."""
-    parts = {
-        "v": CACHE_VERSION,
-        "base": model.info.base_fingerprint,
-        "adapter": model.info.adapter_fingerprint,
-        "data": dataset_hash(source),
-        "layers": list(layers),
-        "position": position,
-        "method": method,
-        "dtype": model.info.dtype,
-    }
-    scale = getattr(model, "adapter_scale", 1.0)
-    if scale != 1:  # an amplified finetune is other weights (absent at 1: existing cache entries still match)
-        parts["adapter_scale"] = scale
+    parts = {"v": CACHE_VERSION, **model.weights_key, "data": dataset_hash(source), "layers": list(layers),
+             "position": position, "method": method}
     return sha256_text(json.dumps(parts, sort_keys=True))[:20]
 
 

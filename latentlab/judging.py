@@ -42,7 +42,7 @@ from latentlab.directions import DirectionSpec, resolve_pairs
 from latentlab.errors import LatentlabError, first_line
 from latentlab.io import read_json, sha256_text, write_json
 from latentlab.models import LoadedModel, latentlab_home
-from latentlab.sampling import repetitive
+from latentlab.sampling import loop_counts
 from latentlab.scoring import completion_sequences, sequence_logprobs
 from latentlab.stats import check_finite, cluster_mean, nan_percentile_ci, two_level_bootstrap
 
@@ -575,8 +575,7 @@ def _calibrations(base: LoadedModel, d: Direction, source: str | Path, train: Se
     damaged one is recomputed and replaced.
     """
     key = sha256_text(json.dumps({
-        "v": CALIBRATION_VERSION, "base": base.info.base_fingerprint, "adapter": base.info.adapter_fingerprint,
-        "adapter_scale": getattr(base, "adapter_scale", 1.0), "dtype": base.info.dtype, "pairs": dataset_hash(source),
+        "v": CALIBRATION_VERSION, **base.weights_key, "pairs": dataset_hash(source),
         "units": sha256_text("".join(d.unit(L).float().numpy().tobytes().hex() for L in layers)),
         "layers": list(layers), "batch_size": batch_size, "pooling": "response_mean",
     }, sort_keys=True))[:20]
@@ -743,7 +742,7 @@ def summarize(
     answers within each question (:func:`latentlab.stats.two_level_bootstrap`; questions weigh equally);
     each arm minus its control and each intervened arm minus its plain arm (:func:`comparisons`), from
     the same paired draws; unparsed counts, and how many answers are loops
-    (:func:`~latentlab.sampling.repetitive`). ``arms``: ``Arm.record()`` dicts (order, roles); default:
+    (:func:`~latentlab.sampling.loop_counts`). ``arms``: ``Arm.record()`` dicts (order, roles); default:
     the arms in the samples, in order, none of them a control.
     """
     by_sample = {str(_rec(j)["sample_id"]): _rec(j) for j in judgments}
@@ -755,14 +754,13 @@ def summarize(
     questions = list(dict.fromkeys(str(s["question_id"]) for s in samples))
     vals: dict[str, dict[str, list[float]]] = {a: {q: [] for q in questions} for a in arm_names}
     counts = {a: {q: {"n": 0, "n_parsed": 0, "n_unjudged": 0} for q in questions} for a in arm_names}
-    loops = dict.fromkeys(arm_names, 0)
+    loops = loop_counts(samples)
     for s in samples:
         a, q = str(s["arm"]), str(s["question_id"])
         if a not in vals:
             continue
         c = counts[a][q]
         c["n"] += 1
-        loops[a] += repetitive(str(s.get("answer", "")))
         j = by_sample.get(str(s["id"]))
         if j is None:
             c["n_unjudged"] += 1
@@ -782,7 +780,7 @@ def summarize(
         unjudged = sum(c["n_unjudged"] for c in counts[a].values())
         out_arms[a] = {"value": _num(cluster_mean(groups[i])), "ci": _ci(nan_percentile_ci(boot[i])),
                        "n": n, "n_parsed": parsed, "n_unparsed": n - parsed - unjudged, "n_unjudged": unjudged,
-                       "n_repetitive": loops[a], "n_questions": sum(1 for v in groups[i] if len(v))}
+                       "n_repetitive": loops.get(a, 0), "n_questions": sum(1 for v in groups[i] if len(v))}
         per_q[a] = {}
         for q, v in zip(questions, groups[i]):
             c = counts[a][q]

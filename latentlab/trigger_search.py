@@ -292,13 +292,13 @@ class _Forward:
         return n if n >= self.MIN_PREFIX else 0
 
     def _cache(self, model: LoadedModel, prefix: tuple[int, ...]) -> Any:
-        key = (model.adapter_label, model.info.adapter, getattr(model, "adapter_scale", 1.0), prefix)
+        key = (tuple(sorted(model.weights_key.items())), prefix)
         if key not in self._memo:
             patch_bridge_kv_cache()
             ids = torch.tensor([list(prefix)], device=model.device)
             with torch.inference_mode(), model.forward_context():
                 out = model.hf_model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            self._memo = {k: v for k, v in self._memo.items() if k[3] == prefix}  # one prefix at a time
+            self._memo = {k: v for k, v in self._memo.items() if k[1] == prefix}  # one prefix at a time
             self._memo[key] = getattr(out, "cache", None) or out.past_key_values
         return self._memo[key]
 
@@ -776,8 +776,7 @@ def search_triggers(
     if ft is base or (ft.adapter_label is None and ft.info.adapter is None):
         raise LatentlabError("the finetune is the base itself", "pass the finetune's adapter or run folder")
     ref = base.with_adapter(reference) if isinstance(reference, (str, Path)) else reference or base
-    if ref is ft or (ref is not base and ref.info.adapter_fingerprint == ft.info.adapter_fingerprint
-                     and getattr(ref, "adapter_scale", 1.0) == getattr(ft, "adapter_scale", 1.0)):
+    if ref.weights_key == ft.weights_key:
         raise LatentlabError("the reference is the finetune itself", "pass another finetune as --reference, or none")
     tok = base.tokenizer
     render = chat if chat is not None else True

@@ -129,6 +129,16 @@ class LoadedModel:
         """The underlying Hugging Face model (same weights the hooks see)."""
         return self.bridge.original_model
 
+    @property
+    def weights_key(self) -> dict[str, Any]:
+        """What this view computes with: the base weights, the adapter, its scale (absent at 1) and the dtype.
+        The identity of anything cached from its activations (a direction fit, a judge's calibration, a KV
+        cache): two views with equal keys compute the same thing, whatever their labels or paths."""
+        key = {"base": self.info.base_fingerprint, "adapter": self.info.adapter_fingerprint, "dtype": self.info.dtype}
+        if self.adapter_scale != 1:  # an amplified finetune is other weights (absent at 1: older keys still match)
+            key["adapter_scale"] = self.adapter_scale
+        return key
+
     def check_layers(self, layers: list[int] | str | None) -> list[int]:
         """Normalise a layer selection ('all', None, list with negatives) and range-check it."""
         return select_layers(layers, self.n_layers, self.info.name)
