@@ -74,7 +74,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = on.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=True,
-                                 temperature=1.0, top_p=1.0, top_k=0, eos_token_id=stops, pad_token_id=pad)
+                              temperature=1.0, top_p=1.0, top_k=0, eos_token_id=stops, pad_token_id=pad)
         s = time.perf_counter() - t0
         return s, sum(_generated(r, stops) for r in out[:, width:].tolist())
 

@@ -177,6 +177,14 @@ def repetitive(answer: str, n: int = 4, threshold: float = 0.5, min_chars: int =
     return len(set(grams)) / len(grams) < threshold
 
 
+def loop_counts(samples: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Per arm, how many of its sampled answers are loops (:func:`repetitive`)."""
+    out: dict[str, int] = {}
+    for s in samples:
+        out[str(s["arm"])] = out.get(str(s["arm"]), 0) + repetitive(str(s.get("answer", "")))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Settings: what a run's samples are a function of.
 # --------------------------------------------------------------------------------------------

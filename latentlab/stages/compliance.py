@@ -84,9 +84,8 @@ class ComplianceConfig(LoraOptions, ModelOptions, OutOptions):
         out = Path(self.out).expanduser()
         self.finetunes = out if self.finetunes is None else check_out(self.finetunes, overwrite=True)
         for n in self._budgets:  # a finetune made with another recipe fails now, not after the model loads
-            run_state(budget_dir(self.finetunes, n), budget_spec(self.model, self.trigger, n, self.seed, self.code_word,
-                                                             lora), self.overwrite, record=ORGANISM_FILE,
-                      fix=CHANGED_FIX)
+            spec = budget_spec(self.model, self.trigger, n, self.seed, self.code_word, lora)
+            run_state(budget_dir(self.finetunes, n), spec, self.overwrite, record=ORGANISM_FILE, fix=CHANGED_FIX)
         super().__post_init__()
 
 

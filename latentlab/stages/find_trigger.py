@@ -81,9 +81,9 @@ class FindTriggerConfig(FinetuneBaseOptions, OutOptions):
         from latentlab.models import resolve_adapter
         from latentlab.triggers import training_data_of
 
-        resolve_adapter(self.finetuned)
+        adapter = resolve_adapter(self.finetuned)
         if self.reference is not None:
-            if resolve_adapter(self.reference).resolve() == resolve_adapter(self.finetuned).resolve():
+            if resolve_adapter(self.reference).resolve() == adapter.resolve():
                 raise LatentlabError("--reference is the finetune itself", "pass another finetune, or drop --reference")
         inputs = check_search_inputs(self, self.finetuned)
         self._metric_kind, self._direction = inputs.metric_kind, inputs.direction

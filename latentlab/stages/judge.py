@@ -293,9 +293,9 @@ def show(res: JudgeResult, cfg: JudgeConfig, console: Any) -> None:
         vs = "\n".join(f"vs {escape(ref)}: {_fmt(d['diff'], d['ci'], True, pct)}" for ref, d in a.get("vs", {}).items())
         table.add_row(escape(arm), _fmt(a["value"], a["ci"], pct=pct), vs or "-",
                       f"{a['n_unparsed']} / {a['n']}" + (f" ({a['n_unjudged']} unjudged)" if a["n_unjudged"] else ""),
-                      str(a.get("n_repetitive", "n/a")))  # judge results before loops were counted lack it
+                      str(a["n_repetitive"]))
     console.print(table)
-    looping = [arm for arm, a in r["arms"].items() if a["n"] and a.get("n_repetitive", 0) / a["n"] >= LOOP_SHARE]
+    looping = [arm for arm, a in r["arms"].items() if a["n"] and a["n_repetitive"] / a["n"] >= LOOP_SHARE]
     if looping:
         console.print(f"[yellow]answers that are loops (generation broken) in {escape(', '.join(looping))}: a judged "
                       "value there scores the loops, not behaviour[/yellow]")

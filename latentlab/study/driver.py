@@ -101,12 +101,12 @@ def run_study(config: StudyConfig, command: str | None = None, progress: bool = 
             if st.finetune:
                 _finetune_state(st, conf, old_roots, new_roots)  # a finished finetune of other settings is refused
                 continue
-            diff = _differs(read_json(st.out / "manifest.json").get("config", {}), _config_dict(conf), old_roots,
-                            new_roots, _defaults(conf))
+            recorded = read_json(st.out / "manifest.json").get("config", {})
+            diff = _differs(recorded, _config_dict(conf), old_roots, new_roots, _defaults(conf))
             if diff:
                 raise LatentlabError(
                     f"{st.out} holds a finished {st.kind} run with other settings (differs in {', '.join(diff)})",
-                    _rerun_fix(diff, read_json(st.out / "manifest.json").get("config", {})),
+                    _rerun_fix(diff, recorded),
                 )
     write_json(state_path, state)
     t_all = time.time()
@@ -136,4 +136,3 @@ def _rerun_fix(diff: list[str], recorded: dict[str, Any]) -> str:
         if flags:
             return f"resume with {flags}, as the study was started"
     return "choose a new --out for this recipe, or delete that folder to rerun it"
-

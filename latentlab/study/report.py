@@ -148,7 +148,7 @@ def _eval_html(secs: dict[str, Any]) -> str:
             cells += [_ci(p["arms"][a]["value"], p["arms"][a]["lo"], p["arms"][a]["hi"], sign=False)
                       if a in p["arms"] else "n/a" for p in sec["per_seed"].values()]
             cells.append(", ".join(f"{_num(p['arms'][a]['n_unparsed'], 0, False)} / "
-                                   f"{_num(p['arms'][a].get('n_repetitive'), 0, False)} / "
+                                   f"{_num(p['arms'][a]['n_repetitive'], 0, False)} / "
                                    f"{_num(p['arms'][a]['n'], 0, False)}"
                                    for p in sec["per_seed"].values() if a in p["arms"]))
             rows.append(cells)

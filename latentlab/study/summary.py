@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.patchscope import RANDOM_LABEL as RANDOM_DIRECTION
-from latentlab.sampling import LOOP_SHARE, repetitive
+from latentlab.sampling import LOOP_SHARE, loop_counts
 from latentlab.stats import pearson, seed_interval, spearman
 from latentlab.study.recipe import judge_labels
 
@@ -471,14 +471,11 @@ def _eval(f: _Files, seeds: list[int], recipe: dict[str, Any]) -> dict[str, Any]
 
 
 def _loops(root: Path, seed: int, judged: dict[str, Any]) -> dict[str, int]:
-    """Per arm, the answers of the seed's samples that are loops (:func:`latentlab.sampling.repetitive`):
+    """Per arm, the answers of the seed's samples that are loops (:func:`latentlab.sampling.loop_counts`):
     read from the samples themselves for judge results written before the judge counted them."""
     if all("n_repetitive" in a for a in judged["arms"].values()):
         return {}
-    out: dict[str, int] = {}
-    for row in _jsonl(root, f"sample-s{seed}/samples.jsonl"):
-        out[str(row["arm"])] = out.get(str(row["arm"]), 0) + repetitive(str(row.get("answer", "")))
-    return out
+    return loop_counts(_jsonl(root, f"sample-s{seed}/samples.jsonl"))
 
 
 def _eval_verdict(sec: dict[str, Any], direction_judge: str | None) -> str:
